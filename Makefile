@@ -1,0 +1,38 @@
+# tlops: `make run` runs the demo pipeline end to end, `make test` runs the test suite.
+# Both create .venv on first use (torch from the pinned release, then the locked dependencies).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tlops-installed
+DATA   := .tlops/data/digits
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint typecheck compile clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/tlops demo-data $(DATA)
+	$(BIN)/tlops run --config configs/demo.yaml
+
+test: setup lint
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src components pipelines tests
+
+typecheck: setup
+	$(BIN)/mypy src/tlops
+
+compile: setup
+	$(BIN)/tlops compile --output .tlops/tlops-pipeline.yaml
+
+clean:
+	rm -rf .tlops build *.egg-info

@@ -1,0 +1,47 @@
+"""The five pipeline components. Bodies stay an import and one call: the logic lives in ``tlops.steps``."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validate(data_uri: str, config_json: str, pipeline_run: str, manifest: Output[Dataset],
+             report: Output[Artifact]) -> str:
+    from tlops.steps import validate_step
+
+    return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def parity(config_json: str, run_id: str, manifest: Input[Dataset], spec: Output[Artifact],
+           report: Output[Artifact]) -> str:
+    from tlops.steps import parity_step
+
+    return parity_step(config_json, run_id, manifest.path, spec.path, report.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def fine_tune(config_json: str, run_id: str, manifest: Input[Dataset], spec: Input[Artifact],
+              model: Output[Model]) -> str:
+    from tlops.steps import fine_tune_step
+
+    return fine_tune_step(config_json, run_id, manifest.path, spec.path, model.path)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(config_json: str, run_id: str, model_uri: str, manifest: Input[Dataset], metrics: Output[Metrics],
+             evaluation: Output[Artifact]) -> float:
+    from tlops.steps import evaluate_step
+
+    metrics.metadata.update(evaluate_step(config_json, run_id, manifest.path, model_uri, evaluation.path))
+    return float(metrics.metadata["accuracy"])
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def gate(config_json: str, run_id: str, model_uri: str, evaluation: Input[Artifact],
+         decision: Output[Artifact]) -> str:
+    from tlops.steps import gate_step
+
+    return gate_step(config_json, run_id, model_uri, evaluation.path, decision.path)

@@ -1,0 +1,5 @@
+import sys
+
+from tlops.cli import main
+
+sys.exit(main())

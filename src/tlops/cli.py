@@ -1,0 +1,129 @@
+"""The ``tlops`` command line: how a person starts any part of the pipeline."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tlops.errors import TlopsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Transfer-learning MLOps: validate, parity, fine-tune, evaluate, gate.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config field, e.g. --set train.epochs=10 or "
+    "--set preprocess.mean=0.485,0.456,0.406 (repeatable; applied after --config).")]
+
+
+def _config(config: Path | None, overrides: list[str] | None, **fields: Any):  # noqa: ANN202
+    from tlops.config import load_config
+
+    extra = [f"{k}={v}" for k, v in fields.items() if v is not None]
+    return load_config(config, [*(overrides or []), *extra])
+
+
+def preflight(data_uri: str, backbone: str) -> str:
+    """Cheap checks before any step starts: a bad input fails in a second, with one line."""
+    from tlops import backbones, data, storage
+
+    backbones.get_info(backbone)
+    if storage.is_s3(data_uri):
+        objects = storage.list_s3(data_uri)
+        if not objects:
+            raise TlopsError(f"no objects found under {data_uri}: expected {data_uri}/<class>/<image>")
+        return f"{len(objects)} objects"
+    entries = data.discover(Path(data_uri), data_uri)
+    return f"{len(entries)} files"
+
+
+def format_summary(s: dict[str, Any], seconds: float) -> str:
+    cand = s["metrics"]["candidate"]
+    champ = s["metrics"].get("champion")
+    lines = [
+        f"tlops run finished in {seconds:.0f}s",
+        f"  data checks    validation {s['validation']}; manifest {str(s['manifest_hash'])[:12]}",
+        f"  preprocessing  fingerprint {s['fingerprint']}; parity {s['parity']}",
+        f"  metrics        test accuracy {cand['accuracy']:.4f}, macro-F1 {cand['macro_f1']:.4f} "
+        f"({cand['n']} images)",
+    ]
+    if champ:
+        lines.append(f"  champion       version {champ['version']}: accuracy {champ['accuracy']:.4f} on the same "
+                     f"images (McNemar p={s['metrics'].get('mcnemar_p', 1.0):.3f})")
+    lines += [
+        f"  model          {s['model_name']} version {s['model_version']}",
+        f"  gate           {s['decision'].upper()}"
+        + (f" (compared with champion version {s['compared_with']})" if s["compared_with"] else ""),
+        *[f"                 - {r}" for r in s["reasons"]],
+        f"  mlflow         {s['tracking_uri']} (run {s['run_id']})",
+        f"  log            {s['log']}",
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+def run(
+    data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name from the catalogue.")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Registered model name in MLflow.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every step's full log.")] = False,
+) -> None:
+    """Run the whole pipeline locally (kfp.local) and print a summary."""
+    from pipelines.local import run_local
+    from tlops import tracking
+
+    cfg = _config(config, set_, **{"data.uri": data, "backbone": backbone, "registry.model_name": model_name})
+    found = preflight(cfg.data.uri, cfg.backbone)
+    if not cfg.tracking.uri and not tracking.env_uri_set():
+        # Freeze the embedded default so every step (a subprocess) uses the same store.
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+            update={"uri": tracking.resolve_tracking_uri(cfg)})})
+    data_uri = cfg.data.uri if "://" in cfg.data.uri else str(Path(cfg.data.uri).resolve())
+    typer.echo(f"tlops: {data_uri} ({found}), backbone {cfg.backbone}, model {cfg.registry.model_name}")
+    t0 = time.perf_counter()
+    summary = run_local(data_uri, cfg, verbose=verbose)
+    typer.echo(format_summary(summary, time.perf_counter() - t0))
+
+
+@app.command("compile")
+def compile_(output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the IR YAML.")]) -> None:
+    """Write the pipeline as kfp v2 IR YAML, for a Kubeflow cluster."""
+    from pipelines.transfer_learning import compile_pipeline
+
+    if output.parent and not output.parent.exists():
+        raise TlopsError(f"--output {output}: directory {output.parent} does not exist")
+    compile_pipeline(str(output))
+    typer.echo(f"wrote {output}")
+
+
+@app.command("demo-data")
+def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")]) -> None:
+    """Export scikit-learn's real digits set as an ImageFolder of PNG files."""
+    from tlops.data import export_digits
+
+    n = export_digits(directory)
+    typer.echo(f"{directory}: {n} digit images in 10 class folders")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        # Typer's standalone mode handles usage errors (exit 2) and --help, and exits by SystemExit.
+        app(args=argv)
+    except TlopsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The five pipeline steps as plain functions over paths. Kubeflow components call these and nothing else.
+
+All steps of one pipeline run log into one MLflow run, opened by ``validate`` and passed on by id.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tlops.config import Config
+from tlops.errors import GateFailed, TlopsError
+from tlops.fileio import read_json, write_json, write_text
+
+log = logging.getLogger("tlops")
+F = TypeVar("F", bound=Callable[..., Any])
+ERROR_FILE_ENV = "TLOPS_ERROR_FILE"
+
+
+def _configure_logging() -> None:
+    # The kfp executor configures the root logger for itself; tlops lines get their own handler.
+    root = logging.getLogger("tlops")
+    if not any(getattr(h, "_tlops", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[tlops] %(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               "%H:%M:%S"))
+        handler._tlops = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def step(fn: F) -> F:
+    """Log to stderr, and hand a user-facing error to the launcher through ``$TLOPS_ERROR_FILE``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _configure_logging()
+        try:
+            return fn(*args, **kwargs)
+        except TlopsError as exc:
+            target = os.environ.get(ERROR_FILE_ENV)
+            if target:
+                write_text(target, f"{fn.__name__.removesuffix('_step')}: {exc}")
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _mlflow_run(cfg: Config, run_id: str | None = None, run_name: str | None = None) -> Any:
+    import mlflow
+
+    from tlops import tracking
+
+    experiment_id = tracking.setup(cfg)
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+
+
+@step
+def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
+                  pipeline_run: str = "") -> str:
+    """Build the image manifest, run the GX suite, open the MLflow run. Returns the MLflow run id."""
+    import mlflow
+
+    from tlops import data, tracking
+    from tlops.validation import validate_manifest
+
+    cfg = Config.from_json(config_json)
+    manifest = data.build_manifest(data_uri, Path(cfg.workdir) / "cache", cfg.data.val_fraction,
+                                   cfg.data.test_fraction, cfg.data.split_salt)
+    report = validate_manifest(manifest, cfg.validation)
+    data.write_manifest(manifest, manifest_path)
+    write_json(report_path, report.to_dict())
+    with _mlflow_run(cfg, run_name=pipeline_run or None) as run:
+        params = tracking.flatten(cfg.model_dump(mode="json"))
+        params["tracking.uri"] = tracking.redact(params["tracking.uri"])  # a URI may carry a password
+        mlflow.log_params(params)
+        mlflow.log_param("data.resolved_uri", data_uri)
+        mhash = data.manifest_hash(manifest)
+        split_counts = manifest["split"].value_counts().to_dict()
+        mlflow.set_tags({
+            "tlops.pipeline_run": pipeline_run, "data.manifest_hash": mhash,
+            "validation": "pass" if report.success else "fail", "config.hash": cfg.config_hash(),
+        })
+        mlflow.log_metrics({"data.files": len(manifest), "data.classes": manifest["label"].nunique(),
+                            **{f"data.split.{k}": int(v) for k, v in split_counts.items()}})
+        with tempfile.TemporaryDirectory() as tmp:
+            write_text(Path(tmp) / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
+            mlflow.log_artifact(str(Path(tmp) / "config.json"), "config")
+        mlflow.log_artifact(manifest_path, "validation")
+        mlflow.log_dict(report.gx_result, "validation/gx_result.json")
+        mlflow.log_dict(report.to_dict(), "validation/report.json")
+        for line in report.summary_lines():
+            log.info("validation %s", line)
+        if not report.success:
+            raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
+                                                                   for c in report.failures()))
+        return run.info.run_id
+
+
+@step
+def parity_step(config_json: str, run_id: str, manifest_path: str, spec_path: str, report_path: str,
+                golden_count: int = 8) -> str:
+    """Compare the eval preprocessing with the backbone's reference; returns the spec fingerprint."""
+    import mlflow
+
+    from tlops.data import read_manifest
+    from tlops.parity import check_parity, eval_spec
+
+    cfg = Config.from_json(config_json)
+    manifest = read_manifest(manifest_path)
+    usable = manifest[manifest["decodable"]]
+    golden = list(usable.sort_values("sha256")["path"].head(golden_count))
+    report = check_parity(cfg.backbone, cfg.preprocess, golden)
+    spec = eval_spec(cfg.backbone, cfg.preprocess)
+    write_json(spec_path, spec.to_record())
+    write_json(report_path, report.to_dict())
+    with _mlflow_run(cfg, run_id):
+        mlflow.log_dict(spec.to_record(), "preprocess/preprocess.json")
+        mlflow.log_dict(report.to_dict(), "preprocess/parity_report.json")
+        mlflow.set_tags({
+            "preprocess.fingerprint": spec.fingerprint,
+            "preprocess.reference_fingerprint": report.reference["fingerprint"],
+            "preprocess.source": spec.source,
+            "parity": "pass" if report.passed else "fail",
+        })
+        if report.golden:
+            mlflow.log_metric("parity.golden_max_abs_diff", max(g["max_abs_diff"] for g in report.golden))
+        for line in report.declared:
+            log.info("parity: declared difference %s", line)
+        if not report.passed:
+            raise GateFailed("preprocessing parity failed: " + "; ".join(report.errors))
+    log.info("parity: pass, fingerprint %s", spec.fingerprint)
+    return spec.fingerprint
+
+
+@step
+def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path: str, model_dir: str) -> str:
+    """Fine-tune (linear probe), save the model files, log the model to MLflow; returns its model URI."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from tlops import __version__
+    from tlops.data import class_names, read_manifest
+    from tlops.preprocessing import PreprocessSpec
+    from tlops.serving import save_model_dir
+    from tlops.training import linear_probe
+
+    cfg = Config.from_json(config_json)
+    manifest = read_manifest(manifest_path)
+    spec = PreprocessSpec.from_record(read_json(spec_path))
+    classes = class_names(manifest)
+    result = linear_probe(cfg.backbone, manifest, classes, spec, cfg.train)
+    save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
+    with _mlflow_run(cfg, run_id) as run:
+        # One batched call for the whole history instead of a call per epoch.
+        metrics = [Metric(k, float(v), 0, int(h["epoch"])) for h in result.history
+                   for k, v in h.items() if k != "epoch"]
+        client = mlflow.MlflowClient()
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
+        mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch})
+        info = log_pyfunc_model(model_dir, __version__)
+    return str(info.model_uri)
+
+
+def log_pyfunc_model(model_dir: str, version: str) -> Any:
+    """Log the model as an MLflow pyfunc from code (no pickle) with its files as artifacts."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+    )
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+        artifacts={"model_dir": model_dir},
+        signature=signature,
+        # Explicit requirements: MLflow would otherwise import the model to infer them.
+        pip_requirements=[f"tlops=={version}"],
+    )
+
+
+@step
+def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: str, metrics_path: str) -> dict:
+    """Score the candidate and the current champion on the same test split."""
+    import mlflow
+
+    from tlops.data import read_manifest
+    from tlops.evaluation import evaluate_pyfunc, mcnemar_p, read_images, test_rows
+    from tlops.registry import champion_version
+
+    cfg = Config.from_json(config_json)
+    rows = test_rows(read_manifest(manifest_path))
+    if rows.empty:
+        raise TlopsError("the test split is empty: add images or raise data.test_fraction")
+    images, labels = read_images(list(rows["path"])), [str(x) for x in rows["label"]]
+    with _mlflow_run(cfg, run_id):
+        cand = evaluate_pyfunc(model_uri, images, labels)
+        result: dict[str, Any] = {"candidate": {k: v for k, v in cand.items() if k != "correct"}}
+        champ = champion_version(cfg.registry.model_name)
+        if champ is not None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                ch = evaluate_pyfunc(f"models:/{cfg.registry.model_name}/{champ.version}", images, labels)
+            except (MlflowException, OSError, TlopsError) as exc:
+                raise TlopsError(f"champion {cfg.registry.model_name} version {champ.version} cannot be "
+                                 f"loaded for comparison ({type(exc).__name__}: {str(exc)[:200]}); "
+                                 "fix or roll back the champion") from None
+            result["champion"] = {"version": str(champ.version),
+                                  **{k: v for k, v in ch.items() if k != "correct"}}
+            result["mcnemar_p"] = mcnemar_p(cand["correct"], ch["correct"])
+            mlflow.log_metrics({"champion.test_accuracy": ch["accuracy"], "champion.test_macro_f1": ch["macro_f1"]})
+        mlflow.log_metrics({"test_accuracy": cand["accuracy"], "test_macro_f1": cand["macro_f1"]})
+        mlflow.log_dict(result, "evaluation/metrics.json")
+    write_json(metrics_path, result)
+    return result["candidate"]
+
+
+@step
+def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, decision_path: str) -> str:
+    """Register the candidate, decide, move ``champion`` on promote. Returns the run summary as JSON."""
+    import mlflow
+
+    from tlops import registry, tracking
+
+    cfg = Config.from_json(config_json)
+    metrics = read_json(metrics_path)
+    with _mlflow_run(cfg, run_id) as run:
+        tags = run.data.tags
+        validation_ok, parity_ok = tags.get("validation") == "pass", tags.get("parity") == "pass"
+        decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
+                                   validation_ok, parity_ok)
+        mv = registry.register(model_uri, cfg.registry.model_name, {
+            "preprocess.fingerprint": tags.get("preprocess.fingerprint", ""),
+            "preprocess.reference_fingerprint": tags.get("preprocess.reference_fingerprint", ""),
+            "parity": tags.get("parity", "unknown"),
+            "validation": tags.get("validation", "unknown"),
+            "data.manifest_hash": tags.get("data.manifest_hash", ""),
+            "config.hash": tags.get("config.hash", ""),
+            "backbone": cfg.backbone,
+            "test_accuracy": f"{metrics['candidate']['accuracy']:.6f}",
+            "test_macro_f1": f"{metrics['candidate']['macro_f1']:.6f}",
+            "mlflow.run_id": run.info.run_id,
+            "tlops.pipeline_run": tags.get("tlops.pipeline_run", ""),
+        })
+        decision = registry.apply_decision(cfg.registry.model_name, str(mv.version), decision)
+        mlflow.set_tags({"gate.decision": decision.decision, "model.name": cfg.registry.model_name,
+                         "model.version": str(mv.version)})
+        summary = {
+            "run_id": run.info.run_id,
+            "tracking_uri": tracking.redact(tracking.resolve_tracking_uri(cfg)),
+            "model_name": cfg.registry.model_name,
+            "model_version": str(mv.version),
+            "decision": decision.decision,
+            "reasons": decision.reasons,
+            "compared_with": decision.compared_with,
+            "metrics": metrics,
+            "validation": tags.get("validation"),
+            "parity": tags.get("parity"),
+            "fingerprint": tags.get("preprocess.fingerprint"),
+            "manifest_hash": tags.get("data.manifest_hash"),
+        }
+        mlflow.log_dict(summary, "gate/decision.json")
+    write_json(decision_path, summary)
+    return json.dumps(summary)
