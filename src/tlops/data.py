@@ -146,7 +146,7 @@ def class_names(df: pd.DataFrame) -> list[str]:
     return sorted(str(x) for x in df["label"].dropna().unique())
 
 
-def export_digits(out_dir: str | Path) -> int:
+def export_digits(out_dir: str | Path, classes: list[int] | None = None, per_class: int | None = None) -> int:
     """scikit-learn's real 8x8 digits as an ImageFolder of greyscale PNG files (``out/<digit>/``).
 
     The values are ink intensities (0-16) of scanned handwriting; they are drawn as dark ink on white
@@ -157,10 +157,15 @@ def export_digits(out_dir: str | Path) -> int:
 
     digits = load_digits()
     out = Path(out_dir)
+    taken: dict[int, int] = {}
     for i, (img, target) in enumerate(zip(digits.images, digits.target, strict=True)):
+        t = int(target)
+        if (classes is not None and t not in classes) or (per_class is not None and taken.get(t, 0) >= per_class):
+            continue
+        taken[t] = taken.get(t, 0) + 1
         pixels = (255.0 - np.asarray(img) * (255.0 / 16.0)).round().astype("uint8")
-        dest = out / str(int(target)) / f"digit_{i:04d}.png"
+        dest = out / str(t) / f"digit_{i:04d}.png"
         if not dest.exists():
             atomic_write(dest, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
-    return len(digits.images)
+    return sum(taken.values())
 

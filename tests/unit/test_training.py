@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import torch
+
+from tlops.backbones import reference_spec
+from tlops.config import TrainConfig
+from tlops.data import build_manifest, class_names
+from tlops.preprocessing import with_resolution
+from tlops.serving import Predictor, load_model_dir, save_model_dir
+from tlops.training import linear_probe
+
+
+def test_linear_probe_learns_keeps_backbone_frozen_and_round_trips(tmp_path: Path, tiny_digits: Path) -> None:
+    df = build_manifest(str(tiny_digits), tmp_path / "c")
+    classes = class_names(df)
+    spec = with_resolution(reference_spec("efficientnet_lite0"), 32)
+    from tlops.backbones import feature_extractor
+
+    pretrained = {k: v.clone() for k, v in feature_extractor("efficientnet_lite0").state_dict().items()}
+    result = linear_probe("efficientnet_lite0", df, classes, spec, TrainConfig(l2_grid=[1e-3, 1e-1], epochs=100))
+    assert result.best_val_accuracy > 0.8
+    assert len(result.history) == 2
+    # Frozen: every backbone tensor (weights and BatchNorm statistics) is exactly the pre-trained one.
+    for k, v in result.model.backbone.state_dict().items():
+        assert torch.equal(v, pretrained[k]), k
+    # Saved and loaded back (weights_only), the model predicts the same from raw bytes.
+    save_model_dir(tmp_path / "m", result.model, "efficientnet_lite0", classes, spec)
+    model, spec2, classes2 = load_model_dir(tmp_path / "m")
+    assert spec2.fingerprint == spec.fingerprint and classes2 == classes
+    images = [Path(p).read_bytes() for p in df["path"][:6]]
+    a = Predictor(result.model, spec, classes).predict_proba(images)
+    b = Predictor(model, spec2, classes2).predict_proba(images)
+    assert abs(a - b).max() < 1e-5
+
+
+def test_same_seed_same_head(tmp_path: Path, tiny_digits: Path) -> None:
+    df = build_manifest(str(tiny_digits), tmp_path / "c")
+    spec = with_resolution(reference_spec("efficientnet_lite0"), 32)
+    cfg = TrainConfig(l2_grid=[1e-2], epochs=50)
+    a = linear_probe("efficientnet_lite0", df, class_names(df), spec, cfg).model.head.weight
+    b = linear_probe("efficientnet_lite0", df, class_names(df), spec, cfg).model.head.weight
+    assert torch.allclose(a, b, atol=1e-5)
