@@ -10,9 +10,9 @@ from kfp import dsl, local
 from kfp.dsl import Artifact, Dataset
 
 from components import evaluate, fine_tune, gate, parity, validate
+from tests.conftest import write_config
 from tlops.config import load_config
 from tlops.fileio import read_json
-from tests.conftest import write_config
 
 
 class StepRun:

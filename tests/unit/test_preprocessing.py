@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from tlops.backbones import reference_spec
-from tlops.parity import check_parity, eval_spec, independent_reference_transform
 from tlops.config import PreprocessConfig
+from tlops.parity import check_parity, eval_spec, independent_reference_transform
 from tlops.preprocessing import PreprocessSpec, build_transform, decode, spec_diff, with_resolution
 
 

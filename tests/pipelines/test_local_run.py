@@ -1,0 +1,66 @@
+"""The whole pipeline through the CLI, as `make run` does it, on a tiny real data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, write_config
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path) -> dict:
+    cwd = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(cwd / "tlops.yaml", cwd / ".tlops")
+    first = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd)
+    second = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd)
+    return {"cwd": cwd, "first": first, "second": second}
+
+
+def test_first_run_promotes_version_1(two_runs: dict) -> None:
+    first = two_runs["first"]
+    assert first.returncode == 0, first.stderr[-2000:] + first.stdout[-2000:]
+    out = first.stdout
+    for expected in ("validation pass", "parity pass", "fingerprint", "test accuracy", "tiny-digits version 1",
+                     "PROMOTE", "no champion yet"):
+        assert expected in out, expected
+
+
+def test_second_run_registers_version_2_compared_with_version_1(two_runs: dict) -> None:
+    second = two_runs["second"]
+    assert second.returncode == 0, second.stderr[-2000:] + second.stdout[-2000:]
+    assert "tiny-digits version 2" in second.stdout
+    assert "compared with champion version 1" in second.stdout
+
+
+def test_registry_holds_both_versions_with_evidence(two_runs: dict) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{two_runs['cwd'] / '.tlops' / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    versions = {str(v.version): v for v in client.search_model_versions("name='tiny-digits'")}
+    assert set(versions) == {"1", "2"}
+    champion = client.get_model_version_by_alias("tiny-digits", "champion")
+    assert str(champion.version) == "2"
+    v2 = client.get_model_version("tiny-digits", "2")
+    assert v2.tags["gate.compared_with"] == "1" and v2.tags["gate.decision"] == "promote"
+    assert v2.tags["preprocess.fingerprint"] == versions["1"].tags["preprocess.fingerprint"]
+    run = client.get_run(v2.tags["mlflow.run_id"])
+    assert run.data.tags["preprocess.fingerprint"] == v2.tags["preprocess.fingerprint"]
+    assert run.data.tags["validation"] == "pass" and run.data.tags["parity"] == "pass"
+    assert "test_accuracy" in run.data.metrics and "champion.test_accuracy" in run.data.metrics
+    # The embedded default keeps artifacts under the work dir, not in ./mlruns.
+    assert (two_runs["cwd"] / ".tlops" / "mlartifacts").is_dir()
+    assert not (two_runs["cwd"] / "mlruns").exists()
+
+
+def test_the_registered_champion_serves_raw_image_bytes(two_runs: dict, tiny_digits: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(f"sqlite:///{two_runs['cwd'] / '.tlops' / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/tiny-digits@champion")
+    files = sorted(tiny_digits.glob("7/*.png"))[:3]
+    out = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    assert list(out["label"]) == ["7", "7", "7"]
