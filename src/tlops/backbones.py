@@ -161,7 +161,7 @@ def feature_extractor(name: str, pretrained: bool = True) -> nn.Module:
     if info.family == "timm-wheel":
         model.reset_classifier(0)  # type: ignore[operator]
     else:
-        model.fc = nn.Identity()  # type: ignore[assignment]
+        model.fc = nn.Identity()
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import os
@@ -146,6 +147,10 @@ def class_names(df: pd.DataFrame) -> list[str]:
     return sorted(str(x) for x in df["label"].dropna().unique())
 
 
+def _save_png(pixels: object, dest: str) -> None:
+    Image.fromarray(pixels).save(dest, format="PNG")  # type: ignore[arg-type]
+
+
 def export_digits(out_dir: str | Path, classes: list[int] | None = None, per_class: int | None = None) -> int:
     """scikit-learn's real 8x8 digits as an ImageFolder of greyscale PNG files (``out/<digit>/``).
 
@@ -166,6 +171,6 @@ def export_digits(out_dir: str | Path, classes: list[int] | None = None, per_cla
         pixels = (255.0 - np.asarray(img) * (255.0 / 16.0)).round().astype("uint8")
         dest = out / str(t) / f"digit_{i:04d}.png"
         if not dest.exists():
-            atomic_write(dest, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+            atomic_write(dest, functools.partial(_save_png, pixels))
     return sum(taken.values())
 

@@ -41,8 +41,10 @@ def independent_reference_transform(backbone: str, spec: PreprocessSpec):  # noq
         import timm
         from timm.data import create_transform, resolve_data_config
 
+        pretrained = timm.get_pretrained_cfg(info.arch)
+        assert pretrained is not None, info.arch  # reference_spec() already required it
         cfg = resolve_data_config({"input_size": (3, spec.crop_size, spec.crop_size)},
-                                  pretrained_cfg=timm.get_pretrained_cfg(info.arch).to_dict())
+                                  pretrained_cfg=pretrained.to_dict())
         return create_transform(**cfg)
     from torchvision.models import get_model_weights
     from torchvision.transforms._presets import ImageClassification

@@ -96,7 +96,7 @@ except ImportError:  # serving is optional for the core; training and evaluation
     _PythonModel = object
 
 
-class ImageClassifierPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
+class ImageClassifierPyfunc(_PythonModel):
     """pyfunc model: DataFrame column ``image`` (bytes, or base64 text) to label, score, probabilities."""
 
     def load_context(self, context: Any) -> None:

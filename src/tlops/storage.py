@@ -7,6 +7,7 @@ original ``s3://`` URIs.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -91,6 +92,10 @@ def list_s3(uri: str) -> list[tuple[str, str, int]]:
     return out
 
 
+def _download(client: Any, bucket: str, key: str, dest: str) -> None:
+    client.download_file(bucket, key, dest)
+
+
 def materialize(uri: str, cache_root: str | Path) -> Path:
     """A local directory holding the data at ``uri``: the path itself, or a synced S3 mirror."""
     if not is_s3(uri):
@@ -111,7 +116,7 @@ def materialize(uri: str, cache_root: str | Path) -> Path:
             if index.get(rel) == etag and dest.is_file():
                 continue
             key = f"{prefix}/{rel}" if prefix else rel
-            atomic_write(dest, lambda tmp, key=key: client.download_file(bucket, key, tmp))
+            atomic_write(dest, functools.partial(_download, client, bucket, key))
             index[rel] = etag
     except (BotoCoreError, ClientError) as exc:
         raise _s3_error(uri, exc) from None

@@ -97,9 +97,9 @@ def _fit_head(head: nn.Linear, x_train: torch.Tensor, y_train: torch.Tensor, x_v
         log.info("linear probe: l2=%g train accuracy %.4f, val accuracy %.4f", l2, train_acc, val_acc)
         if val_acc > best[0]:
             best = (val_acc, i, lin)
-    best_acc, best_i, lin = best
-    assert lin is not None
-    head.load_state_dict(lin.state_dict())
+    best_acc, best_i, best_lin = best
+    assert best_lin is not None
+    head.load_state_dict(best_lin.state_dict())
     return history, best_i, best_acc
 
 

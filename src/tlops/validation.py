@@ -76,13 +76,14 @@ def _unexpected(result: Any) -> list[Any]:
 def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig) -> ValidationReport:
     """Run the suite; every check becomes one line with what failed and where."""
     import great_expectations.expectations as gxe
+    from great_expectations.core.result_format import ResultFormat
 
     files = _run_suite(
         "manifest",
         manifest,
         [
-            gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True], result_format="COMPLETE"),
-            gxe.ExpectColumnValuesToNotBeNull(column="label", result_format="COMPLETE"),
+            gxe.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True], result_format=ResultFormat.COMPLETE),
+            gxe.ExpectColumnValuesToNotBeNull(column="label", result_format=ResultFormat.COMPLETE),
         ],
     )
     counts_df = class_counts(manifest)
@@ -90,7 +91,7 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig) -> Validati
         "class_counts",
         counts_df,
         [gxe.ExpectColumnValuesToBeBetween(column="count", min_value=cfg.min_images_per_class,
-                                           result_format="COMPLETE")],
+                                           result_format=ResultFormat.COMPLETE)],
     )
     by_type = {r.expectation_config.type: r for r in files.results}
     checks: list[CheckResult] = []
