@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tlops.config import Config
-from tlops.errors import TlopsError
+from tlops.errors import GateFailed, TlopsError
 from tlops.steps import ERROR_FILE_ENV
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -68,9 +68,11 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False) -> dict[str, An
                 task = transfer_learning_pipeline(data_uri=data_uri, config_json=cfg.to_json(),
                                                   pipeline_run=f"tlops-{stamp}")
             except RuntimeError as exc:
-                msg = Path(error_file).read_text().strip() if Path(error_file).is_file() else ""
-                if msg:
-                    raise TlopsError(msg) from None
+                if Path(error_file).is_file():
+                    failure = json.loads(Path(error_file).read_text())
+                    error = GateFailed(failure["message"]) if failure["exit_code"] == 1 else TlopsError(
+                        failure["message"])
+                    raise error from None
                 raise TlopsError(f"pipeline failed: {str(exc).splitlines()[0]}; full log: {log_path}") from None
     finally:
         if old is None:

@@ -47,7 +47,8 @@ def step(fn: F) -> F:
         except TlopsError as exc:
             target = os.environ.get(ERROR_FILE_ENV)
             if target:
-                write_text(target, f"{fn.__name__.removesuffix('_step')}: {exc}")
+                write_json(target, {"message": f"{fn.__name__.removesuffix('_step')}: {exc}",
+                                    "exit_code": exc.exit_code})
             raise
 
     return wrapper  # type: ignore[return-value]

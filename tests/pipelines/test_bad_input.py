@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_config
 
 
 def _one_line_error(result) -> str:
@@ -60,3 +60,33 @@ def test_bad_config_arguments(tmp_path: Path, args: list[str], needle: str) -> N
 def test_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
     result = run_cli("run", "--no-such-flag", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_data_that_fails_validation_stops_the_pipeline(tmp_path: Path, tiny_digits: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    (data / "7" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / ".tlops")
+    result = run_cli("run", "--config", str(cfg), "--data", str(data), cwd=tmp_path)
+    line = _one_line_error(result)
+    assert result.returncode == 1
+    assert line.startswith("error: validate: data validation failed") and "broken.png" in line
+    assert before == {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}  # input untouched
+
+
+def test_imagenet_statistics_on_lite0_are_stopped_at_parity(tmp_path: Path, tiny_digits: Path) -> None:
+    import mlflow
+
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / ".tlops")
+    result = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits),
+                     "--set", "preprocess.mean=0.485,0.456,0.406", cwd=tmp_path)
+    line = _one_line_error(result)
+    assert result.returncode == 1
+    assert line.startswith("error: parity: preprocessing parity failed: mean is")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / '.tlops' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tlops"], output_format="list")
+    assert len(runs) == 1 and runs[0].data.tags["parity"] == "fail" and runs[0].info.status == "FAILED"
+    assert not mlflow.MlflowClient().search_registered_models()  # nothing was registered
