@@ -1,25 +1,25 @@
 """The five pipeline components. Bodies stay an import and one call: the logic lives in ``tlops.steps``."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validate(data_uri: str, config_json: str, pipeline_run: str, manifest: Output[Dataset],
-             report: Output[Artifact]) -> str:
+             report: Output[Artifact], report_html: Output[HTML]) -> str:
     from tlops.steps import validate_step
 
-    return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run)
+    return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run, report_html.path)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def parity(config_json: str, run_id: str, manifest: Input[Dataset], spec: Output[Artifact],
-           report: Output[Artifact]) -> str:
+           report: Output[Artifact], report_html: Output[HTML]) -> str:
     from tlops.steps import parity_step
 
-    return parity_step(config_json, run_id, manifest.path, spec.path, report.path)
+    return parity_step(config_json, run_id, manifest.path, spec.path, report.path, report_html.path)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

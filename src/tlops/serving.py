@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tlops.backbones import ImageClassifier, build_classifier
+from tlops.backbones import ImageClassifier, classifier_from_architecture, get_info, reference_spec
 from tlops.errors import TlopsError
 from tlops.fileio import read_json, write_json
 from tlops.preprocessing import PreprocessSpec, build_transform
@@ -35,7 +35,11 @@ def save_model_dir(out_dir: str | Path, model: ImageClassifier, backbone: str, c
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: torch.save(state, tmp))
     write_json(out / SPEC, spec.to_record())
-    write_json(out / META, {"backbone": backbone, "classes": classes, "format": "tlops-image-classifier/1"})
+    info = get_info(backbone)
+    # Enough to rebuild the model anywhere: the architecture, not the backbone's weights or metadata file.
+    write_json(out / META, {"backbone": backbone, "architecture": info.builder, "feature_dim": info.feature_dim,
+                            "classes": classes, "reference_preprocess": reference_spec(backbone).to_record(),
+                            "format": "tlops-image-classifier/1"})
     return out
 
 
@@ -46,7 +50,7 @@ def load_model_dir(model_dir: str | Path) -> tuple[ImageClassifier, PreprocessSp
             raise TlopsError(f"model directory {d} lacks {name}: it is not a complete tlops model")
     meta = read_json(d / META)
     spec = PreprocessSpec.from_record(read_json(d / SPEC))
-    model = build_classifier(meta["backbone"], num_classes=len(meta["classes"]), pretrained=False)
+    model = classifier_from_architecture(meta["architecture"], int(meta["feature_dim"]), len(meta["classes"]))
     model.load_state_dict(torch.load(d / WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval(), spec, list(meta["classes"])
 

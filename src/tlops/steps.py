@@ -67,78 +67,95 @@ def _mlflow_run(cfg: Config, run_id: str | None = None, run_name: str | None = N
 
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
-                  pipeline_run: str = "") -> str:
-    """Build the image manifest, run the GX suite, open the MLflow run. Returns the MLflow run id."""
+                  pipeline_run: str = "", html_path: str = "") -> str:
+    """Build the image manifest, run the GX suite, open the MLflow run. Returns the MLflow run id.
+
+    ``manifest_path`` receives the manifest training uses: with ``validation.exclude_quarantined`` the
+    quarantined files are left out of it (the full manifest is logged to MLflow beside it).
+    """
     import mlflow
 
     from tlops import data, tracking
-    from tlops.validation import validate_manifest
+    from tlops.validation import training_manifest, validate_data, write_outputs
 
     cfg = Config.from_json(config_json)
-    manifest = data.build_manifest(data_uri, Path(cfg.workdir) / "cache", cfg.data.val_fraction,
-                                   cfg.data.test_fraction, cfg.data.split_salt)
-    report = validate_manifest(manifest, cfg.validation)
-    data.write_manifest(manifest, manifest_path)
-    write_json(report_path, report.to_dict())
-    with _mlflow_run(cfg, run_name=pipeline_run or None) as run:
-        params = tracking.flatten(cfg.model_dump(mode="json"))
-        params["tracking.uri"] = tracking.redact(params["tracking.uri"])  # a URI may carry a password
-        mlflow.log_params(params)
-        mlflow.log_param("data.resolved_uri", data_uri)
-        mhash = data.manifest_hash(manifest)
-        split_counts = manifest["split"].value_counts().to_dict()
-        mlflow.set_tags({
-            "tlops.pipeline_run": pipeline_run, "data.manifest_hash": mhash,
-            "validation": "pass" if report.success else "fail", "config.hash": cfg.config_hash(),
-        })
-        mlflow.log_metrics({"data.files": len(manifest), "data.classes": manifest["label"].nunique(),
-                            **{f"data.split.{k}": int(v) for k, v in split_counts.items()}})
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="tlops-validate-") as tmp:
+        docs_dir = Path(tmp) / "data_docs"
+        manifest, report = validate_data(data_uri, cfg, docs_dir)
+        used = training_manifest(manifest, report)
+        outputs = write_outputs(Path(tmp) / "out", manifest, report)
+        data.write_manifest(used, manifest_path)
+        write_json(report_path, report.to_dict())
+        if html_path:
+            write_text(html_path, report.to_html())
+        with _mlflow_run(cfg, run_name=pipeline_run or None) as run:
+            params = tracking.flatten(cfg.model_dump(mode="json"))
+            params["tracking.uri"] = tracking.redact(params["tracking.uri"])  # a URI may carry a password
+            mlflow.log_params(params)
+            mlflow.log_param("data.resolved_uri", data_uri)
+            mhash = data.manifest_hash(used)
+            split_counts = used["split"].value_counts().to_dict()
+            mlflow.set_tags({
+                "tlops.pipeline_run": pipeline_run, "data.manifest_hash": mhash,
+                "validation": "pass" if report.success else "fail", "config.hash": cfg.config_hash(),
+                "validation.failed": ",".join(c.name for c in report.failures()) or "none",
+                "validation.warnings": ",".join(c.name for c in report.warnings()) or "none",
+            })
+            mlflow.log_metrics({"data.files": len(used), "data.classes": used["label"].nunique(),
+                                "data.quarantined": len(report.quarantine), "data.excluded": len(report.excluded),
+                                **{f"data.split.{k}": int(v) for k, v in split_counts.items()}})
             write_text(Path(tmp) / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
             mlflow.log_artifact(str(Path(tmp) / "config.json"), "config")
-        mlflow.log_artifact(manifest_path, "validation")
-        mlflow.log_dict(report.gx_result, "validation/gx_result.json")
-        mlflow.log_dict(report.to_dict(), "validation/report.json")
-        for line in report.summary_lines():
-            log.info("validation %s", line)
-        if not report.success:
-            raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
-                                                                   for c in report.failures()))
-        return run.info.run_id
+            # validation/manifest.csv (MANIFEST_ARTIFACT) is what a later run reads back as its drift reference.
+            for path in outputs.values():
+                mlflow.log_artifact(str(path), "validation")
+            if docs_dir.is_dir():
+                mlflow.log_artifacts(str(docs_dir), "validation/data_docs")
+            for line in report.summary_lines():
+                log.info("validation %s", line)
+            if not report.success:
+                raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
+                                                                       for c in report.failures()))
+            return run.info.run_id
 
 
 @step
 def parity_step(config_json: str, run_id: str, manifest_path: str, spec_path: str, report_path: str,
-                golden_count: int = 8) -> str:
+                html_path: str = "", golden_count: int = 8) -> str:
     """Compare the eval preprocessing with the backbone's reference; returns the spec fingerprint."""
     import mlflow
 
     from tlops.data import read_manifest
-    from tlops.parity import check_parity, eval_spec
+    from tlops.parity import check_parity, eval_spec, golden_set, report_html
 
     cfg = Config.from_json(config_json)
     manifest = read_manifest(manifest_path)
     usable = manifest[manifest["decodable"]]
-    golden = list(usable.sort_values("sha256")["path"].head(golden_count))
+    golden = golden_set(list(usable.sort_values("sha256")["path"].head(golden_count)))
     report = check_parity(cfg.backbone, cfg.preprocess, golden)
     spec = eval_spec(cfg.backbone, cfg.preprocess)
+    record = report.to_dict()
     write_json(spec_path, spec.to_record())
-    write_json(report_path, report.to_dict())
+    write_json(report_path, record)
+    page = report_html(record)
+    if html_path:
+        write_text(html_path, page)
     with _mlflow_run(cfg, run_id):
         mlflow.log_dict(spec.to_record(), "preprocess/preprocess.json")
-        mlflow.log_dict(report.to_dict(), "preprocess/parity_report.json")
+        mlflow.log_dict(record, "preprocess/parity_report.json")
+        mlflow.log_text(page, "preprocess/parity_report.html")
         mlflow.set_tags({
             "preprocess.fingerprint": spec.fingerprint,
             "preprocess.reference_fingerprint": report.reference["fingerprint"],
+            "preprocess.declared": "; ".join(report.declared) or "none",
             "preprocess.source": spec.source,
             "parity": "pass" if report.passed else "fail",
         })
-        if report.golden:
-            mlflow.log_metric("parity.golden_max_abs_diff", max(g["max_abs_diff"] for g in report.golden))
+        mlflow.log_metric("parity.golden_max_abs_diff", max(g["max_abs_diff"] for g in report.golden))
         for line in report.declared:
             log.info("parity: declared difference %s", line)
         if not report.passed:
-            raise GateFailed("preprocessing parity failed: " + "; ".join(report.errors))
+            raise GateFailed("preprocessing parity failed: " + report.short_reason())
     log.info("parity: pass, fingerprint %s", spec.fingerprint)
     return spec.fingerprint
 
@@ -151,6 +168,7 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
 
     from tlops import __version__
     from tlops.data import class_names, read_manifest
+    from tlops.parity import golden_set, serving_check
     from tlops.preprocessing import PreprocessSpec
     from tlops.serving import save_model_dir
     from tlops.training import linear_probe
@@ -170,6 +188,19 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
             client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
         mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch})
         info = log_pyfunc_model(model_dir, __version__)
+        # Serving parity: the model as it will be served (loaded back from the store, raw bytes in)
+        # against the in-memory model on the training eval transform.
+        usable = manifest[manifest["decodable"]]
+        golden = golden_set(list(usable.sort_values("sha256")["path"].head(8)))
+        serving = serving_check(result.model, spec, mlflow.pyfunc.load_model(info.model_uri), golden)
+        mlflow.log_dict(serving, "preprocess/serving_parity.json")
+        mlflow.set_tag("parity.serving", serving["status"])
+        mlflow.log_metric("parity.serving_max_abs_prob_diff", max(r["max_abs_prob_diff"] for r in serving["images"]))
+        if serving["status"] != "pass":
+            mlflow.set_tag("parity", "fail")
+            log.warning("serving parity failed: %s", "; ".join(serving["errors"][:3]))
+        else:
+            log.info("serving parity: pass on %d golden images", len(golden))
     return str(info.model_uri)
 
 
@@ -241,13 +272,16 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
     metrics = read_json(metrics_path)
     with _mlflow_run(cfg, run_id) as run:
         tags = run.data.tags
-        validation_ok, parity_ok = tags.get("validation") == "pass", tags.get("parity") == "pass"
         decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
-                                   validation_ok, parity_ok)
+                                   validation_ok=tags.get("validation") == "pass",
+                                   parity_ok=tags.get("parity") == "pass" and tags.get("parity.serving") == "pass",
+                                   preprocess=registry.PreprocessEvidence.from_tags(tags))
         mv = registry.register(model_uri, cfg.registry.model_name, {
             "preprocess.fingerprint": tags.get("preprocess.fingerprint", ""),
             "preprocess.reference_fingerprint": tags.get("preprocess.reference_fingerprint", ""),
             "parity": tags.get("parity", "unknown"),
+            "parity.serving": tags.get("parity.serving", "unknown"),
+            "preprocess.declared": tags.get("preprocess.declared", "none"),
             "validation": tags.get("validation", "unknown"),
             "data.manifest_hash": tags.get("data.manifest_hash", ""),
             "config.hash": tags.get("config.hash", ""),

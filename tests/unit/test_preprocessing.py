@@ -91,13 +91,77 @@ def test_eval_spec_applies_declared_overrides_and_parity_reports_them() -> None:
 
 
 def test_parity_refuses_undeclared_or_forbidden_changes(tmp_path) -> None:
+    from tlops.parity import golden_set
+
     img = tmp_path / "a.png"
     _photo().save(img)
-    ok = check_parity("efficientnet_lite0", PreprocessConfig(image_size=64, allow_resolution_change=True), [str(img)])
+    golden = golden_set([str(img)])
+    ok = check_parity("efficientnet_lite0", PreprocessConfig(image_size=64, allow_resolution_change=True), golden)
     assert ok.passed and ok.declared and ok.golden and ok.golden[0]["max_abs_diff"] < 1e-4
-    undeclared = check_parity("efficientnet_lite0", PreprocessConfig(image_size=64), [str(img)])
+    undeclared = check_parity("efficientnet_lite0", PreprocessConfig(image_size=64), golden)
     assert not undeclared.passed and "allow_resolution_change" in undeclared.errors[0]
-    imagenet = check_parity("efficientnet_lite0", PreprocessConfig(mean=(0.485, 0.456, 0.406)), [str(img)])
+    imagenet = check_parity("efficientnet_lite0", PreprocessConfig(mean=(0.485, 0.456, 0.406)), golden)
     assert not imagenet.passed and any(e.startswith("mean") for e in imagenet.errors)
-    bgr = check_parity("efficientnet_lite0", PreprocessConfig(channel_order="BGR"), [str(img)])
+    bgr = check_parity("efficientnet_lite0", PreprocessConfig(channel_order="BGR"), golden)
     assert not bgr.passed
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}, "mean"),
+        ({"channel_order": "BGR"}, "channel_order"),
+        ({"interpolation": "bilinear"}, "interpolation"),
+        ({"scale": 1.0}, "scale"),
+        ({"resize_rule": "direct"}, "resize_rule"),
+        ({"exif_transpose": False}, "exif_transpose"),
+    ],
+)
+def test_each_classic_mismatch_is_caught_by_fields_and_by_numbers(override: dict, field: str) -> None:
+    from tlops.parity import edge_case_images
+
+    report = check_parity("efficientnet_lite0", PreprocessConfig(**override), edge_case_images())
+    assert not report.passed
+    assert any(e.startswith(field) for e in report.errors)
+    assert any(not g["ok"] for g in report.golden)  # the golden images move, not only the spec
+
+
+def test_correct_spec_passes_on_every_edge_case() -> None:
+    from tlops.parity import edge_case_images
+
+    cases = edge_case_images()
+    assert {"greyscale.png", "rgba.png", "cmyk.jpg", "exif-rotated.jpg", "wide.png", "tall.png",
+            "tiny.png"} <= {n for n, _ in cases}
+    report = check_parity("efficientnet_lite0", PreprocessConfig(), cases)
+    assert report.passed, report.errors
+    assert max(g["max_abs_diff"] for g in report.golden) < 1e-4
+    assert {d["image"] for d in report.decoder} == {n for n, _ in cases}
+
+
+def test_serving_path_that_drops_exif_transpose_is_caught() -> None:
+    import pandas as pd
+
+    from tlops.backbones import build_classifier
+    from tlops.config import GateConfig
+    from tlops.parity import edge_case_images, serving_check
+    from tlops.registry import decide
+    from tlops.serving import Predictor
+
+    torch.manual_seed(0)
+    model = build_classifier("efficientnet_lite0", num_classes=3, pretrained=False).eval()
+    spec = with_resolution(reference_spec("efficientnet_lite0"), 64)
+
+    class Served:
+        def __init__(self, serving_spec: PreprocessSpec) -> None:
+            self.predictor = Predictor(model, serving_spec, ["a", "b", "c"])
+
+        def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+            return self.predictor.predict_frame(list(frame["image"]))
+
+    cases = edge_case_images()
+    assert serving_check(model, spec, Served(spec), cases)["status"] == "pass"
+    broken = serving_check(model, spec, Served(spec.replace(exif_transpose=False)), cases)
+    assert broken["status"] == "fail"
+    assert [r["image"] for r in broken["images"] if not r["ok"]] == ["exif-rotated.jpg"]
+    gate = decide({"accuracy": 1.0}, None, GateConfig(), validation_ok=True, parity_ok=broken["status"] == "pass")
+    assert gate.decision == "reject" and "preprocessing parity failed" in gate.reasons

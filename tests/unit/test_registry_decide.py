@@ -25,3 +25,16 @@ def test_regression_beyond_allowance_rejected_and_names_the_champion() -> None:
 def test_failed_validation_or_parity_blocks_promotion() -> None:
     assert decide({"accuracy": 0.99}, None, GATE, False, True).decision == "reject"
     assert decide({"accuracy": 0.99}, None, GATE, True, False).decision == "reject"
+
+
+def test_fingerprint_off_reference_needs_a_declared_override() -> None:
+    from tlops.registry import PreprocessEvidence
+
+    same = PreprocessEvidence("a" * 64, "a" * 64, "none")
+    undeclared = PreprocessEvidence("b" * 64, "a" * 64, "none")
+    declared = PreprocessEvidence("b" * 64, "a" * 64, "crop_size: 224 -> 96")
+    assert decide({"accuracy": 0.99}, None, GATE, True, True, same).decision == "promote"
+    refused = decide({"accuracy": 0.99}, None, GATE, True, True, undeclared)
+    assert refused.decision == "reject" and "no declared override" in refused.reasons[0]
+    assert decide({"accuracy": 0.99}, None, GATE, True, True, declared).decision == "promote"
+    assert decide({"accuracy": 0.99}, None, GATE, True, True, PreprocessEvidence("", "", "none")).decision == "reject"
