@@ -23,6 +23,10 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_salt: str = "tlops"
+    # Threads that read, hash and decode files for the manifest; 0 means one per core.
+    manifest_workers: int = Field(0, ge=0)
+    # Re-use what an earlier manifest build saw in files whose path, size and mtime are unchanged.
+    manifest_cache: bool = True
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -31,8 +35,66 @@ class DataConfig(_Section):
         return self
 
 
+Severity = Literal["error", "warning"]
+# Every check of the validation suite and its default severity. An error fails the step (exit 1);
+# a warning is reported and logged, and the run goes on.
+CHECK_SEVERITIES: dict[str, Severity] = {
+    "decodable": "error",
+    "labels_not_null": "error",
+    "labels_in_class_list": "error",
+    "min_size": "error",
+    "allowed_modes": "error",
+    "exact_duplicates_across_splits": "error",
+    "same_content_two_labels": "error",
+    "near_duplicates_across_splits": "warning",
+    "min_images_per_class": "error",
+    "single_class_split": "error",
+    "class_imbalance": "warning",
+    "class_drift": "warning",
+    "size_drift": "warning",
+}
+
+
 class ValidationConfig(_Section):
     min_images_per_class: int = Field(5, ge=1)
+    # When set, every label must be one of these, and each of them must have min_images_per_class.
+    classes: list[str] | None = None
+    # Largest class / smallest class, in every split.
+    max_imbalance_ratio: float = Field(10.0, ge=1.0)
+    min_width: int = Field(8, ge=1)
+    min_height: int = Field(8, ge=1)
+    # Modes the preprocessing converts to RGB faithfully. 16-bit and float modes ("I;16", "I", "F") are
+    # left out: PIL's conversion clips them to 8 bits.
+    allowed_modes: list[str] = Field(
+        default_factory=lambda: ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"], min_length=1)
+    # A header declaring more pixels than this is refused without decoding (decompression bomb).
+    max_pixels: int = Field(89_478_485, ge=1)
+    # Near duplicates: Hamming distance of the 64-bit dHash, out of 64. Images with a side below
+    # near_duplicate_min_side are not compared: on them the hash cannot tell a copy from a lookalike.
+    near_duplicate_max_distance: int = Field(4, ge=0, le=32)
+    near_duplicate_min_side: int = Field(32, ge=1)
+    # A previously accepted manifest (CSV) to measure drift against: a path, or "champion" for the
+    # manifest logged with the current champion model's run. Unset: no drift checks.
+    reference_manifest: str | None = None
+    # Total-variation distance between the class shares (0: identical, 1: disjoint).
+    max_class_drift: float = Field(0.1, ge=0.0, le=1.0)
+    # Two-sample Kolmogorov-Smirnov statistic, of the widths and of the heights.
+    max_size_drift: float = Field(0.25, ge=0.0, le=1.0)
+    # Severity per check, over the defaults in CHECK_SEVERITIES.
+    severity: dict[str, Severity] = Field(default_factory=dict)
+    # True: files failing an error-level per-file check are quarantined and left out of training
+    # instead of failing the step. The input data is never modified either way.
+    exclude_quarantined: bool = False
+
+    @model_validator(mode="after")
+    def _known_checks(self) -> ValidationConfig:
+        unknown = sorted(set(self.severity) - set(CHECK_SEVERITIES))
+        if unknown:
+            raise ValueError(f"unknown check(s) {', '.join(unknown)}; known: {', '.join(CHECK_SEVERITIES)}")
+        return self
+
+    def severity_of(self, check: str) -> Severity:
+        return self.severity.get(check, CHECK_SEVERITIES[check])
 
 
 class PreprocessConfig(_Section):
