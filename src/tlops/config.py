@@ -112,15 +112,120 @@ class PreprocessConfig(_Section):
     exif_transpose: bool | None = None
 
 
+Strategy = Literal["linear-probe", "partial", "full", "gradual", "scratch"]
+# Strategies trained by gradient descent through the backbone (everything but the linear probe).
+GRADIENT_STRATEGIES: tuple[str, ...] = ("partial", "full", "gradual", "scratch")
+# train.epochs when unset: the probe's L-BFGS iterations (each a full pass over the cached features),
+# or epochs for the gradient strategies.
+DEFAULT_EPOCHS = {"linear-probe": 200, "gradient": 10}
+
+
+class AugmentConfig(_Section):
+    """Training-only augmentation. The evaluation preprocessing (the spec proven by parity) never changes."""
+
+    # A random part of the decoded image (area share in crop_scale, aspect ratio in crop_ratio) resized to
+    # the spec's input size, instead of the spec's resize and centre crop.
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # Off by default: a mirrored digit or letter is another symbol, or none.
+    hflip: bool = False
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError("crop_scale must be (min, max) with 0 < min <= max <= 1")
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError("crop_ratio must be (min, max) with 0 < min <= max")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.random_resized_crop or self.hflip
+
+
+class AcceleratorConfig(_Section):
+    """What the fine-tune step asks the cluster for (kfp set_accelerator_type / set_accelerator_limit)."""
+
+    type: str | None = None  # e.g. "nvidia.com/gpu"; unset: no accelerator requested
+    limit: int = Field(1, ge=1)
+
+
 class TrainConfig(_Section):
-    strategy: Literal["linear-probe"] = "linear-probe"
-    # Linear probe: L-BFGS iterations per fit, and the L2 strengths swept on the validation split.
+    strategy: Strategy = "linear-probe"
+    # linear-probe: L-BFGS iterations per fit (each a full-batch pass over the cached features);
+    # other strategies: epochs. Unset: 200 for linear-probe, 10 for the others.
     epochs: int = Field(200, ge=1)
+    # Linear probe: the L2 strengths swept on the validation split.
     l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means all cores")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Linear probe: keep backbone features on disk under <workdir>/cache/features, keyed by the backbone
+    # weights, the preprocessing fingerprint and the images' content.
+    feature_cache: bool = True
+
+    # Gradient strategies (partial, full, gradual, scratch).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, description="head learning rate (every layer for scratch)")
+    backbone_lr_factor: float = Field(0.1, gt=0.0, le=1.0, description="backbone lr = lr x this")
+    # Layer-wise decay: stage i of n (input side first) trains at backbone lr x layer_decay^(n-1-i).
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, description="not applied to biases and norm layers")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD (Nesterov) momentum")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear warm-up, then cosine decay to zero")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    class_weighted_loss: bool = False
+    grad_clip_norm: float | None = Field(1.0, gt=0.0, description="unset: no clipping")
+    # Early stopping: stop after this many epochs without a better validation accuracy; unset: never.
+    patience: int | None = Field(3, ge=1)
+    # partial: how many backbone stages, from the input side, stay frozen (EfficientNet: stem, 7 blocks,
+    # head conv; ResNet: stem, layer1..layer4).
+    frozen_stages: int = Field(2, ge=1)
+    # gradual: head alone for gradual_head_epochs, then one more stage from the top every
+    # gradual_unfreeze_every epochs.
+    gradual_head_epochs: int = Field(1, ge=1)
+    gradual_unfreeze_every: int = Field(1, ge=1)
+    # BatchNorm layers keep their running statistics (eval mode) while their scale and shift train:
+    # for small batches, and for DDP on CPU where SyncBatchNorm does not exist.
+    freeze_bn_stats: bool = False
+    augment: AugmentConfig = AugmentConfig()
+    # Decoded evaluation tensors kept in memory across epochs when augmentation is off and workers are 0.
+    input_cache_mb: int = Field(2048, ge=0)
+
+    # Hardware. Unset: chosen by device (CUDA: bf16 autocast where supported, else fp16; channels_last;
+    # pinned memory; workers = min(8, cores). CPU: all off, 0 workers).
+    num_workers: int | None = Field(None, ge=0)
+    amp: bool | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    deterministic: bool = False
+    # DDP processes on this machine (gloo on CPU, NCCL on CUDA); torchrun's environment overrides it.
+    processes: int = Field(1, ge=1)
+    accelerator: AcceleratorConfig = AcceleratorConfig()
+
+    # Checkpoints: every N optimizer steps (0: only at each epoch end), and always at each epoch end.
+    # Unset dir: <workdir>/checkpoints/<key of data, preprocessing and training config>; or s3://...
+    checkpoint_dir: str | None = None
+    checkpoint_every_steps: int = Field(0, ge=0)
+    resume: bool = True
+    # Tests and drills only: the training process kills itself (SIGKILL, as a crash would) after this
+    # many optimizer steps.
+    stop_after_steps: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_by_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is None:
+            strategy = data.get("strategy", "linear-probe")
+            data = {**data, "epochs": DEFAULT_EPOCHS["linear-probe" if strategy == "linear-probe" else "gradient"]}
+        return data
+
+    @property
+    def is_gradient(self) -> bool:
+        return self.strategy in GRADIENT_STRATEGIES
 
 
 class GateConfig(_Section):

