@@ -36,7 +36,7 @@ MANIFEST_COLUMNS = [
 ]
 _TEXT_COLUMNS = ("uri", "path", "label", "split", "mode", "format", "sha256", "dhash", "error")
 # Bump when _inspect changes what it records: cached rows of an older version are not reused.
-INSPECT_VERSION = 2
+INSPECT_VERSION = 3
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (about 0.25 GB of RGBA)
 
 
@@ -113,7 +113,9 @@ def dhash(img: Image.Image) -> str:
 
     Survives re-encoding, resizing and a uniform change of brightness; 16 hex digits.
     """
-    grey = img.convert("L").resize((9, 8), Image.Resampling.BILINEAR)
+    src = img if img.mode in ("L", "RGB") else img.convert("RGB")
+    # reducing_gap: shrink by whole factors first (fast, in C), then resample; 3x faster on photos.
+    grey = src.resize((9, 8), Image.Resampling.BILINEAR, reducing_gap=2.0).convert("L")
     a = np.asarray(grey, dtype=np.int16)
     return np.packbits((a[:, 1:] > a[:, :-1]).ravel()).tobytes().hex()
 
@@ -150,7 +152,7 @@ def _inspect(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, obje
 
 
 class InspectCache:
-    """What ``_inspect`` found per file, keyed by (resolved path, size, mtime): unchanged files are not read again.
+    """What ``_inspect`` found per file, keyed by (path, size, mtime): unchanged files are not read again.
 
     One JSON file per data root under the work dir's cache, replaced atomically; entries for files that
     are gone are dropped on save. A file rewritten with the same size within the same mtime tick would
@@ -170,8 +172,9 @@ class InspectCache:
 
     @staticmethod
     def key(path: Path) -> str:
-        st = path.stat()
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        """``path`` is absolute under a resolved root (build_manifest), so no per-file resolve()."""
+        st = os.stat(path)
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
     def get(self, key: str) -> dict[str, object] | None:
         return self.old.get(key)
@@ -255,7 +258,7 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
     if is_s3(uri) and not root.exists():
         raise TlopsError(f"no objects found under {uri}: expected {uri}/<class>/<image>")
     entries = discover(root, uri)
-    base = root.parent if root.is_file() else root
+    base = (root.parent if root.is_file() else root).resolve()
     paths = [base / e.rel for e in entries]
     cache = InspectCache(cache_root, base, max_pixels) if use_cache else None
     t0 = time.perf_counter()
@@ -264,7 +267,7 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
     uri_base = uri.rsplit("/", 1)[0] if root.is_file() else uri.rstrip("/")
     for entry, path, info in zip(entries, paths, infos, strict=True):
         split = entry.split or hash_split(str(info["sha256"]), val_fraction, test_fraction, salt)
-        rows.append({"uri": f"{uri_base}/{entry.rel}", "path": str(path.resolve()),
+        rows.append({"uri": f"{uri_base}/{entry.rel}", "path": str(path),
                      "label": entry.label or None, "split": split, **info})
     df = pd.DataFrame(rows)
     for col in MANIFEST_COLUMNS:

@@ -437,6 +437,7 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: 
 
     checks: list[CheckResult] = []
     quarantine: dict[str, list[str]] = {}
+    error_of = dict(zip(files["uri"], files["error"].fillna(""), strict=True))
     for check in FILE_CHECKS:
         if check not in results:
             checks.append(CheckResult(check, True, cfg.severity_of(check), "no class list configured "
@@ -448,7 +449,7 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: 
         severity = cfg.severity_of(check)
         if severity == "error":
             for u in uris:
-                error = files.at[files.index[files["uri"] == u][0], "error"] if check == "decodable" else ""
+                error = error_of[u] if check == "decodable" else ""
                 quarantine.setdefault(u, []).append(f"{reason}: {error}" if error else reason)
         excluded = bool(cfg.exclude_quarantined and not ok and severity == "error")
         if excluded:
