@@ -69,9 +69,6 @@ def _worker(rank: int, world: int, init_file: str, job: dict[str, Any], out_dir:
 
     _log_to_stderr(rank)
     cfg: TrainConfig = job["cfg"]
-    if not cfg.num_threads:
-        # The cores are shared among the ranks; torch would otherwise give each rank all of them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = _device_for(rank, cfg)
     dist.init_process_group(_backend(device), init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -103,6 +100,9 @@ def spawn_fit(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: P
 
     if cfg.device != "cpu" and torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise TlopsError(f"train.processes is {processes} but there are {torch.cuda.device_count()} CUDA devices")
+    if cfg.batch_size % processes:
+        raise TlopsError(f"train.batch_size {cfg.batch_size} must be a multiple of the {processes} DDP processes "
+                         "(it is the global batch, split evenly among them)")
     job = {"backbone": backbone, "manifest": manifest, "classes": classes, "spec": spec, "cfg": cfg,
            "workdir": str(workdir)}
     with tempfile.TemporaryDirectory(prefix="tlops-ddp-") as tmp:
@@ -114,6 +114,8 @@ def spawn_fit(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: P
         except mp.ProcessRaisedException as exc:
             last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
             raise TlopsError(f"DDP worker failed: {last.strip()}") from None
+        except mp.ProcessExitedException as exc:
+            raise TlopsError(f"DDP worker died: {exc}; a rerun resumes from the last checkpoint") from None
         payload = torch.load(Path(tmp) / RESULT, map_location="cpu", weights_only=True)
     return _result_from(payload, backbone, classes, cfg.strategy)
 

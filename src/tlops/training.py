@@ -323,8 +323,9 @@ def environment(device: torch.device, world_size: int, amp_dtype: torch.dtype | 
     except ImportError:  # pragma: no cover - timm is a dependency
         timm_version = "absent"
     env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "timm": timm_version, "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(), "platform": platform.platform(), "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__), "timm": str(timm_version),
+        "cuda": str(torch.version.cuda or "none"),
         "cudnn": str(torch.backends.cudnn.version()) if torch.cuda.is_available() else "none",
         "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                                else platform.processor() or platform.machine()),
@@ -470,8 +471,11 @@ def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str
         raise TlopsError(f"train_gradient: strategy {cfg.strategy} is not trained by gradient descent")
     ctx = dist or DistContext()
     seed_everything(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    threads = cfg.num_threads or torch.get_num_threads()
+    if ctx.world > 1:
+        # The ranks share this machine's cores: more threads than cores in all makes every rank crawl.
+        threads = min(threads, max(1, (os.cpu_count() or 1) // ctx.world))
+    torch.set_num_threads(threads)
     device = ctx.device or resolve_device(cfg.device)
     hw = Hardware.resolve(cfg, device)
     if cfg.deterministic:

@@ -1,0 +1,84 @@
+"""DDP on CPU: two gloo processes, each with half of every global batch, end where one process ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tlops.backbones import feature_extractor, reference_spec
+from tlops.config import TrainConfig
+from tlops.data import build_manifest, class_names
+from tlops.errors import TlopsError
+from tlops.loaders import ResumableSampler
+from tlops.preprocessing import with_resolution
+from tlops.training import fine_tune
+
+BACKBONE = "efficientnet_lite0"
+# BatchNorm statistics frozen: CPU has no SyncBatchNorm, and per-rank batch statistics would differ from
+# the global batch's. Everything else (data order, gradients, clipping, schedule) must agree.
+CFG = TrainConfig(strategy="full", epochs=1, batch_size=16, lr=3e-3, num_threads=2, patience=None, resume=False,
+                  freeze_bn_stats=True)
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"))
+
+
+def test_two_gloo_processes_match_one_process(manifest: pd.DataFrame, tmp_path: Path) -> None:
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    classes = class_names(manifest)
+    one = fine_tune(BACKBONE, manifest, classes, spec, CFG, workdir=tmp_path / "one")
+    two = fine_tune(BACKBONE, manifest, classes, spec, CFG.model_copy(update={"processes": 2}),
+                    workdir=tmp_path / "two")
+    assert two.environment["world_size"] == 2 and one.environment["world_size"] == 1
+    assert [h["val_accuracy"] for h in two.history] == [h["val_accuracy"] for h in one.history]
+    assert [h["train_accuracy"] for h in two.history] == [h["train_accuracy"] for h in one.history]
+    for h1, h2 in zip(one.history, two.history, strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], abs=1e-5)
+    # The weights after the last step (last.pt) and the best epoch's (returned) agree; only the summation
+    # order differs (all-reduce of two half-batch gradients, 1 thread per rank against 2).
+    last1, last2 = (torch.load(Path(str(r.checkpoint_dir)) / "last.pt", weights_only=True)["model"] for r in (one, two))
+    worst = 0.0
+    for s1, s2 in ((one.model.state_dict(), two.model.state_dict()), (last1, last2)):
+        worst = max(worst, *(float((s1[k].float() - s2[k].float()).abs().max()) for k in s1))
+    assert worst < 1e-4, worst
+    # ... while training moved the weights far more than that.
+    pretrained = feature_extractor(BACKBONE).state_dict()
+    moved = max(float((last1[f"backbone.{k}"].float() - v.float()).abs().max()) for k, v in pretrained.items())
+    assert moved > 100 * max(worst, 1e-6)
+
+
+def test_ranks_split_each_global_batch_between_them() -> None:
+    data = list(range(21))
+    one = list(ResumableSampler(data, num_replicas=1, rank=0, seed=5))  # type: ignore[arg-type]
+    ranks = [list(ResumableSampler(data, num_replicas=2, rank=r, seed=5)) for r in (0, 1)]  # type: ignore[arg-type]
+    # Global batch of 4 = 2 per rank: step k of both ranks together is step k of the single process.
+    for k in range(len(one) // 4):
+        assert sorted(ranks[0][2 * k : 2 * k + 2] + ranks[1][2 * k : 2 * k + 2]) == sorted(one[4 * k : 4 * k + 4])
+    resumed = ResumableSampler(data, num_replicas=2, rank=1, seed=5)  # type: ignore[arg-type]
+    resumed.set_epoch(0, skip=4)
+    assert list(resumed) == ranks[1][4:] and len(resumed) == len(ranks[1]) - 4
+
+
+def test_global_batch_must_split_evenly(manifest: pd.DataFrame, tmp_path: Path) -> None:
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    cfg = CFG.model_copy(update={"processes": 2, "batch_size": 15})
+    with pytest.raises(TlopsError, match="batch_size 15 must be a multiple of the 2 DDP processes"):
+        fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path)
+
+
+def test_torchrun_environment_is_recognised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlops import ddp
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not ddp.launched_by_torchrun()
+    monkeypatch.setenv("RANK", "1")
+    assert ddp.launched_by_torchrun()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not ddp.launched_by_torchrun()
+    assert torch.distributed.is_available()
