@@ -196,7 +196,7 @@ class TrainConfig(_Section):
     input_cache_mb: int = Field(2048, ge=0)
 
     # Hardware. Unset: chosen by device (CUDA: bf16 autocast where supported, else fp16; channels_last;
-    # pinned memory; workers = min(8, cores). CPU: all off, 0 workers).
+    # pinned memory; workers = min(8, cores). CPU: all off, 0 workers; amp: true there means bf16 autocast).
     num_workers: int | None = Field(None, ge=0)
     amp: bool | None = None
     channels_last: bool | None = None

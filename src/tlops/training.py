@@ -301,10 +301,9 @@ class Hardware:
         amp = cfg.amp if cfg.amp is not None else cuda
         amp_dtype = None
         if amp:
-            if not cuda:
-                log.warning("train.amp: autocast is only used on CUDA; training in float32 on %s", device)
-            else:
-                amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # bf16 needs no loss scaling; fp16 (GPUs before Ampere) goes through a GradScaler. On a CPU autocast
+            # is opt-in (train.amp: true): bf16, fast only where the CPU has bf16 instructions.
+            amp_dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
         return cls(device=device, amp_dtype=amp_dtype,
                    channels_last=cfg.channels_last if cfg.channels_last is not None else cuda,

@@ -230,3 +230,13 @@ def test_cli_rejects_a_bad_strategy_in_one_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: config: field train.strategy:"), result.stderr
     assert "'scratch'" in lines[0]
+
+
+def test_autocast_and_channels_last_paths_run_on_cpu(manifest: pd.DataFrame, spec: PreprocessSpec,
+                                                      tmp_path: Path) -> None:
+    # The GPU code paths (autocast, channels_last) exercised on the CPU: bf16 autocast, NHWC tensors.
+    result = train(manifest, spec, tmp_path, strategy="partial", frozen_stages=7, epochs=1, amp=True,
+                   channels_last=True)
+    assert result.environment["amp_dtype"] == "bfloat16" and result.environment["channels_last"] is True
+    assert 0 < result.history[0]["train_loss"] < 5
+    assert result.model.head.weight.dtype == torch.float32  # autocast never changes the stored weights
