@@ -50,6 +50,9 @@ def load_model_dir(model_dir: str | Path) -> tuple[ImageClassifier, PreprocessSp
             raise TlopsError(f"model directory {d} lacks {name}: it is not a complete tlops model")
     meta = read_json(d / META)
     spec = PreprocessSpec.from_record(read_json(d / SPEC))
+    if "architecture" not in meta:  # models saved by tlops before 0.1.0's model.json named the catalogue entry only
+        info = get_info(meta["backbone"])
+        meta.update(architecture=info.builder, feature_dim=info.feature_dim)
     model = classifier_from_architecture(meta["architecture"], int(meta["feature_dim"]), len(meta["classes"]))
     model.load_state_dict(torch.load(d / WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval(), spec, list(meta["classes"])
