@@ -1,7 +1,7 @@
 """The five pipeline components. Bodies stay an import and one call: the logic lives in ``tlops.steps``."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 from components.image import IMAGE
 
@@ -32,11 +32,14 @@ def fine_tune(config_json: str, run_id: str, manifest: Input[Dataset], spec: Inp
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(config_json: str, run_id: str, model_uri: str, manifest: Input[Dataset], metrics: Output[Metrics],
-             evaluation: Output[Artifact]) -> float:
+             evaluation: Output[Artifact], confusion: Output[ClassificationMetrics],
+             report_html: Output[HTML]) -> float:
     from tlops.steps import evaluate_step
 
-    metrics.metadata.update(evaluate_step(config_json, run_id, manifest.path, model_uri, evaluation.path))
-    return float(metrics.metadata["accuracy"])
+    out = evaluate_step(config_json, run_id, manifest.path, model_uri, evaluation.path, report_html.path)
+    metrics.metadata.update(out["metrics"])
+    confusion.log_confusion_matrix(out["categories"], out["matrix"])
+    return out["metrics"]["accuracy"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -43,8 +43,8 @@ def preflight(data_uri: str, backbone: str) -> str:
 
 
 def format_summary(s: dict[str, Any], seconds: float) -> str:
-    cand = s["metrics"]["candidate"]
-    champ = s["metrics"].get("champion")
+    m = s["metrics"]
+    cand, champ, comp = m["candidate"], m.get("champion"), m.get("comparison")
     lines = [
         f"tlops run finished in {seconds:.0f}s",
         f"  data checks    validation {s['validation']}; manifest {str(s['manifest_hash'])[:12]}",
@@ -52,14 +52,32 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
         f"  metrics        test accuracy {cand['accuracy']:.4f}, macro-F1 {cand['macro_f1']:.4f} "
         f"({cand['n']} images)",
     ]
+    if "min_class_recall" in cand:
+        top = ", ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in cand.get("top_k", {}).items())
+        lines.append(f"                 {top}; lowest class recall {cand['min_class_recall']:.4f} "
+                     f"(class {cand.get('min_recall_class', '?')}); ECE {cand['ece']:.4f}")
+    lat = cand.get("latency") or {}
+    if lat.get("p95_ms") is not None:
+        lines.append(f"  serving        latency p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms (batch size 1, "
+                     f"CPU, {lat['n']} images); weights {cand['model_size_bytes'] / 1e6:.1f} MB")
     if champ:
         lines.append(f"  champion       version {champ['version']}: accuracy {champ['accuracy']:.4f} on the same "
-                     f"images (McNemar p={s['metrics'].get('mcnemar_p', 1.0):.3f})")
+                     f"images (McNemar p={m.get('mcnemar_p', 1.0):.3f})")
+        if comp:
+            lines.append(f"                 difference {comp['difference']:+.4f}, {comp['confidence']:.0%} paired "
+                         f"bootstrap CI [{comp['ci_low']:+.4f}, {comp['ci_high']:+.4f}]")
     lines += [
         f"  model          {s['model_name']} version {s['model_version']}",
         f"  gate           {s['decision'].upper()}"
         + (f" (compared with champion version {s['compared_with']})" if s["compared_with"] else ""),
         *[f"                 - {r}" for r in s["reasons"]],
+    ]
+    if "champion_now" in s:
+        lines.append(f"  aliases        champion version {s['champion_now'] or 'none'}, challenger version "
+                     f"{s.get('challenger_now') or 'none'}")
+    if m.get("report"):
+        lines.append(f"  report         {m['report']}")
+    lines += [
         f"  mlflow         {s['tracking_uri']} (run {s['run_id']})",
         f"  log            {s['log']}",
     ]
@@ -205,6 +223,66 @@ def audit_cmd(
     if bad_aliases:
         typer.echo(f"error: alias points at an inconsistent version: {', '.join(bad_aliases)}", err=True)
         raise typer.Exit(1)
+
+
+NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
+
+
+@app.command("promote")
+def promote_cmd(
+    name: NameArg,
+    version: Annotated[str, typer.Argument(help="The version to make the champion.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why; recorded in the history.")] = "",
+    force: Annotated[bool, typer.Option("--force", help="Promote even a version whose gate did not pass or whose "
+                                        "comparison is stale (needs --reason).")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Make VERSION the champion: a person's approval of a version the gate left as challenger (manual mode).
+    Exit 0 done, 1 the version's gate did not pass, 2 unknown model or version."""
+    from tlops import registry
+
+    if force and not reason.strip():
+        raise TlopsError("--force needs --reason: say why this version is promoted despite its gate")
+    _tracking(config, set_)
+    event = registry.promote(name, version, reason=reason, force=force)
+    if event is None:
+        typer.echo(f"model {name} version {version} is already the champion; nothing changed")
+        return
+    typer.echo(f"champion of {name}: version {event.from_version or 'none'} -> version {event.to_version} "
+               f"({event.action} by {event.who} at {event.at}; history #{event.seq})")
+
+
+@app.command("rollback")
+def rollback_cmd(
+    name: NameArg,
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why; recorded in the history.")] = "",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Move the champion back to the previous champion (from the promotion history)."""
+    from tlops import registry
+
+    _tracking(config, set_)
+    event = registry.rollback(name, reason=reason)
+    typer.echo(f"champion of {name}: version {event.from_version} -> version {event.to_version} "
+               f"(rollback by {event.who} at {event.at}; history #{event.seq})")
+
+
+@app.command("history")
+def history_cmd(
+    name: NameArg,
+    output_format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print the promotion history: who moved the champion, when (UTC), from which version to which, why."""
+    from tlops import registry
+
+    if output_format not in ("table", "json"):
+        raise TlopsError(f"--format {output_format!r}: choose table or json")
+    _tracking(config, set_)
+    typer.echo(registry.format_history(name, registry.history(name), output_format))
 
 
 @app.command("demo-data")

@@ -229,9 +229,85 @@ class TrainConfig(_Section):
 
 
 class GateConfig(_Section):
+    """The promotion policy. Every threshold must hold to promote; the decision always says why.
+
+    ``policy_file`` names a YAML mapping of these same fields kept apart from the run config (a team's
+    policy): it is read once when the config loads, and fields written in the ``gate`` section (and
+    ``--set gate.*``) override it. The resolved policy travels with the run; ``policy_source`` says where
+    it came from.
+    """
+
+    # auto: a candidate that passes every check becomes the champion. manual: it becomes the
+    # challenger (decision needs-approval) and a person runs `tlops promote NAME VERSION`.
+    mode: Literal["auto", "manual"] = "auto"
     min_accuracy: float = Field(0.9, ge=0.0, le=1.0)
+    # Lowest recall allowed for any single class of the test split (0: no per-class floor).
+    min_class_recall: float = Field(0.0, ge=0.0, le=1.0)
     # Largest accuracy drop against the champion that still promotes (0: must not be worse).
     max_regression: float = Field(0.0, ge=0.0, le=1.0)
+    # When set, the candidate must beat the champion by at least this much accuracy, and the paired
+    # bootstrap confidence interval of the difference (evaluation.confidence) must lie above zero.
+    min_improvement: float | None = Field(None, ge=0.0, le=1.0)
+    # Checks that must have passed in this run.
+    require_validation: bool = True
+    require_parity: bool = True
+    # Serving limits: p95 latency per image at batch size 1 on CPU, and the bytes of the weights.
+    max_latency_p95_ms: float | None = Field(None, gt=0.0)
+    max_model_size_mb: float | None = Field(None, gt=0.0)
+    policy_file: str | None = None
+    policy_source: str = "config"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_policy_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("policy_file"):
+            return data
+        path = Path(str(data["policy_file"])).expanduser()
+        if not path.is_file():
+            raise ValueError(f"policy file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"policy file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"policy file {path} must hold a mapping of gate fields")
+        if "policy_file" in loaded or "policy_source" in loaded:
+            raise ValueError(f"policy file {path}: policy_file and policy_source cannot be set inside it")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        # Consumed here: a step re-validating the resolved config never reads the file again.
+        rest = {k: v for k, v in data.items() if k not in ("policy_file", "policy_source")}
+        return {**loaded, **rest, "policy_source": f"{path.resolve()} (sha256 {digest})"}
+
+
+class EvaluationConfig(_Section):
+    """How the evaluate step measures: the figures it computes and how much work it may spend."""
+
+    batch_size: int = Field(64, ge=1)
+    # Top-k accuracies to report; each k is capped by the number of classes.
+    top_k: list[int] = Field(default_factory=lambda: [2, 5], min_length=1)
+    # Expected calibration error: equal-width confidence bins.
+    ece_bins: int = Field(10, ge=2, le=100)
+    # Paired bootstrap of the accuracy difference against the champion (seeded, so reruns agree).
+    bootstrap_resamples: int = Field(2000, ge=100, le=100_000)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    seed: int = 0
+    # Latency per image at batch size 1 on CPU, over at most this many test images (0: not measured),
+    # after a few warm-up calls that are not counted.
+    latency_images: int = Field(30, ge=0, le=1000)
+    latency_warmup: int = Field(3, ge=0, le=100)
+    # torch CPU threads while timing (0: leave as is). One thread is how a serving worker usually runs, and
+    # on a shared machine it is the stable figure: with two threads a descheduled one stalls every call.
+    latency_threads: int = Field(1, ge=0)
+    # Image-size slices: upper edges (px) of the buckets of each image's longer side.
+    size_buckets: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512, 1024], min_length=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvaluationConfig:
+        if any(k < 1 for k in self.top_k):
+            raise ValueError("top_k values must be at least 1")
+        if self.size_buckets != sorted(set(self.size_buckets)) or self.size_buckets[0] < 1:
+            raise ValueError("size_buckets must be increasing positive pixel sizes")
+        return self
 
 
 class RegistryConfig(_Section):
@@ -251,6 +327,7 @@ class Config(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
     gate: GateConfig = GateConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
 

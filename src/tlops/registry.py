@@ -1,22 +1,60 @@
-"""The registry gate: register every candidate, decide, and move the ``champion`` alias only on promote."""
+"""The registry gate: register every candidate, decide, move aliases, keep the promotion history.
+
+Aliases: ``champion`` is the version in production and moves only on ``promote`` (by the gate in auto
+mode, by ``tlops promote`` after a person's approval, by ``tlops rollback``); ``challenger`` is the
+newest candidate that passed every check.
+
+History: every move of ``champion`` is one registered-model tag ``tlops.history.<seq>.<random>`` whose
+value is the event as JSON (who, when in UTC, action, from version, to version, reason, via). A new
+event always gets a new key, so events are only ever added, never rewritten, even if two writers were
+to pick the same sequence number; each tag stays far below the 5000-character value limit of MLflow's
+SQL stores. The history lives in the registry itself, beside the aliases it explains, on SQLite and on
+an MLflow server alike.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import datetime as dt
+import getpass
+import json
+import logging
+import os
+import random
+import re
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tlops.config import GateConfig
-from tlops.errors import TlopsError
+from tlops.errors import GateFailed, TlopsError
+
+log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
+PASSING = ("promote", "needs-approval")
+LOCK_TAG = "tlops.lock"
+HISTORY_PREFIX = "tlops.history."
+TAG_VALUE_LIMIT = 4900  # MLflow's SQL stores hold 5000 characters per tag value
 
 
 @dataclass
 class Decision:
-    decision: str  # "promote" or "reject"
+    decision: str  # "promote", "reject" or "needs-approval"
     reasons: list[str]
     compared_with: str | None = None  # champion version the candidate was measured against
     extra: dict[str, Any] = field(default_factory=dict)
+    stale: bool = False  # the champion moved between the comparison and the decision
+
+    @property
+    def passed(self) -> bool:
+        return self.decision in PASSING
 
 
 @dataclass
@@ -41,56 +79,122 @@ class PreprocessEvidence:
         return None
 
 
+# ------------------------------------------------------------------------------------------------ policy
+
+
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, gate: GateConfig,
-           validation_ok: bool, parity_ok: bool, preprocess: PreprocessEvidence | None = None) -> Decision:
-    """Every gate must pass to promote; the reasons list says what passed and what did not."""
+           validation_ok: bool, parity_ok: bool, preprocess: PreprocessEvidence | None = None,
+           comparison: dict[str, Any] | None = None) -> Decision:
+    """Every check of the policy must pass; the reasons list says what passed and what did not.
+
+    ``candidate``/``champion`` are the evaluation's records (``accuracy`` at least; ``min_class_recall``,
+    ``latency`` and ``model_size_bytes`` when the policy limits them); ``comparison`` is the paired
+    bootstrap record. A passing candidate is ``promote`` in auto mode and ``needs-approval`` in manual mode.
+    """
     reasons: list[str] = []
     ok = True
+
+    def check(passed: bool, good: str, bad: str, required: bool = True) -> None:
+        nonlocal ok
+        if passed:
+            reasons.append(good)
+        elif required:
+            ok = False
+            reasons.append(bad)
+        else:
+            reasons.append(f"{bad} (not required by the gate policy)")
+
     if preprocess is not None:
         problem = preprocess.problem()
         if problem:
-            ok = False
-            reasons.append(problem)
+            check(False, "", problem, gate.require_parity)
         elif preprocess.fingerprint == preprocess.reference_fingerprint:
             reasons.append("preprocessing is the backbone's reference")
         else:
             reasons.append(f"preprocessing differs from the reference as declared: {preprocess.declared}")
-    if validation_ok:
-        reasons.append("data validation passed")
-    else:
-        ok = False
-        reasons.append("data validation failed")
-    if parity_ok:
-        reasons.append("preprocessing parity passed")
-    else:
-        ok = False
-        reasons.append("preprocessing parity failed")
+    check(validation_ok, "data validation passed", "data validation failed", gate.require_validation)
+    check(parity_ok, "preprocessing parity passed", "preprocessing parity failed", gate.require_parity)
     acc = candidate["accuracy"]
-    if acc >= gate.min_accuracy:
-        reasons.append(f"accuracy {acc:.4f} >= minimum {gate.min_accuracy:.4f}")
-    else:
-        ok = False
-        reasons.append(f"accuracy {acc:.4f} < minimum {gate.min_accuracy:.4f}")
+    check(acc >= gate.min_accuracy, f"accuracy {acc:.4f} >= minimum {gate.min_accuracy:.4f}",
+          f"accuracy {acc:.4f} < minimum {gate.min_accuracy:.4f}")
+    if gate.min_class_recall > 0:
+        worst = candidate.get("min_class_recall")
+        if worst is None:
+            check(False, "", "per-class recall was not measured")
+        else:
+            which = f" (class {candidate.get('min_recall_class', '?')})"
+            check(worst >= gate.min_class_recall,
+                  f"lowest class recall {worst:.4f}{which} >= minimum {gate.min_class_recall:.4f}",
+                  f"lowest class recall {worst:.4f}{which} < minimum {gate.min_class_recall:.4f}")
+    if gate.max_latency_p95_ms is not None:
+        p95 = (candidate.get("latency") or {}).get("p95_ms")
+        if p95 is None:
+            check(False, "", "latency was not measured (evaluation.latency_images is 0)")
+        else:
+            check(p95 <= gate.max_latency_p95_ms,
+                  f"latency p95 {p95:.1f} ms <= maximum {gate.max_latency_p95_ms:g} ms",
+                  f"latency p95 {p95:.1f} ms > maximum {gate.max_latency_p95_ms:g} ms")
+    if gate.max_model_size_mb is not None:
+        size = candidate.get("model_size_bytes")
+        if size is None:
+            check(False, "", "model size was not measured")
+        else:
+            check(size / 1e6 <= gate.max_model_size_mb,
+                  f"weights {size / 1e6:.2f} MB <= maximum {gate.max_model_size_mb:g} MB",
+                  f"weights {size / 1e6:.2f} MB > maximum {gate.max_model_size_mb:g} MB")
     compared_with = None
     if champion is None:
         reasons.append("no champion yet: absolute thresholds only")
     else:
         compared_with = str(champion["version"])
-        floor = champion["accuracy"] - gate.max_regression
+        gain = acc - champion["accuracy"]
         what = f"champion version {compared_with} accuracy {champion['accuracy']:.4f} on the same test set"
-        if acc >= floor:
-            reasons.append(f"not worse than {what} (allowed regression {gate.max_regression:.4f})")
-        else:
-            ok = False
-            reasons.append(f"worse than {what} by {champion['accuracy'] - acc:.4f} "
-                           f"(allowed regression {gate.max_regression:.4f})")
-    return Decision("promote" if ok else "reject", reasons, compared_with)
+        check(acc >= champion["accuracy"] - gate.max_regression,
+              f"not worse than {what} (allowed regression {gate.max_regression:.4f})",
+              f"worse than {what} by {-gain:.4f} (allowed regression {gate.max_regression:.4f})")
+        stats = ""
+        if comparison is not None:
+            stats = (f"{comparison['confidence']:.0%} paired bootstrap CI [{comparison['ci_low']:+.4f}, "
+                     f"{comparison['ci_high']:+.4f}], McNemar p={comparison['mcnemar_p']:.3f}")
+        if gate.min_improvement is not None:
+            if comparison is None:
+                check(False, "", "a significant improvement is required but no paired comparison was recorded")
+            else:
+                significant = gain >= gate.min_improvement and comparison["ci_low"] > 0
+                check(significant,
+                      f"improves on champion version {compared_with} by {gain:+.4f} (at least "
+                      f"{gate.min_improvement:+.4f} required), {stats} above zero",
+                      f"no significant improvement on champion version {compared_with}: {gain:+.4f} (at least "
+                      f"{gate.min_improvement:+.4f} with the interval above zero required), {stats}")
+        elif stats:
+            reasons.append(f"accuracy difference {gain:+.4f}, {stats}")
+    decision = "reject"
+    if ok:
+        decision = "promote" if gate.mode == "auto" else "needs-approval"
+        if gate.mode == "manual":
+            reasons.append("manual mode: every check passed; the version becomes the challenger and waits "
+                           "for a person's approval")
+    return Decision(decision, reasons, compared_with, {"mode": gate.mode, "policy": gate.policy_source})
+
+
+# --------------------------------------------------------------------------------------------- registry
 
 
 def client() -> Any:
     from mlflow import MlflowClient
 
     return MlflowClient()
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
 
 
 def champion_version(name: str) -> Any | None:
@@ -111,32 +215,417 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> Any:
     return mlflow.register_model(model_uri, name, tags=tags)
 
 
-def apply_decision(name: str, version: str, decision: Decision) -> Decision:
-    """Move ``champion`` on promote, unless another run moved it since this one compared against it."""
-    c = client()
-    if decision.decision == "promote":
-        current = champion_version(name)
-        current_v = None if current is None else str(current.version)
-        if current_v != decision.compared_with:
-            decision = Decision(
-                "reject",
-                [*decision.reasons,
-                 f"champion moved from version {decision.compared_with} to {current_v} during this run; "
-                 "the comparison is stale, re-run to compare against the new champion"],
-                decision.compared_with,
-            )
-        else:
-            c.set_registered_model_alias(name, CHAMPION, version)
-    c.set_model_version_tag(name, version, "gate.decision", decision.decision)
-    c.set_model_version_tag(name, version, "gate.reasons", "; ".join(decision.reasons)[:4900])
-    c.set_model_version_tag(name, version, "gate.compared_with", decision.compared_with or "none")
-    return decision
-
-
-def require_model(name: str) -> None:
+def require_model(name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
-        client().get_registered_model(name)
+        return client().get_registered_model(name)
     except MlflowException:
         raise TlopsError(f"registered model {name!r} does not exist in the MLflow registry") from None
+
+
+def get_version(name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    require_model(name)
+    if not re.fullmatch(r"[1-9][0-9]*", str(version)):
+        raise TlopsError(f"version {version!r}: expected a version number such as 3")
+    try:
+        return client().get_model_version(name, str(version))
+    except MlflowException:
+        raise TlopsError(f"model {name!r} has no version {version}") from None
+
+
+def current_user() -> str:
+    """Who acts: ``$USER``, else the login name, else "unknown"."""
+    if os.environ.get("USER"):
+        return os.environ["USER"]
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
+def code_version() -> str:
+    """The git commit of the code that runs: ``$TLOPS_GIT_COMMIT`` (set it in images built without .git),
+    else ``git rev-parse HEAD`` where the package lives, else in the working directory, else "unknown"."""
+    if os.environ.get("TLOPS_GIT_COMMIT"):
+        return os.environ["TLOPS_GIT_COMMIT"]
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", out.stdout.strip()):
+            return out.stdout.strip()
+    return "unknown"
+
+
+def evidence_tags(run_tags: dict[str, str], evaluation: dict[str, Any], backbone: str, run_id: str,
+                  config_hash: str) -> dict[str, str]:
+    """The tags every registered version carries: where it came from and what was measured."""
+    cand = evaluation["candidate"]
+    tags = {
+        "preprocess.fingerprint": run_tags.get("preprocess.fingerprint", ""),
+        "preprocess.reference_fingerprint": run_tags.get("preprocess.reference_fingerprint", ""),
+        "parity": run_tags.get("parity", "unknown"),
+        "parity.serving": run_tags.get("parity.serving", "unknown"),
+        "preprocess.declared": run_tags.get("preprocess.declared", "none"),
+        "validation": run_tags.get("validation", "unknown"),
+        "data.manifest_hash": run_tags.get("data.manifest_hash", ""),
+        "config.hash": run_tags.get("config.hash") or config_hash,
+        "git.commit": code_version(),
+        "backbone": backbone,
+        "test_accuracy": f"{cand['accuracy']:.6f}",
+        "test_macro_f1": f"{cand['macro_f1']:.6f}",
+        "mlflow.run_id": run_id,
+        "tlops.pipeline_run": run_tags.get("tlops.pipeline_run", ""),
+    }
+    if "min_class_recall" in cand:
+        tags["test_min_class_recall"] = f"{cand['min_class_recall']:.6f}"
+    if "ece" in cand:
+        tags["test_ece"] = f"{cand['ece']:.6f}"
+    for k, v in (cand.get("top_k") or {}).items():
+        tags[f"test_{k}"] = f"{v:.6f}"
+    if (cand.get("latency") or {}).get("p95_ms") is not None:
+        tags["latency_p50_ms"] = f"{cand['latency']['p50_ms']:.3f}"
+        tags["latency_p95_ms"] = f"{cand['latency']['p95_ms']:.3f}"
+    if cand.get("model_size_bytes") is not None:
+        tags["model_size_bytes"] = str(int(cand["model_size_bytes"]))
+    comp = evaluation.get("comparison")
+    if comp:
+        tags["comparison.accuracy_difference"] = f"{comp['difference']:+.6f}"
+        tags["comparison.ci"] = f"[{comp['ci_low']:+.6f}, {comp['ci_high']:+.6f}] at {comp['confidence']:g}"
+        tags["comparison.mcnemar_p"] = f"{comp['mcnemar_p']:.6f}"
+    return tags
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+
+@dataclass(frozen=True)
+class LockSettings:
+    ttl_s: float = 120.0  # a holder that died frees the lease after this long
+    settle_s: float = 1.0  # wait between writing the lease and re-reading it (see promotion_lock)
+    timeout_s: float = 300.0  # give up waiting for another holder after this long
+    poll_s: float = 0.25
+
+
+DEFAULT_LOCK = LockSettings()
+
+
+def _sqlite_path() -> Path | None:
+    import mlflow
+
+    uri = mlflow.get_registry_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the registry lease alone
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TlopsError(f"another tlops process holds the registry lock file {path}; "
+                                     "try again when it has finished") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _read_lease(c: Any, name: str) -> dict[str, Any] | None:
+    raw = c.get_registered_model(name).tags.get(LOCK_TAG)
+    if not raw:
+        return None
+    try:
+        lease = json.loads(raw)
+        float(lease["expires"])
+        return dict(lease)
+    except (ValueError, KeyError, TypeError):
+        return {"token": "", "owner": "unreadable lease", "expires": 0.0}  # garbage: treated as expired
+
+
+@contextlib.contextmanager
+def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOCK) -> Iterator[None]:
+    """Hold the right to move ``name``'s aliases and append to its history.
+
+    MLflow has no compare-and-set on aliases, so this is built from what it has:
+
+    1. On a SQLite store (one machine) an OS file lock (``flock``) beside the database serialises every
+       tlops process on that host: there the exclusion is strict.
+    2. On any store, a lease in the registered-model tag ``tlops.lock`` (token, owner, expiry in UTC
+       seconds). It is Fischer's timed mutual exclusion: read the tag; when it is free or expired, write
+       our lease; wait ``settle_s``; read again and hold the lock only if our token is still there. Two
+       processes that both saw the lease free both write it, and the later write wins: the earlier
+       writer sees the other token after its wait and backs off.
+
+    Limits of (2): it is correct only while every process completes its write within ``settle_s`` of
+    reading the lease free (1 s against a few milliseconds on loopback; a process that is paused longer
+    between the two, e.g. a stalled HTTP request, can break it), while each holder finishes within
+    ``ttl_s`` (its work here is a few registry calls), and while host clocks agree to well within
+    ``ttl_s``. A crashed holder blocks others until its lease expires. Inside the lock the caller still
+    re-reads the champion before moving it, so a broken lease needs a second coincidence to matter.
+    """
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    sqlite = _sqlite_path()
+    file_lock = _file_lock(sqlite.with_name(sqlite.name + ".tlops-lock"), settings.timeout_s) if sqlite \
+        else contextlib.nullcontext()
+    with file_lock:
+        token = uuid.uuid4().hex
+        owner = f"{current_user()}@{socket.gethostname()} pid {os.getpid()}: {purpose}"[:400]
+        deadline = time.monotonic() + settings.timeout_s
+        while True:
+            t_read = time.monotonic()
+            lease = _read_lease(c, name)
+            if lease is None or float(lease["expires"]) < time.time():
+                if lease is not None:
+                    log.warning("registry lock on %s: taking over the expired lease of %s", name, lease.get("owner"))
+                try:
+                    c.set_registered_model_tag(name, LOCK_TAG, json.dumps(
+                        {"token": token, "owner": owner, "expires": time.time() + settings.ttl_s}))
+                    wrote = True
+                except MlflowException as exc:
+                    # A SQL store inserts a new tag after looking for it: two writers inserting at once
+                    # make one fail on the unique key. That one lost this round.
+                    log.info("registry lock on %s: lease write refused (%s); trying again", name,
+                             str(exc).splitlines()[0][:120])
+                    wrote = False
+                if wrote:
+                    in_time = time.monotonic() - t_read < settings.settle_s
+                    time.sleep(settings.settle_s)
+                    lease = _read_lease(c, name)
+                    mine = lease is not None and lease.get("token") == token
+                    if mine and in_time:
+                        break
+                    if mine:  # our own write came too late to trust: give the lease back and try again
+                        c.delete_registered_model_tag(name, LOCK_TAG)
+            if time.monotonic() > deadline:
+                holder = lease.get("owner", "?") if lease else "?"
+                raise TlopsError(f"registry lock on {name} is held by {holder}; gave up after "
+                                 f"{settings.timeout_s:.0f}s (a lease expires {settings.ttl_s:.0f}s after it was "
+                                 "taken)")
+            time.sleep(settings.poll_s * (1 + random.random()))
+        try:
+            yield
+        finally:
+            try:
+                lease = _read_lease(c, name)
+                if lease is not None and lease.get("token") == token:
+                    c.delete_registered_model_tag(name, LOCK_TAG)
+            except Exception as exc:  # the lease expires on its own; never hide the real outcome
+                log.warning("registry lock on %s: could not release the lease (%s)", name, exc)
+
+
+# --------------------------------------------------------------------------------------------- history
+
+
+@dataclass
+class HistoryEvent:
+    seq: int
+    at: str  # UTC, ISO 8601
+    who: str
+    action: str  # "promote" (the gate), "approve" (tlops promote), "force-promote", "rollback"
+    from_version: str | None
+    to_version: str
+    reason: str
+    via: str = ""  # pipeline run, or "cli"
+    key: str = ""
+
+    def to_json(self) -> str:
+        record = {k: v for k, v in asdict(self).items() if k != "key"}
+        return json.dumps(record, sort_keys=True)
+
+
+def history(name: str) -> list[HistoryEvent]:
+    """Every recorded move of ``champion``, oldest first."""
+    tags = require_model(name).tags
+    events = []
+    for key, raw in tags.items():
+        if not key.startswith(HISTORY_PREFIX):
+            continue
+        try:
+            record = json.loads(raw)
+            events.append(HistoryEvent(**record, key=key))
+        except (ValueError, TypeError) as exc:
+            log.warning("history of %s: unreadable event %s (%s)", name, key, exc)
+    return sorted(events, key=lambda e: (e.seq, e.at, e.key))
+
+
+def append_history(name: str, action: str, from_version: str | None, to_version: str, who: str, reason: str,
+                   via: str = "") -> HistoryEvent:
+    """Add one event under a key no other event has. Call it holding ``promotion_lock``."""
+    seq = 1 + max((e.seq for e in history(name)), default=0)
+    event = HistoryEvent(seq=seq, at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), who=who,
+                         action=action, from_version=from_version, to_version=str(to_version),
+                         reason=reason[:1500], via=via[:200])
+    event.key = f"{HISTORY_PREFIX}{seq:06d}.{uuid.uuid4().hex[:8]}"
+    client().set_registered_model_tag(name, event.key, event.to_json())
+    return event
+
+
+def champion_stack(events: list[HistoryEvent]) -> list[str]:
+    """Champions in order, as the history left them: a promotion pushes, a rollback pops."""
+    stack: list[str] = []
+    for e in events:
+        if e.action == "rollback":
+            if stack:
+                stack.pop()
+        else:
+            if not stack and e.from_version:  # the champion before the first recorded promotion
+                stack.append(e.from_version)
+            stack.append(e.to_version)
+    return stack
+
+
+# -------------------------------------------------------------------------------------- moving aliases
+
+
+def _stale(decision: Decision, current: str | None) -> Decision:
+    return Decision(
+        "reject",
+        [*decision.reasons,
+         f"champion moved from version {decision.compared_with or 'none'} to {current or 'none'} during this run; "
+         "the comparison is stale, re-run to compare against the new champion"],
+        decision.compared_with, decision.extra, stale=True,
+    )
+
+
+def apply_decision(name: str, version: str, decision: Decision, who: str | None = None, via: str = "",
+                   lock: LockSettings = DEFAULT_LOCK) -> Decision:
+    """Record the decision on the version; for a passing one, under the lock: re-read the champion, refuse a
+    stale comparison, move ``challenger`` (and ``champion`` on promote) and append the history event."""
+    c = client()
+    who = who or current_user()
+    if decision.passed:
+        with promotion_lock(name, f"gate of version {version}", lock):
+            current = _alias_version(name, CHAMPION)
+            if current != decision.compared_with:
+                decision = _stale(decision, current)
+            else:
+                challenger = _alias_version(name, CHALLENGER)
+                if challenger is None or int(challenger) < int(version):
+                    c.set_registered_model_alias(name, CHALLENGER, version)
+                if decision.decision == "promote":
+                    c.set_registered_model_alias(name, CHAMPION, version)
+                    headline = [r for r in decision.reasons
+                                if r.startswith(("accuracy", "not worse", "improves", "no champion"))]
+                    append_history(name, "promote", current, version, who,
+                                   f"gate passed in {decision.extra.get('mode', 'auto')} mode: " + "; ".join(headline),
+                                   via)
+                else:
+                    decision.reasons.append(f"approve with: tlops promote {name} {version}")
+    c.set_model_version_tag(name, version, "gate.decision", decision.decision)
+    c.set_model_version_tag(name, version, "gate.reasons", "; ".join(decision.reasons)[:TAG_VALUE_LIMIT])
+    c.set_model_version_tag(name, version, "gate.compared_with", decision.compared_with or "none")
+    c.set_model_version_tag(name, version, "gate.stale", "true" if decision.stale else "false")
+    for key, value in decision.extra.items():
+        c.set_model_version_tag(name, version, f"gate.{key}", str(value)[:TAG_VALUE_LIMIT])
+    return decision
+
+
+def promote(name: str, version: str, reason: str = "", force: bool = False, who: str | None = None,
+            lock: LockSettings = DEFAULT_LOCK) -> HistoryEvent | None:
+    """A person's promotion of ``version`` to champion. Returns None when it already is the champion.
+
+    Without ``force`` the version must have passed its gate (decision promote or needs-approval, not
+    stale) against the version that is the champion now; otherwise its evidence does not cover this move.
+    """
+    mv = get_version(name, version)
+    version = str(mv.version)
+    who = who or current_user()
+    with promotion_lock(name, f"promote version {version}", lock):
+        current = _alias_version(name, CHAMPION)
+        if current == version:
+            return None
+        tags = mv.tags
+        decision = tags.get("gate.decision", "none recorded")
+        compared = tags.get("gate.compared_with", "none")
+        if not force:
+            if decision not in PASSING or tags.get("gate.stale") == "true":
+                raise GateFailed(f"model {name} version {version} did not pass its gate (decision {decision}"
+                                 f"{', stale' if tags.get('gate.stale') == 'true' else ''}); "
+                                 "pass --force with --reason to promote it anyway")
+            if compared != (current or "none"):
+                raise GateFailed(f"model {name} version {version} was compared with champion version {compared}, "
+                                 f"but the champion is now version {current or 'none'}: its evidence is stale; "
+                                 "re-run the pipeline, or pass --force with --reason")
+        action = "force-promote" if force else "approve"
+        c = client()
+        c.set_registered_model_alias(name, CHAMPION, version)
+        event = append_history(name, action, current, version, who, reason or f"approved by {who}", "cli")
+        c.set_model_version_tag(name, version, "promotion.by", who)
+        c.set_model_version_tag(name, version, "promotion.at", event.at)
+        c.set_model_version_tag(name, version, "promotion.reason", event.reason[:TAG_VALUE_LIMIT])
+    return event
+
+
+def rollback(name: str, reason: str = "", who: str | None = None, lock: LockSettings = DEFAULT_LOCK) -> HistoryEvent:
+    """Move ``champion`` back to the champion before the current one."""
+    from mlflow.exceptions import MlflowException
+
+    require_model(name)
+    who = who or current_user()
+    with promotion_lock(name, "rollback", lock):
+        current = _alias_version(name, CHAMPION)
+        if current is None:
+            raise TlopsError(f"model {name} has no champion to roll back")
+        events = history(name)
+        stack = champion_stack(events)
+        if events:
+            if not stack or stack[-1] != current:
+                raise TlopsError(f"the champion of {name} is version {current} but its promotion history ends at "
+                                 f"version {stack[-1] if stack else 'none'} (the alias was moved outside tlops); "
+                                 f"choose the version yourself: tlops promote {name} VERSION --force --reason ...")
+            if len(stack) < 2:
+                raise TlopsError(f"version {current} is the first champion of {name}: there is no earlier "
+                                 "champion to roll back to")
+            target = stack[-2]
+        else:
+            # A store from before the history was kept: the newest earlier version the gate promoted.
+            earlier = [int(mv.version) for mv in client().search_model_versions(f"name='{name}'")
+                       if mv.tags.get("gate.decision") == "promote" and int(mv.version) < int(current)]
+            if not earlier:
+                raise TlopsError(f"model {name} has no earlier champion than version {current} to roll back to")
+            target = str(max(earlier))
+        try:
+            client().get_model_version(name, target)
+        except MlflowException:
+            raise TlopsError(f"the previous champion, {name} version {target}, no longer exists in the registry; "
+                             f"choose another: tlops promote {name} VERSION --force --reason ...") from None
+        client().set_registered_model_alias(name, CHAMPION, target)
+        return append_history(name, "rollback", current, target, who, reason or f"rolled back by {who}", "cli")
+
+
+def format_history(name: str, events: list[HistoryEvent], fmt: str = "table") -> str:
+    champion = _alias_version(name, CHAMPION)
+    challenger = _alias_version(name, CHALLENGER)
+    if fmt == "json":
+        return json.dumps({"model": name, "champion": champion, "challenger": challenger,
+                           "events": [json.loads(e.to_json()) for e in events]}, indent=2)
+    lines = [f"model {name}: champion version {champion or 'none'}, challenger version {challenger or 'none'}"]
+    if not events:
+        lines.append("no promotions recorded")
+        return "\n".join(lines)
+    lines.append(f"{'#':>4}  {'when (UTC)':<25} {'who':<14} {'action':<13} {'from':>5} {'to':>5}  reason")
+    for e in events:
+        lines.append(f"{e.seq:>4}  {e.at:<25} {e.who[:14]:<14} {e.action:<13} {e.from_version or '-':>5} "
+                     f"{e.to_version:>5}  {e.reason[:160]}")
+    return "\n".join(lines)

@@ -241,84 +241,95 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None) ->
 
 
 @step
-def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: str, metrics_path: str) -> dict:
-    """Score the candidate and the current champion on the same test split."""
+def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: str, metrics_path: str,
+                  html_path: str = "") -> dict[str, Any]:
+    """Score the candidate and the current champion on the same test split; write the record and the report.
+
+    Returns what the Kubeflow component passes on: ``metrics`` (headline numbers), and ``categories`` and
+    ``matrix`` for its ClassificationMetrics confusion matrix.
+    """
     import mlflow
 
+    from tlops import evaluation
     from tlops.data import read_manifest
-    from tlops.evaluation import evaluate_pyfunc, mcnemar_p, read_images, test_rows
     from tlops.registry import champion_version
 
     cfg = Config.from_json(config_json)
-    rows = test_rows(read_manifest(manifest_path))
+    rows = evaluation.test_rows(read_manifest(manifest_path))
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
-    images, labels = read_images(list(rows["path"])), [str(x) for x in rows["label"]]
-    with _mlflow_run(cfg, run_id):
-        cand = evaluate_pyfunc(model_uri, images, labels)
-        result: dict[str, Any] = {"candidate": {k: v for k, v in cand.items() if k != "correct"}}
+    images = evaluation.read_images(list(rows["path"]))
+    with _mlflow_run(cfg, run_id), tempfile.TemporaryDirectory(prefix="tlops-evaluate-") as tmp:
         champ = champion_version(cfg.registry.model_name)
-        if champ is not None:
-            from mlflow.exceptions import MlflowException
-
-            try:
-                ch = evaluate_pyfunc(f"models:/{cfg.registry.model_name}/{champ.version}", images, labels)
-            except (MlflowException, OSError, TlopsError) as exc:
-                raise TlopsError(f"champion {cfg.registry.model_name} version {champ.version} cannot be "
-                                 f"loaded for comparison ({type(exc).__name__}: {str(exc)[:200]}); "
-                                 "fix or roll back the champion") from None
-            result["champion"] = {"version": str(champ.version),
-                                  **{k: v for k, v in ch.items() if k != "correct"}}
-            result["mcnemar_p"] = mcnemar_p(cand["correct"], ch["correct"])
-            mlflow.log_metrics({"champion.test_accuracy": ch["accuracy"], "champion.test_macro_f1": ch["macro_f1"]})
-        mlflow.log_metrics({"test_accuracy": cand["accuracy"], "test_macro_f1": cand["macro_f1"]})
+        champion = None if champ is None else (cfg.registry.model_name, str(champ.version))
+        result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion)
+        pngs = evaluation.figures(result)
+        page = evaluation.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
+        for name, data in pngs.items():
+            (Path(tmp) / name).write_bytes(data)
+            mlflow.log_artifact(str(Path(tmp) / name), "evaluation")
+        mlflow.log_text(page, "evaluation/report.html")
+        result["report"] = mlflow.get_artifact_uri("evaluation/report.html")
+        if html_path:
+            write_text(html_path, page)
+        numbers = evaluation.scalars(result)
+        renamed = {"n": "test_images", "champion_accuracy": "champion.test_accuracy",
+                   "accuracy_difference": "comparison.accuracy_difference",
+                   "accuracy_difference_ci_low": "comparison.ci_low",
+                   "accuracy_difference_ci_high": "comparison.ci_high", "mcnemar_p": "comparison.mcnemar_p",
+                   "latency_p50_ms": "latency_p50_ms", "latency_p95_ms": "latency_p95_ms",
+                   "model_size_bytes": "model_size_bytes"}
+        mlflow.log_metrics({renamed.get(k, f"test_{k}"): v for k, v in numbers.items()})
+        if "champion" in result:
+            mlflow.log_metric("champion.test_macro_f1", result["champion"]["macro_f1"])
         mlflow.log_dict(result, "evaluation/metrics.json")
+        cand = result["candidate"]
+        log.info("evaluate: accuracy %.4f, macro-F1 %.4f, ECE %.4f, latency p95 %.1f ms, weights %d bytes",
+                 cand["accuracy"], cand["macro_f1"], cand["ece"], cand["latency"]["p95_ms"] or float("nan"),
+                 cand["model_size_bytes"])
     write_json(metrics_path, result)
-    return result["candidate"]
+    cm = result["confusion_matrix"]
+    return {"metrics": numbers, "categories": cm["categories"], "matrix": cm["matrix"]}
 
 
 @step
 def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, decision_path: str) -> str:
-    """Register the candidate, decide, move ``champion`` on promote. Returns the run summary as JSON."""
+    """Register the candidate with its evidence, decide, move the aliases. Returns the run summary as JSON."""
     import mlflow
 
     from tlops import registry, tracking
 
     cfg = Config.from_json(config_json)
     metrics = read_json(metrics_path)
+    name = cfg.registry.model_name
     with _mlflow_run(cfg, run_id) as run:
         tags = run.data.tags
         decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
                                    validation_ok=tags.get("validation") == "pass",
                                    parity_ok=tags.get("parity") == "pass" and tags.get("parity.serving") == "pass",
-                                   preprocess=registry.PreprocessEvidence.from_tags(tags))
-        mv = registry.register(model_uri, cfg.registry.model_name, {
-            "preprocess.fingerprint": tags.get("preprocess.fingerprint", ""),
-            "preprocess.reference_fingerprint": tags.get("preprocess.reference_fingerprint", ""),
-            "parity": tags.get("parity", "unknown"),
-            "parity.serving": tags.get("parity.serving", "unknown"),
-            "preprocess.declared": tags.get("preprocess.declared", "none"),
-            "validation": tags.get("validation", "unknown"),
-            "data.manifest_hash": tags.get("data.manifest_hash", ""),
-            "config.hash": tags.get("config.hash", ""),
-            "backbone": cfg.backbone,
-            "test_accuracy": f"{metrics['candidate']['accuracy']:.6f}",
-            "test_macro_f1": f"{metrics['candidate']['macro_f1']:.6f}",
-            "mlflow.run_id": run.info.run_id,
-            "tlops.pipeline_run": tags.get("tlops.pipeline_run", ""),
-        })
-        decision = registry.apply_decision(cfg.registry.model_name, str(mv.version), decision)
-        mlflow.set_tags({"gate.decision": decision.decision, "model.name": cfg.registry.model_name,
-                         "model.version": str(mv.version)})
+                                   preprocess=registry.PreprocessEvidence.from_tags(tags),
+                                   comparison=metrics.get("comparison"))
+        evidence = registry.evidence_tags(tags, metrics, cfg.backbone, run.info.run_id, cfg.config_hash())
+        mv = registry.register(model_uri, name, evidence)
+        version = str(mv.version)
+        pipeline_run = tags.get("tlops.pipeline_run", "")
+        decision = registry.apply_decision(name, version, decision, via=f"pipeline {pipeline_run}".strip())
+        mlflow.set_tags({"gate.decision": decision.decision, "gate.stale": str(decision.stale).lower(),
+                         "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
         summary = {
             "run_id": run.info.run_id,
             "tracking_uri": tracking.redact(tracking.resolve_tracking_uri(cfg)),
-            "model_name": cfg.registry.model_name,
-            "model_version": str(mv.version),
+            "model_name": name,
+            "model_version": version,
             "decision": decision.decision,
             "reasons": decision.reasons,
             "compared_with": decision.compared_with,
-            "metrics": metrics,
+            "stale": decision.stale,
+            "mode": cfg.gate.mode,
+            "champion_now": registry._alias_version(name, registry.CHAMPION),
+            "challenger_now": registry._alias_version(name, registry.CHALLENGER),
+            "git_commit": evidence["git.commit"],
+            "metrics": _headline(metrics),
             "validation": tags.get("validation"),
             "parity": tags.get("parity"),
             "fingerprint": tags.get("preprocess.fingerprint"),
@@ -327,3 +338,13 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
         mlflow.log_dict(summary, "gate/decision.json")
     write_json(decision_path, summary)
     return json.dumps(summary)
+
+
+def _headline(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation record without its tables (per class, bins, matrix, slices): small enough for a summary."""
+    bulky = {"per_class", "calibration", "classes"}
+    out = {k: v for k, v in evaluation.items() if k not in ("confusion_matrix", "slices")}
+    for who in ("candidate", "champion"):
+        if who in out:
+            out[who] = {k: v for k, v in out[who].items() if k not in bulky}
+    return out

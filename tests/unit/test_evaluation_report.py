@@ -1,0 +1,77 @@
+"""The evaluation report rendered in a real browser: headless Chromium takes a screenshot, PIL looks at it.
+
+Needs a Chromium binary (Debian: `apt-get install -y chromium`); skipped with that reason without one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.unit.test_evaluation import synthetic_result
+from tlops import evaluation
+
+WIDTH, HEIGHT = 1200, 1600
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return os.environ.get("CHROMIUM") if os.environ.get("CHROMIUM") and Path(os.environ["CHROMIUM"]).is_file() \
+        else None
+
+
+CHROMIUM = _chromium()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
+                                "(Debian: apt-get install -y chromium)")
+
+
+def screenshot(page: Path, out: Path) -> np.ndarray:
+    assert CHROMIUM is not None
+    with tempfile.TemporaryDirectory(prefix="tlops-chromium-") as profile:
+        result = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={profile}", f"--screenshot={out}", f"--window-size={WIDTH},{HEIGHT}",
+             page.resolve().as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert out.is_file(), result.stderr[-2000:]
+    img = Image.open(out)
+    assert img.size == (WIDTH, HEIGHT)
+    return np.asarray(img.convert("RGB")).astype(int)
+
+
+def _figure_pixels(rgb: np.ndarray) -> int:
+    """Pixels of the figures' saturated colours: the dark blues of the confusion matrix and the candidate's
+    bars, and the champion's orange. Text and table borders are grey or black and do not count."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    blue = (b > 100) & (b - r > 60) & (b - g > 20)
+    orange = (r > 180) & (r - b > 100) & (g > 70) & (g < 150)
+    return int((blue | orange).sum())
+
+
+def test_report_renders_with_its_figures(tmp_path: Path) -> None:
+    result = synthetic_result()
+    page = tmp_path / "report.html"
+    page.write_text(evaluation.report_html(result, evaluation.figures(result), "tlops evaluation"), encoding="utf-8")
+    rgb = screenshot(page, tmp_path / "report.png")
+    non_white = (rgb.min(axis=2) < 235).mean()
+    assert non_white > 0.05, f"only {non_white:.1%} of the page is not white"
+    assert rgb.std() > 20
+    drawn = _figure_pixels(rgb)
+    assert drawn > 20_000, f"{drawn} figure pixels: the embedded PNGs did not render"
+
+    # The same page with the images' data broken: the check above must notice.
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.read_text(encoding="utf-8").replace("base64,", "base64,AAAA"), encoding="utf-8")
+    assert _figure_pixels(screenshot(broken, tmp_path / "broken.png")) < drawn / 10
