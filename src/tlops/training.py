@@ -165,6 +165,8 @@ def linear_probe(backbone_name: str, manifest: pd.DataFrame, classes: list[str],
         else:
             x = features.extract_features(model.backbone, paths, spec, cfg.batch_size, device, desc=split)
         feats[split] = (x, torch.tensor(labels, dtype=torch.long))
+    if not len(feats["train"][1]):
+        raise TlopsError("the train split has no usable labelled image: nothing to fit the probe on")
     history, best_epoch, best_acc = _fit_head(model.head, *feats["train"], *feats["val"], cfg)
     log.info("linear probe: best val accuracy %.4f at epoch %d", best_acc, best_epoch)
     env = environment(device, 1, None, False, False)
@@ -306,7 +308,8 @@ class Hardware:
             amp_dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
         return cls(device=device, amp_dtype=amp_dtype,
-                   channels_last=cfg.channels_last if cfg.channels_last is not None else cuda,
+                   # NHWC: faster training on GPUs with tensor cores, and with oneDNN on CPUs too (bench/README.md)
+                   channels_last=cfg.channels_last if cfg.channels_last is not None else True,
                    compile=cfg.compile, workers=workers, pin_memory=cuda)
 
 
@@ -519,8 +522,7 @@ def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str
     finished, stopped_early, resumed_at = False, False, None
     last = None
     if cfg.resume:
-        if ctx.main:
-            store.sync_down()
+        store.sync_down()  # every rank: on several machines each needs its own mirror of an s3:// store
         ctx.barrier()
         last = store.load(LAST)
     if last is not None:
@@ -543,8 +545,11 @@ def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str
         if best is not None and int(best["epoch"]) == best_epoch:
             best_state = best["model"]
         elif best_epoch >= 0:
-            # Written just before best.pt: the epoch-end checkpoint of the best epoch holds its weights.
+            # Killed between the epoch-end last.pt and best.pt: that last.pt holds the best epoch's weights
+            # (a mid-epoch last.pt cannot follow it without best.pt having been repaired here first).
             best_state = last["model"]
+            if ctx.main:
+                store.save(BEST, {"model": best_state, "epoch": best_epoch, "val_accuracy": best_acc})
         resumed_at = global_step
         log.info("resuming %s from %s: epoch %d, step %d of %d%s", cfg.strategy, store.location, start_epoch + 1,
                  skip, steps_per_epoch, " (finished)" if finished else "")
@@ -669,6 +674,7 @@ def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str
     if best_state is None:  # no epoch ran (epochs already done in a checkpoint without a best): keep last
         best_state = _state(model)
     model.load_state_dict(best_state)
+    model.to(memory_format=torch.contiguous_format)  # as it will be served: the saved model is rebuilt NCHW
     env = environment(device, ctx.world, hw.amp_dtype, hw.channels_last, hw.compile)
     env.update({"train_images": n, "batch_size": batch, "steps_per_epoch": steps_per_epoch,
                 "checkpoint_dir": store.location})

@@ -102,7 +102,13 @@ def test_killed_mid_epoch_then_rerun_matches_an_uninterrupted_run(manifest: pd.D
 
 def test_a_checkpoint_of_another_run_is_refused(manifest: pd.DataFrame, spec: PreprocessSpec, tmp_path: Path) -> None:
     cfg = CFG.model_copy(update={"epochs": 1, "checkpoint_dir": str(tmp_path / "ckpt"), "checkpoint_every_steps": 0})
-    fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path)
+    first = fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path)
+    # Killed after the epoch-end last.pt but before best.pt: the rerun takes the best weights from last.pt
+    # and writes best.pt again.
+    (tmp_path / "ckpt" / "best.pt").unlink()
+    again = fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path)
+    assert again.resumed_at_step is not None and (tmp_path / "ckpt" / "best.pt").is_file()
+    assert torch.equal(again.model.head.weight, first.model.head.weight)
     other = cfg.model_copy(update={"lr": 1e-4})
     with pytest.raises(TlopsError, match="belongs to another run"):
         fine_tune(BACKBONE, manifest, class_names(manifest), spec, other, workdir=tmp_path)

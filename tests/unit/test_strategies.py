@@ -179,7 +179,7 @@ def test_class_weights_balance_counts() -> None:
 
 def test_class_weighted_loss_and_sgd_train(manifest: pd.DataFrame, spec: PreprocessSpec, tmp_path: Path) -> None:
     result = train(manifest, spec, tmp_path, strategy="partial", frozen_stages=8, optimizer="sgd", lr=0.05,
-                   class_weighted_loss=True, label_smoothing=0.0, grad_clip_norm=None)
+                   class_weighted_loss=True, label_smoothing=0.0, grad_clip_norm=None, channels_last=False)
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
 
 
