@@ -2,7 +2,8 @@
 
 Aliases: ``champion`` is the version in production and moves only on ``promote`` (by the gate in auto
 mode, by ``tlops promote`` after a person's approval, by ``tlops rollback``); ``challenger`` is the
-newest candidate that passed every check.
+newest candidate that passed every check and is not the champion yet: the one awaiting approval in
+manual mode. It goes when a version at or above it becomes the champion.
 
 History: every move of ``champion`` is one registered-model tag ``tlops.history.<seq>.<random>`` whose
 value is the event as JSON (who, when in UTC, action, from version, to version, reason, via). A new
@@ -186,7 +187,7 @@ def client() -> Any:
     return MlflowClient()
 
 
-def _alias_version(name: str, alias: str) -> str | None:
+def alias_version(name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -508,29 +509,38 @@ def _stale(decision: Decision, current: str | None) -> Decision:
     )
 
 
+def _retire_challenger(name: str, champion: str) -> None:
+    """A challenger at or below the new champion has been decided: the alias goes."""
+    challenger = alias_version(name, CHALLENGER)
+    if challenger is not None and int(challenger) <= int(champion):
+        client().delete_registered_model_alias(name, CHALLENGER)
+
+
 def apply_decision(name: str, version: str, decision: Decision, who: str | None = None, via: str = "",
                    lock: LockSettings = DEFAULT_LOCK) -> Decision:
     """Record the decision on the version; for a passing one, under the lock: re-read the champion, refuse a
-    stale comparison, move ``challenger`` (and ``champion`` on promote) and append the history event."""
+    stale comparison, then on promote move ``champion`` (retiring a challenger at or below it) and append the
+    history event, and on needs-approval move ``challenger`` (only ever to a newer version)."""
     c = client()
     who = who or current_user()
     if decision.passed:
         with promotion_lock(name, f"gate of version {version}", lock):
-            current = _alias_version(name, CHAMPION)
+            current = alias_version(name, CHAMPION)
             if current != decision.compared_with:
                 decision = _stale(decision, current)
             else:
-                challenger = _alias_version(name, CHALLENGER)
-                if challenger is None or int(challenger) < int(version):
-                    c.set_registered_model_alias(name, CHALLENGER, version)
                 if decision.decision == "promote":
                     c.set_registered_model_alias(name, CHAMPION, version)
+                    _retire_challenger(name, version)
                     headline = [r for r in decision.reasons
                                 if r.startswith(("accuracy", "not worse", "improves", "no champion"))]
                     append_history(name, "promote", current, version, who,
                                    f"gate passed in {decision.extra.get('mode', 'auto')} mode: " + "; ".join(headline),
                                    via)
                 else:
+                    challenger = alias_version(name, CHALLENGER)
+                    if challenger is None or int(challenger) < int(version):
+                        c.set_registered_model_alias(name, CHALLENGER, version)
                     decision.reasons.append(f"approve with: tlops promote {name} {version}")
     c.set_model_version_tag(name, version, "gate.decision", decision.decision)
     c.set_model_version_tag(name, version, "gate.reasons", "; ".join(decision.reasons)[:TAG_VALUE_LIMIT])
@@ -552,7 +562,7 @@ def promote(name: str, version: str, reason: str = "", force: bool = False, who:
     version = str(mv.version)
     who = who or current_user()
     with promotion_lock(name, f"promote version {version}", lock):
-        current = _alias_version(name, CHAMPION)
+        current = alias_version(name, CHAMPION)
         if current == version:
             return None
         tags = mv.tags
@@ -570,6 +580,7 @@ def promote(name: str, version: str, reason: str = "", force: bool = False, who:
         action = "force-promote" if force else "approve"
         c = client()
         c.set_registered_model_alias(name, CHAMPION, version)
+        _retire_challenger(name, version)
         event = append_history(name, action, current, version, who, reason or f"approved by {who}", "cli")
         c.set_model_version_tag(name, version, "promotion.by", who)
         c.set_model_version_tag(name, version, "promotion.at", event.at)
@@ -584,7 +595,7 @@ def rollback(name: str, reason: str = "", who: str | None = None, lock: LockSett
     require_model(name)
     who = who or current_user()
     with promotion_lock(name, "rollback", lock):
-        current = _alias_version(name, CHAMPION)
+        current = alias_version(name, CHAMPION)
         if current is None:
             raise TlopsError(f"model {name} has no champion to roll back")
         events = history(name)
@@ -615,8 +626,8 @@ def rollback(name: str, reason: str = "", who: str | None = None, lock: LockSett
 
 
 def format_history(name: str, events: list[HistoryEvent], fmt: str = "table") -> str:
-    champion = _alias_version(name, CHAMPION)
-    challenger = _alias_version(name, CHALLENGER)
+    champion = alias_version(name, CHAMPION)
+    challenger = alias_version(name, CHALLENGER)
     if fmt == "json":
         return json.dumps({"model": name, "champion": champion, "challenger": challenger,
                            "events": [json.loads(e.to_json()) for e in events]}, indent=2)

@@ -44,7 +44,7 @@ def test_first_run_summary_shows_the_new_figures(store: dict) -> None:
     out = store["first"].stdout
     for expected in ("PROMOTE", "no champion yet", "top-2 ", "lowest class recall", "ECE ",
                      "serving        latency p50", "(batch size 1, CPU", "weights 13.7 MB",
-                     "aliases        champion version 1, challenger version 1", "report         file://"):
+                     "aliases        champion version 1, challenger version none", "report         file://"):
         assert expected in out, expected
 
 
@@ -81,7 +81,7 @@ def test_promote_history_rollback(store: dict) -> None:
     promoted = _tlops(store, "promote", NAME, "2", "--reason", "report reviewed")
     assert promoted.returncode == 0, promoted.stderr
     assert f"champion of {NAME}: version 1 -> version 2 (approve by" in promoted.stdout
-    assert _aliases(store) == {"champion": "2", "challenger": "2"}
+    assert _aliases(store) == {"champion": "2"}
     rolled = _tlops(store, "rollback", NAME, "--reason", "latency complaints")
     assert rolled.returncode == 0, rolled.stderr
     assert f"champion of {NAME}: version 2 -> version 1 (rollback by" in rolled.stdout

@@ -75,7 +75,7 @@ def test_first_model_is_promoted_on_absolute_thresholds_with_full_evidence(lab: 
     s = first["summary"]
     assert s["decision"] == "promote" and s["compared_with"] is None and s["model_version"] == "1"
     assert "no champion yet: absolute thresholds only" in s["reasons"]
-    assert aliases("first") == {"champion": "1", "challenger": "1"}
+    assert aliases("first") == {"champion": "1"}
     record = read_json(first["out"] / "evaluation.json")
     cand = record["candidate"]
     assert cand["accuracy"] > 0.9 and set(cand["per_class"]) == {"0", "1", "7"}
@@ -114,7 +114,7 @@ def test_a_better_model_is_promoted_over_a_worse_champion(lab: dict) -> None:
     comp = s["metrics"]["comparison"]
     assert comp["difference"] > 0.3 and comp["ci_low"] > 0 and comp["mcnemar_p"] < 0.01
     assert any(r.startswith("improves on champion version 1") for r in s["reasons"])
-    assert aliases("better") == {"champion": "2", "challenger": "2"}
+    assert aliases("better") == {"champion": "2"}
     record = read_json(second["out"] / "evaluation.json")
     assert record["champion"]["version"] == "1" and record["champion"]["accuracy"] < record["candidate"]["accuracy"]
     assert "champion_accuracy" in record["slices"]["class"][0]
@@ -128,7 +128,7 @@ def test_a_worse_model_is_rejected_and_the_champion_stays(lab: dict) -> None:
     s = run_tail(lab, "worse", "worse", min_accuracy=0.2)["summary"]
     assert s["decision"] == "reject" and s["compared_with"] == "1"
     assert any(r.startswith("worse than champion version 1") for r in s["reasons"])
-    assert aliases("worse") == {"champion": "1", "challenger": "1"}
+    assert aliases("worse") == {"champion": "1"}
     assert len(registry.history("worse")) == 1
     tags = registry.client().get_model_version("worse", "2").tags
     assert tags["gate.decision"] == "reject" and tags["gate.compared_with"] == "1"
@@ -141,7 +141,7 @@ def test_manual_mode_stops_at_challenger_until_a_person_promotes(lab: dict) -> N
     assert aliases("manual") == {"champion": "1", "challenger": "2"}
     event = registry.promote("manual", "2", reason="report reviewed", who="reviewer")
     assert event is not None and (event.action, event.from_version, event.who) == ("approve", "1", "reviewer")
-    assert aliases("manual") == {"champion": "2", "challenger": "2"}
+    assert aliases("manual") == {"champion": "2"}
 
 
 @pytest.mark.parametrize(("gate", "kind", "reason"), [
@@ -168,5 +168,5 @@ def test_a_champion_whose_files_are_gone_stops_the_evaluation_and_stays(lab: dic
     message = str(caught.value)
     assert "\n" not in message and message.startswith("champion lost version 1 cannot be loaded for comparison")
     assert "tlops rollback lost" in message
-    assert aliases("lost") == {"champion": "1", "challenger": "1"}
+    assert aliases("lost") == {"champion": "1"}
     assert len(registry.client().search_model_versions("name='lost'")) == 1  # nothing registered

@@ -58,7 +58,7 @@ def test_first_promotion_sets_both_aliases_and_one_history_event(store: dict, na
     v1 = new_version(store["model_uri"], name)
     out = registry.apply_decision(name, v1, _promote(None), who="alice", via="pipeline run-1", lock=FAST)
     assert out.decision == "promote" and not out.stale
-    assert _aliases(name) == {"champion": v1, "challenger": v1}
+    assert _aliases(name) == {"champion": v1}
     [event] = registry.history(name)
     assert (event.seq, event.who, event.action, event.from_version, event.to_version) == (1, "alice", "promote",
                                                                                           None, v1)
@@ -75,7 +75,7 @@ def test_reject_moves_nothing(store: dict, name: str) -> None:
     v2 = new_version(store["model_uri"], name)
     out = registry.apply_decision(name, v2, Decision("reject", ["accuracy 0.5 < minimum 0.9"], v1), lock=FAST)
     assert out.decision == "reject"
-    assert _aliases(name) == {"champion": v1, "challenger": v1}
+    assert _aliases(name) == {"champion": v1}
     assert len(registry.history(name)) == 1
     assert registry.client().get_model_version(name, v2).tags["gate.decision"] == "reject"
 
@@ -99,16 +99,22 @@ def test_stale_comparison_is_rejected_and_recorded(store: dict, name: str) -> No
     out = registry.apply_decision(name, v2, _promote(None), lock=FAST)
     assert out.decision == "reject" and out.stale
     assert "comparison is stale" in out.reasons[-1] and f"to {v1}" in out.reasons[-1]
-    assert _aliases(name) == {"champion": v1, "challenger": v1}
+    assert _aliases(name) == {"champion": v1}
     tags = registry.client().get_model_version(name, v2).tags
     assert tags["gate.decision"] == "reject" and tags["gate.stale"] == "true"
 
 
-def test_challenger_only_moves_to_a_newer_version(store: dict, name: str) -> None:
-    v1, v2 = new_version(store["model_uri"], name), new_version(store["model_uri"], name)
+def test_challenger_only_moves_forward_and_goes_when_overtaken(store: dict, name: str) -> None:
+    v1, v2, v3 = (new_version(store["model_uri"], name) for _ in range(3))
     registry.apply_decision(name, v2, Decision("needs-approval", [], None), lock=FAST)
     registry.apply_decision(name, v1, Decision("needs-approval", [], None), lock=FAST)  # finished later, older
     assert _aliases(name) == {"challenger": v2}
+    # Approving an older candidate leaves the newer challenger waiting.
+    registry.promote(name, v1, lock=FAST)
+    assert _aliases(name) == {"champion": v1, "challenger": v2}
+    # A newer version promoted by the gate has overtaken the challenger: the alias goes.
+    registry.apply_decision(name, v3, _promote(v1), lock=FAST)
+    assert _aliases(name) == {"champion": v3}
 
 
 def test_manual_promote_checks_the_gate_and_records_who_and_why(store: dict, name: str) -> None:
@@ -122,7 +128,7 @@ def test_manual_promote_checks_the_gate_and_records_who_and_why(store: dict, nam
         registry.promote(name, v3, lock=FAST)
     event = registry.promote(name, v2, reason="checked the report", who="bob", lock=FAST)
     assert event is not None and (event.action, event.from_version, event.to_version) == ("approve", v1, v2)
-    assert _aliases(name)["champion"] == v2
+    assert _aliases(name) == {"champion": v2}  # the approved challenger is the champion now
     tags = registry.client().get_model_version(name, v2).tags
     assert tags["promotion.by"] == "bob" and tags["promotion.reason"] == "checked the report"
     assert registry.promote(name, v2, lock=FAST) is None  # already the champion: nothing recorded
