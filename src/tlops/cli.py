@@ -87,7 +87,8 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
 @app.command()
 def run(
     data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone name from the catalogue.")] = None,
+    backbone: Annotated[str | None, typer.Option(
+        help="Backbone: efficientnet_lite0, resnet18, resnet50, or checkpoint:DIR for your own.")] = None,
     model_name: Annotated[str | None, typer.Option(help="Registered model name in MLflow.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -188,18 +189,27 @@ class InspectCache:
 
 
 class Progress:
-    """Progress as ``tlops`` log lines (a kfp log, a CI log and a terminal all read them): at most one every
+    """A progress bar on a terminal; elsewhere (a kfp log, a CI log) ``tlops`` log lines: at most one every
     few seconds, and the last one always."""
 
     def __init__(self, total: int, what: str, every_s: float = 2.0) -> None:
         self.total, self.what, self.every_s = total, what, every_s
         self.done, self.t0 = 0, time.perf_counter()
         self.last = self.t0
+        self.bar: Any = None
+        if total and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=what, unit="file", file=sys.stderr, leave=False)
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done == self.total:
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.done == self.total:
+                self.bar.close()
+        elif now - self.last >= self.every_s or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             log.info("%s: %d/%d files (%.0f%%), %.0f files/s", self.what, self.done, self.total,

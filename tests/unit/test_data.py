@@ -298,3 +298,22 @@ def test_hex_hashes_stay_text_in_the_csv(tmp_path: Path) -> None:
                        "dhash": ["00000000000001e5"], "decodable": [True], "error": [""]})
     back = read_manifest(write_manifest(df, tmp_path / "m.csv"))
     assert back["sha256"][0] == "1" * 60 + "e100" and back["dhash"][0] == "00000000000001e5"
+
+
+def test_manifest_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys) -> None:
+    import sys
+
+    from tlops import data
+    from tlops.data import Progress
+
+    lines: list[str] = []
+    monkeypatch.setattr(data.log, "info", lambda fmt, *args: lines.append(fmt % args))
+    plain = Progress(3, "manifest")
+    plain.advance(3)
+    assert plain.bar is None and "manifest: 3/3 files (100%)" in lines[-1]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = Progress(4, "manifest")
+    assert bar.bar is not None
+    bar.advance(2)
+    bar.advance(2)
+    assert "manifest" in capsys.readouterr().err and bar.bar.n == 4
