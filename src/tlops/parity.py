@@ -175,7 +175,7 @@ def decoder_check(golden: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
     """Pillow against torchvision.io on the same files: the pixel difference a decoder swap would cause."""
     from torchvision.io import ImageReadMode, decode_image
 
-    out = []
+    out: list[dict[str, Any]] = []
     for name, data in golden:
         pil = torch.from_numpy(np.asarray(reference_decode(data), dtype=np.int16)).permute(2, 0, 1)
         try:
