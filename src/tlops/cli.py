@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Transfer-learning MLOps: validate, parity, fine-tune, evaluate, gate.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="table or json")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config field, e.g. --set train.epochs=10 or "
     "--set preprocess.mean=0.485,0.456,0.406 (repeatable; applied after --config).")]
@@ -161,8 +162,12 @@ def compile_(output: Annotated[Path, typer.Option("--output", "-o", help="Where 
     typer.echo(f"wrote {output}")
 
 
-def _tracking(config: Path | None, overrides: list[str] | None) -> None:
+def _tracking(config: Path | None, overrides: list[str] | None, output_format: str = "table") -> None:
+    """Point MLflow at the run's store for the registry commands, after checking their --format."""
     from tlops import tracking
+
+    if output_format not in ("table", "json"):
+        raise TlopsError(f"--format {output_format!r}: choose table or json")
 
     cfg = _config(config, overrides)
     if not cfg.tracking.uri and not tracking.env_uri_set():
@@ -181,12 +186,12 @@ def parity_cmd(
     model: Annotated[str, typer.Option("--model", help="models:/NAME/VERSION or models:/NAME@ALIAS")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    output_format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    output_format: FormatOpt = "table",
 ) -> None:
     """Re-run the preprocessing parity checks on a logged model. Exit 0 pass, 1 fail."""
     from tlops.audit import parity_for_version, parse_model_uri
 
-    _tracking(config, set_)
+    _tracking(config, set_, output_format)
     name, version = parse_model_uri(model)
     result = parity_for_version(name, version)
     if output_format == "json":
@@ -208,16 +213,14 @@ def parity_cmd(
 @app.command("audit")
 def audit_cmd(
     model: Annotated[str, typer.Option("--model", help="Registered model name.")],
-    output_format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    output_format: FormatOpt = "table",
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """List every version's preprocessing evidence; exit 1 when an alias points at an inconsistent one."""
     from tlops.audit import audit_model, format_audit
 
-    if output_format not in ("table", "json"):
-        raise TlopsError(f"--format {output_format!r}: choose table or json")
-    _tracking(config, set_)
+    _tracking(config, set_, output_format)
     rows = audit_model(model)
     typer.echo(format_audit(model, rows, output_format))
     bad_aliases = [f"{a} -> version {r.version}" for r in rows if not r.consistent for a in r.aliases]
@@ -273,16 +276,14 @@ def rollback_cmd(
 @app.command("history")
 def history_cmd(
     name: NameArg,
-    output_format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    output_format: FormatOpt = "table",
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Print the promotion history: who moved the champion, when (UTC), from which version to which, why."""
     from tlops import registry
 
-    if output_format not in ("table", "json"):
-        raise TlopsError(f"--format {output_format!r}: choose table or json")
-    _tracking(config, set_)
+    _tracking(config, set_, output_format)
     typer.echo(registry.format_history(name, registry.history(name), output_format))
 
 
