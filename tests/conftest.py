@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -76,38 +77,44 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path) -> 
     return {"good": good, "worse": degrade(good, root / "worse")}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` (SQL backend, HTTP, proxied artifacts) on loopback; yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes to it until the end
+_free_port = free_port
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, artifacts_destination: str | None = None, env: dict[str, str] | None = None,
+                          port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` (SQLite backend under ``root``, HTTP, artifacts proxied to ``artifacts_destination``,
+    default ``root/artifacts``) on loopback; yields its URL.
+
+    Started again on the same ``root`` and ``port`` it serves the same store (a server that came back)."""
+    port = port or free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "server.log", "a")  # noqa: SIM115 - the server writes to it until the end
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+         artifacts_destination or str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-        time.sleep(0.5)
     try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
         yield url
     finally:
         proc.terminate()
@@ -115,4 +122,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on loopback for the whole session; yields its URL."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url

@@ -318,6 +318,12 @@ class RegistryConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under the work dir
     experiment: str = "tlops"
+    # A tracking server that stops answering: each request is retried with exponential back-off
+    # (backoff_factor x 2^n seconds) and a timeout, then the step fails with one line. The MLFLOW_HTTP_REQUEST_*
+    # environment variables, when set, win over these.
+    retries: int = Field(5, ge=0, le=10)
+    backoff_factor: float = Field(1.0, ge=0.0, le=60.0)
+    timeout_s: int = Field(60, ge=1)
 
 
 class Config(_Section):

@@ -43,7 +43,17 @@ def step(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _configure_logging()
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except TlopsError:
+                raise
+            except Exception as exc:
+                from tlops.tracking import unreachable_error
+
+                user_error = unreachable_error(exc)
+                if user_error is None:
+                    raise
+                raise user_error from None
         except TlopsError as exc:
             target = os.environ.get(ERROR_FILE_ENV)
             if target:
