@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli, write_config
+from tests.integration.conftest import S3_SECRET as SECRET
 
 pytestmark = pytest.mark.integration
-SECRET = "tlops-test-secret-5f1c2e"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[dict[str, str]]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_endpoint: dict[str, str], tiny_digits: Path) -> str:
-    from tlops.storage import s3_client, upload_dir
-
-    s3_client().create_bucket(Bucket="images")
-    assert upload_dir(tiny_digits, "s3://images/digits") == 90
-    return "s3://images/digits"
 
 
 def test_manifest_from_s3_keeps_s3_uris_and_mirrors_by_etag(bucket: str, tmp_path: Path, tiny_digits: Path) -> None:
