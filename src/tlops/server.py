@@ -1,0 +1,325 @@
+"""``tlops serve``: a registered model behind MLflow's scoring protocol, with limits on what one request may ask.
+
+Why not ``mlflow models serve``: its scoring server reads the whole body whatever its size, echoes the payload
+in its error messages, and turns a bad image into a generic "unexpected error". This app keeps MLflow's
+request and response shapes (``/invocations`` taking ``dataframe_split``, ``dataframe_records``, ``instances``
+or ``inputs``; ``{"predictions": [...]}`` back; ``/ping``, ``/health``, ``/version``), so MLflow and KServe
+clients work unchanged, and it answers a bad request with a 4xx and a message naming the instance and the fix.
+The model is the pyfunc itself (``mlflow.pyfunc.load_model``): served predictions are the evaluated ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import http
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlops.errors import TlopsError
+
+log = logging.getLogger("tlops.server")
+
+FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+SHAPES = ('{"dataframe_split": {"columns": ["image"], "data": [[B64]]}}, {"dataframe_records": [{"image": B64}]}, '
+          '{"instances": [{"image": B64}]} or {"inputs": {"image": [B64]}}, B64 being the base64 of an image file')
+JSON_TYPE = "application/json"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for. The body limit is checked before reading (Content-Length) and while reading."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_instances: int = 64
+    read_timeout_s: float = 30.0
+
+
+@dataclass
+class ServedModel:
+    """The loaded pyfunc and what ``/version`` tells about it."""
+
+    pyfunc: Any
+    info: dict[str, Any] = field(default_factory=dict)
+    # One prediction at a time: torch already uses every core for one batch; two would only fight for them.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def predict(self, images: list[bytes]) -> Any:
+        import pandas as pd
+
+        with self.lock:
+            return self.pyfunc.predict(pd.DataFrame({"image": images}))
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _unwrap_b64(value: Any) -> Any:
+    # TensorFlow Serving's (and KServe v1's) convention for binary values: {"b64": "..."}.
+    return value["b64"] if isinstance(value, dict) and set(value) == {"b64"} else value
+
+
+def _image_of_record(record: Any, index: int) -> Any:
+    if isinstance(record, dict) and "image" in record:
+        return _unwrap_b64(record["image"])
+    if isinstance(record, str) or (isinstance(record, dict) and set(record) == {"b64"}):
+        return _unwrap_b64(record)  # a single-input model: the instance is the image itself
+    found = sorted(record)[:5] if isinstance(record, dict) else type(record).__name__
+    raise RequestError(400, f"instance {index}: no 'image' field (found {found}); send {SHAPES}")
+
+
+def image_values(payload: Any) -> list[Any]:
+    """The ``image`` cells of an MLflow scoring request, in order, still as sent (base64 text)."""
+    keys = [k for k in FORMATS if k in payload] if isinstance(payload, dict) else []
+    if len(keys) != 1:
+        found = sorted(payload)[:5] if isinstance(payload, dict) else type(payload).__name__
+        raise RequestError(400, f"the JSON body needs exactly one of {', '.join(FORMATS)} (found {found}); "
+                                f"send {SHAPES}")
+    key = keys[0]
+    data = payload[key]
+    if key == "dataframe_split":
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise RequestError(400, f"dataframe_split needs 'columns' and 'data' lists; send {SHAPES}")
+        columns = data.get("columns", ["image"])
+        if not isinstance(columns, list) or "image" not in columns:
+            raise RequestError(400, f"dataframe_split has no 'image' column (columns {columns!r:.100}); send {SHAPES}")
+        col = columns.index("image")
+        rows = data["data"]
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, list) or len(row) != len(columns)), None)
+        if bad is not None:
+            raise RequestError(400, f"instance {bad}: a dataframe_split row must be a list of {len(columns)} values")
+        return [_unwrap_b64(row[col]) for row in rows]
+    if isinstance(data, list):
+        return [_image_of_record(record, i) for i, record in enumerate(data)]
+    if key in ("instances", "inputs") and isinstance(data, dict) and "image" in data:
+        column = data["image"]
+        return [_unwrap_b64(v) for v in column] if isinstance(column, list) else [_unwrap_b64(column)]
+    raise RequestError(400, f"{key} must be a list of records or a mapping with an 'image' column; send {SHAPES}")
+
+
+def decode_request(body: bytes, limits: ServeLimits) -> list[bytes]:
+    """The request body to image file bytes, one per instance; a bad request raises :class:`RequestError`."""
+    # Imported here, not at the top: `tlops serve` on a port in use fails before torch has loaded.
+    from tlops.serving import ImageInputError, image_bytes
+
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the body is not valid JSON ({exc}); send {SHAPES}") from None
+    values = image_values(payload)
+    if not values:
+        raise RequestError(400, f"the request holds no instances; send {SHAPES}")
+    if len(values) > limits.max_instances:
+        raise RequestError(413, f"{len(values)} instances in one request exceeds the limit of {limits.max_instances} "
+                                "(--max-instances); split them over several requests")
+    try:
+        return [image_bytes(v, i) for i, v in enumerate(values)]
+    except ImageInputError as exc:
+        raise RequestError(422, str(exc)) from None
+
+
+async def read_body(receive: Receive, headers: dict[str, str], limits: ServeLimits) -> bytes:
+    """The body, refused with 413 from its Content-Length before any of it is read, or as soon as the bytes
+    streamed (chunked transfer) pass the limit; 408 when it does not arrive in time."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, f"Content-Length {declared!r:.40} is not a number of bytes")
+        if int(declared) > limits.max_bytes:
+            raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {limits.max_bytes} "
+                                    "bytes (--max-bytes); send fewer or smaller images per request")
+    body = io.BytesIO()
+    try:
+        async with asyncio.timeout(limits.read_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise RequestError(400, "the client went away before the body was complete")
+                body.write(message.get("body", b""))
+                if body.tell() > limits.max_bytes:
+                    raise RequestError(413, f"request body exceeds the limit of {limits.max_bytes} bytes "
+                                            "(--max-bytes); send fewer or smaller images per request")
+                if not message.get("more_body", False):
+                    return body.getvalue()
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {limits.read_timeout_s:g} s") from None
+
+
+def _json_type(headers: dict[str, str]) -> None:
+    content_type = headers.get("content-type", "")
+    mime, *params = [p.strip().lower() for p in content_type.split(";")]
+    charset = next((p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8")
+    if mime != JSON_TYPE or charset != "utf-8":
+        raise RequestError(415, f"Content-Type {content_type or '(none)'!r:.80} is not supported; send the request "
+                                f"as {JSON_TYPE} (UTF-8)")
+
+
+class ScoringApp:
+    """The ASGI app: routes, limits, error bodies in MLflow's shape, one log line per request."""
+
+    def __init__(self, model: ServedModel, limits: ServeLimits) -> None:
+        self.model, self.limits = model, limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # no lifespan (uvicorn runs with lifespan off) and no websockets
+            return
+        start = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        try:
+            status, body = await self._handle(method, path, scope, receive)
+        except RequestError as exc:
+            status, body = exc.status, _error(exc.status, str(exc))
+        except Exception:  # a fault of the server, not of the request: logged with its traceback, never the payload
+            log.exception("%s %s failed", method, path)
+            status, body = 500, _error(500, "internal error while predicting; see the server log")
+        # Content-Length always, and close after an error: the rest of a refused body is never read.
+        headers = [(b"content-type", JSON_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+        if status >= 400:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        log.info("%s %s %d %.1f ms", method, path, status, (time.perf_counter() - start) * 1000)
+
+    async def _handle(self, method: str, path: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        routes = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST"}
+        if path not in routes:
+            raise RequestError(404, f"no such path {path!r:.80}; POST /invocations, GET /ping, /health or /version")
+        if method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
+            raise RequestError(405, f"{path} takes {routes[path]}, not {method}")
+        if path in ("/ping", "/health"):
+            return 200, b"\n"
+        if path == "/version":
+            return 200, json.dumps(self.model.info).encode()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        _json_type(headers)
+        body = await read_body(receive, headers, self.limits)
+        images = decode_request(body, self.limits)
+        from tlops.serving import ImageInputError
+
+        try:
+            frame = await asyncio.to_thread(self.model.predict, images)
+        except ImageInputError as exc:
+            raise RequestError(422, str(exc)) from None
+        return 200, _predictions_json(frame)
+
+
+def _predictions_json(frame: Any) -> bytes:
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    out = io.StringIO()
+    predictions_to_json(frame, out)  # MLflow's own response shape: {"predictions": [records]}
+    return out.getvalue().encode()
+
+
+def _error(status: int, message: str) -> bytes:
+    # MLflow's error body: {"error_code": ..., "message": ...}.
+    return json.dumps({"error_code": http.HTTPStatus(status).name, "message": message}).encode()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads, so that a port in use fails at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TlopsError(f"--host {host}: cannot resolve it ({exc.strerror}); use 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TlopsError(f"--port {port}: {host}:{port} is already in use; stop what listens there or pick "
+                             "another port") from None
+        raise TlopsError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+    return sock
+
+
+def load_served_model(model_uri: str) -> ServedModel:
+    """Load the pyfunc; a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tlops import __version__, tracking
+    from tlops.audit import parse_model_uri
+    from tlops.evaluation import model_classes
+
+    info: dict[str, Any] = {"model": model_uri, "tlops": __version__, "mlflow": mlflow.__version__}
+    uri = model_uri
+    try:
+        if model_uri.startswith("models:/"):
+            name, version = parse_model_uri(model_uri)
+            info.update(name=name, version=version)
+            uri = f"models:/{name}/{version}"
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        unreachable = tracking.unreachable_error(exc)
+        if unreachable is not None:
+            raise unreachable from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TlopsError(f"--model {model_uri}: cannot load it ({first:.200}); check the URI with "
+                         "'tlops audit --model NAME' and MLFLOW_TRACKING_URI") from None
+    info["classes"] = model_classes(pyfunc)  # also refuses a pyfunc that is not a tlops image classifier
+    spec = pyfunc.unwrap_python_model().predictor.spec
+    info["preprocess_fingerprint"] = spec.fingerprint
+    return ServedModel(pyfunc, info)
+
+
+def _log_to_stderr() -> None:
+    # One line per event on stderr, timestamped; the rest of tlops and the libraries keep their own settings.
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: ServeLimits | None = None,
+          graceful_s: int = 10) -> None:
+    """Serve until SIGTERM or SIGINT; in-flight requests get ``graceful_s`` seconds to finish."""
+    import uvicorn
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a server log
+    _log_to_stderr()
+    limits = limits or ServeLimits()
+    if limits.max_bytes < 1 or limits.max_instances < 1:
+        raise TlopsError("--max-bytes and --max-instances must be at least 1")
+    sock = bind(host, port)
+    model = load_served_model(model_uri)
+    config = uvicorn.Config(ScoringApp(model, limits), log_config=None, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=graceful_s, limit_concurrency=64, timeout_keep_alive=5,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    stopped_by: list[str] = []
+    # uvicorn catches SIGTERM/SIGINT, shuts down gracefully, then raises the signal again for the handler that
+    # was there before: this one, so that a graceful stop ends with exit 0 rather than death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopped_by.append(signal.Signals(signum).name))
+    where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "every client that can reach it"
+    log.info("serving %s%s on http://%s:%d (%s): POST /invocations, GET /ping /health /version; "
+             "limits %d bytes, %d instances per request", model_uri,
+             f" (version {model.info['version']})" if "version" in model.info else "", host, port, where,
+             limits.max_bytes, limits.max_instances)
+    server.run(sockets=[sock])
+    log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")
