@@ -1,12 +1,16 @@
-"""The five pipeline components. Bodies stay an import and one call: the logic lives in ``tlops.steps``."""
+"""The five pipeline components. Bodies stay an import and one call: the logic lives in ``tlops.steps``.
+
+``DEFAULT_IMAGE`` is only the components' own default: a compiled pipeline sets every task's image from its
+cluster config (``pipelines.transfer_learning.apply_cluster``).
+"""
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
-from components.image import IMAGE
+from components.image import DEFAULT_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def validate(data_uri: str, config_json: str, pipeline_run: str, manifest: Output[Dataset],
              report: Output[Artifact], report_html: Output[HTML]) -> str:
     from tlops.steps import validate_step
@@ -14,7 +18,7 @@ def validate(data_uri: str, config_json: str, pipeline_run: str, manifest: Outpu
     return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run, report_html.path)
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def parity(config_json: str, run_id: str, manifest: Input[Dataset], spec: Output[Artifact],
            report: Output[Artifact], report_html: Output[HTML]) -> str:
     from tlops.steps import parity_step
@@ -22,7 +26,7 @@ def parity(config_json: str, run_id: str, manifest: Input[Dataset], spec: Output
     return parity_step(config_json, run_id, manifest.path, spec.path, report.path, report_html.path)
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def fine_tune(config_json: str, run_id: str, manifest: Input[Dataset], spec: Input[Artifact],
               model: Output[Model]) -> str:
     from tlops.steps import fine_tune_step
@@ -30,7 +34,7 @@ def fine_tune(config_json: str, run_id: str, manifest: Input[Dataset], spec: Inp
     return fine_tune_step(config_json, run_id, manifest.path, spec.path, model.path)
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def evaluate(config_json: str, run_id: str, model_uri: str, manifest: Input[Dataset], metrics: Output[Metrics],
              evaluation: Output[Artifact], confusion: Output[ClassificationMetrics],
              report_html: Output[HTML]) -> float:
@@ -42,7 +46,7 @@ def evaluate(config_json: str, run_id: str, model_uri: str, manifest: Input[Data
     return out["metrics"]["accuracy"]
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def gate(config_json: str, run_id: str, model_uri: str, evaluation: Input[Artifact],
          decision: Output[Artifact]) -> str:
     from tlops.steps import gate_step

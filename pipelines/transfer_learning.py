@@ -1,62 +1,120 @@
 """validate -> parity -> fine_tune -> evaluate -> gate, as one kfp v2 pipeline."""
 
+# No `from __future__ import annotations`: kfp reads the pipeline signature's types at decoration.
 import os
 from contextvars import ContextVar
+from dataclasses import dataclass
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
 from components import evaluate, fine_tune, gate, parity, validate
-from tlops.config import AcceleratorConfig
+from components.image import resolve_image
+from tlops.config import AcceleratorConfig, ClusterConfig, Config
 
 PIPELINE_NAME = "tlops-transfer-learning"
 DESCRIPTION = ("Validate data, prove preprocessing parity, fine-tune a pre-trained backbone, evaluate it against "
                "the champion, and gate its promotion.")
 TASKS = ("validate", "parity", "fine-tune", "evaluate", "gate")
-# The fine-tune step's accelerator is fixed when the pipeline is compiled: train.accelerator of the config
-# given to compile_pipeline, else TLOPS_ACCELERATOR_TYPE / TLOPS_ACCELERATOR_LIMIT (as TLOPS_IMAGE names the image).
-_ACCELERATOR: ContextVar[AcceleratorConfig | None] = ContextVar("tlops_accelerator", default=None)
+# Steps whose outputs KFP may take from its cache when the same inputs come again: validate (its inputs name the
+# data, the config and the pipeline run, so a new run looks at the data afresh while a clone or retry of a run
+# reuses it) and parity (a pure function of the spec, the config and the manifest). The others must run: fine-tune
+# leaves a model in the tracking store that a cache entry cannot vouch for (its own checkpoints make a re-run
+# cheap), evaluate compares with whichever version is the champion now, and gate moves registry aliases.
+CACHED_STEPS = frozenset({"validate", "parity"})
+
+
+@dataclass(frozen=True)
+class ClusterBuild:
+    """Everything a compile fixes about how the steps run on the cluster, applied in one place."""
+
+    cluster: ClusterConfig | None  # None: the accelerator alone, nothing else (no platform spec in the YAML)
+    accelerator: AcceleratorConfig
+    image: str
+
+
+# The DAG is built when the pipeline function runs: compile_pipeline runs it again under this variable.
+# Unset (the module's own pipeline, which kfp.local runs): no cluster settings, and in particular no retries,
+# which kfp.local would honour by re-running a step that failed on bad input.
+_BUILD: ContextVar[ClusterBuild | None] = ContextVar("tlops_cluster_build", default=None)
 
 
 def accelerator_from_env() -> AcceleratorConfig:
+    """TLOPS_ACCELERATOR_TYPE / TLOPS_ACCELERATOR_LIMIT, for compiles whose config names no accelerator."""
     return AcceleratorConfig(type=os.environ.get("TLOPS_ACCELERATOR_TYPE") or None,
                              limit=int(os.environ.get("TLOPS_ACCELERATOR_LIMIT", "1")))
 
 
-def request_accelerator(task: dsl.PipelineTask) -> None:
-    accelerator = _ACCELERATOR.get() or accelerator_from_env()
-    if accelerator.type:
-        task.set_accelerator_type(accelerator.type).set_accelerator_limit(accelerator.limit)
+def apply_cluster(task: dsl.PipelineTask, name: str, build: ClusterBuild) -> None:
+    """Image, resources, accelerator, retries, caching, environment, secrets and placement of one step."""
+    if name == "fine-tune" and build.accelerator.type:
+        task.set_accelerator_type(build.accelerator.type).set_accelerator_limit(build.accelerator.limit)
+    cluster = build.cluster
+    if cluster is None:
+        return
+    step = cluster.step(name)
+    task.set_container_image(build.image)
+    task.set_cpu_request(step.cpu_request).set_cpu_limit(step.cpu_limit)
+    task.set_memory_request(step.memory_request).set_memory_limit(step.memory_limit)
+    if step.retries:
+        task.set_retry(step.retries, backoff_duration=cluster.retry_backoff,
+                       backoff_factor=cluster.retry_backoff_factor, backoff_max_duration=cluster.retry_backoff_max)
+    task.set_caching_options(enable_caching=name in CACHED_STEPS)
+    for var, value in sorted(cluster.env.items()):
+        task.set_env_variable(var, value)
+    for secret in cluster.secrets:
+        keys = {key: var for key, var in secret.keys.items() if var not in cluster.env}
+        if keys:
+            kubernetes.use_secret_as_env(task, secret_name=secret.name, secret_key_to_env=keys,
+                                         optional=secret.optional)
+    for label, value in sorted({**cluster.node_selector, **step.node_selector}.items()):
+        kubernetes.add_node_selector(task, label_key=label, label_value=value)
+    for toleration in [*cluster.tolerations, *step.tolerations]:
+        kubernetes.add_toleration(task, key=toleration.key, operator=toleration.operator, value=toleration.value,
+                                  effect=toleration.effect, toleration_seconds=toleration.toleration_seconds)
+
+
+def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    task.set_display_name(name)
+    build = _BUILD.get()
+    if build is not None:
+        apply_cluster(task, name, build)
+    return task
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
 def transfer_learning_pipeline(data_uri: str, config_json: str, pipeline_run: str = "") -> str:
-    checked = validate(data_uri=data_uri, config_json=config_json, pipeline_run=pipeline_run)
-    checked.set_display_name("validate")
+    checked = _step(validate(data_uri=data_uri, config_json=config_json, pipeline_run=pipeline_run), "validate")
     run_id = checked.outputs["Output"]
-    spec = parity(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"])
-    spec.set_display_name("parity")
-    trained = fine_tune(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"],
-                        spec=spec.outputs["spec"])
-    trained.set_display_name("fine-tune")
-    request_accelerator(trained)
-    scored = evaluate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
-                      manifest=checked.outputs["manifest"])
-    scored.set_display_name("evaluate")
-    decided = gate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
-                   evaluation=scored.outputs["evaluation"])
-    decided.set_display_name("gate")
+    spec = _step(parity(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"]), "parity")
+    trained = _step(fine_tune(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"],
+                              spec=spec.outputs["spec"]), "fine-tune")
+    scored = _step(evaluate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
+                            manifest=checked.outputs["manifest"]), "evaluate")
+    decided = _step(gate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
+                         evaluation=scored.outputs["evaluation"]), "gate")
     return decided.outputs["Output"]
 
 
-def compile_pipeline(output: str, accelerator: AcceleratorConfig | None = None) -> str:
-    """Write the IR YAML; ``accelerator`` (a config's ``train.accelerator``) is what fine-tune requests."""
-    pipeline = transfer_learning_pipeline
-    if accelerator is not None:
-        token = _ACCELERATOR.set(accelerator)
-        try:  # the DAG is built when decorated: build it again with this accelerator
-            build = dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-            pipeline = build(transfer_learning_pipeline.pipeline_func)
-        finally:
-            _ACCELERATOR.reset(token)
+def compile_pipeline(output: str, accelerator: AcceleratorConfig | None = None,
+                     cluster: ClusterConfig | None = None) -> str:
+    """Write the IR YAML: ``accelerator`` (``train.accelerator``) is what fine-tune requests (none when unset);
+    ``cluster`` (a config's ``cluster`` section) sets image, resources, retries, caching, secrets and placement.
+    Without ``cluster`` the steps keep the components' defaults: ``compile_config`` is what the CLI uses."""
+    build = ClusterBuild(cluster=cluster, accelerator=accelerator or AcceleratorConfig(),
+                         image=resolve_image(cluster.image if cluster else None))
+    token = _BUILD.set(build)
+    try:
+        pipeline = dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(
+            transfer_learning_pipeline.pipeline_func)
+    finally:
+        _BUILD.reset(token)
     compiler.Compiler().compile(pipeline, package_path=output)
     return output
+
+
+def compile_config(cfg: Config, output: str) -> str:
+    """Compile with a run config: its ``cluster`` section, and ``train.accelerator`` (else the
+    TLOPS_ACCELERATOR_* variables). Returns the image the steps run in."""
+    accelerator = cfg.train.accelerator if cfg.train.accelerator.type else accelerator_from_env()
+    compile_pipeline(output, accelerator, cfg.cluster)
+    return resolve_image(cfg.cluster.image)

@@ -151,15 +151,110 @@ def validate(
                          + ", ".join(c.name for c in failed))
 
 
+ImageOpt = Annotated[str | None, typer.Option(
+    "--image", help="Image every step runs in (default: cluster.image, else $TLOPS_IMAGE, else tlops:0.1.0).")]
+HostOpt = Annotated[str | None, typer.Option(
+    "--host", help="Kubeflow Pipelines API URL (default: cluster.host, else $KF_PIPELINES_ENDPOINT).")]
+ExperimentOpt = Annotated[str | None, typer.Option(
+    "--experiment", help="KFP experiment (default: cluster.experiment).")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Data the cluster reads: s3://bucket/prefix.")]
+
+
+def _cluster_config(config: Path | None, overrides: list[str] | None, image: str | None = None,
+                    data: str | None = None):  # noqa: ANN202
+    """The config for a cluster compile: ``--image`` wins over ``cluster.image``."""
+    cfg = _config(config, overrides, **{"data.uri": data})
+    if image is None:
+        return cfg
+    if not image.strip() or any(ch.isspace() for ch in image):
+        raise TlopsError(f"--image {image!r}: expected an image reference such as registry.example.com/tlops:0.1.0")
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"image": image})})
+
+
 @app.command("compile")
-def compile_(output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the IR YAML.")]) -> None:
-    """Write the pipeline as kfp v2 IR YAML, for a Kubeflow cluster."""
-    from pipelines.transfer_learning import compile_pipeline
+def compile_(output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the IR YAML.")],
+             image: ImageOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Write the pipeline as kfp v2 IR YAML, for a Kubeflow cluster (image, resources, secrets from cluster.*)."""
+    from pipelines.transfer_learning import compile_config
 
     if output.parent and not output.parent.exists():
         raise TlopsError(f"--output {output}: directory {output.parent} does not exist")
-    compile_pipeline(str(output))
-    typer.echo(f"wrote {output}")
+    image_used = compile_config(_cluster_config(config, set_, image), str(output))
+    typer.echo(f"wrote {output} (image {image_used})")
+
+
+@app.command("submit")
+def submit_cmd(
+    host: HostOpt = None,
+    experiment: ExperimentOpt = None,
+    data: DataOpt = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="Run name (default: MODEL-UTCSTAMP).")] = None,
+    image: ImageOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run every step, validate and parity "
+                                           "included, instead of reusing cached results.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compile the pipeline and start one run on a Kubeflow Pipelines cluster; prints the run id and its URL."""
+    import tempfile
+
+    from pipelines.transfer_learning import compile_config
+    from tlops import cluster
+
+    cfg = _cluster_config(config, set_, image, data)
+    url = cluster.resolve_host(host, cfg)
+    cluster.check_cluster_data(cfg)
+    with tempfile.TemporaryDirectory(prefix="tlops-submit-") as tmp:
+        package = str(Path(tmp) / "pipeline.yaml")
+        compile_config(cfg, package)
+        run = cluster.submit(package, cfg, url, experiment=experiment, run_name=run_name, no_cache=no_cache)
+    typer.echo(f"run {run.run_id} ({run.run_name}) started in experiment {run.experiment_id}")
+    typer.echo(f"  {run.url}")
+
+
+@app.command("schedule")
+def schedule_cmd(
+    host: HostOpt = None,
+    cron: Annotated[str | None, typer.Option("--cron", help="When, as 6 cron fields with seconds first: "
+                                             "'0 0 3 * * *' is 03:00 every day.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Recurring run name (default: MODEL-retrain).")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the recurring runs.")] = False,
+    disable: Annotated[str | None, typer.Option("--disable", help="Disable a recurring run, by name or id.",
+                                                metavar="NAME_OR_ID")] = None,
+    experiment: ExperimentOpt = None,
+    data: DataOpt = None,
+    image: ImageOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Create a recurring run (no catch-up, at most one at a time), or --list / --disable them."""
+    import tempfile
+
+    from pipelines.transfer_learning import compile_config
+    from tlops import cluster
+
+    if (cron is not None) + list_ + (disable is not None) != 1:
+        raise TlopsError("pass one of --cron EXPR (create a recurring run), --list, or --disable NAME_OR_ID")
+    cfg = _cluster_config(config, set_, image, data)
+    url = cluster.resolve_host(host, cfg)
+    if list_:
+        typer.echo(cluster.format_schedules(cluster.list_schedules(cfg, url)))
+        return
+    if disable is not None:
+        gone = cluster.disable_schedule(cfg, url, disable)
+        typer.echo(f"disabled recurring run {gone.recurring_run_id} ({gone.name})")
+        return
+    assert cron is not None
+    cluster.check_cluster_data(cfg)
+    cluster.check_cron(cron)
+    with tempfile.TemporaryDirectory(prefix="tlops-schedule-") as tmp:
+        package = str(Path(tmp) / "pipeline.yaml")
+        compile_config(cfg, package)
+        made = cluster.create_schedule(package, cfg, url, name or f"{cfg.registry.model_name}-retrain", cron,
+                                       experiment=experiment)
+    typer.echo(f"recurring run {made.recurring_run_id} ({made.name}): cron '{made.cron}', "
+               "at most one run at a time, no catch-up")
+    typer.echo(f"  {url}/#/recurringrun/details/{made.recurring_run_id}")
 
 
 def _tracking(config: Path | None, overrides: list[str] | None, output_format: str = "table") -> None:

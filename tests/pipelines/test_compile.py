@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import run_cli
@@ -13,7 +14,7 @@ def test_compiled_ir_loads_back_and_names_all_five_tasks(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr
     loaded = components.load_component_from_file(str(out))
     assert loaded.name == "tlops-transfer-learning"
-    ir = yaml.safe_load(out.read_text())
+    ir = next(yaml.safe_load_all(out.read_text()))  # then the platform spec (secrets, placement)
     tasks = ir["root"]["dag"]["tasks"]
     assert set(tasks) == {"validate", "parity", "fine-tune", "evaluate", "gate"}
     # The DAG order: each step depends on the one before it.
@@ -31,3 +32,111 @@ def test_compile_into_a_missing_directory_is_a_clear_error(tmp_path: Path) -> No
     result = run_cli("compile", "--output", str(tmp_path / "no" / "p.yaml"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+# ------------------------------------------------------------------ the cluster settings in the compiled YAML
+
+CLUSTER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cluster.yaml"
+TASKS = ("validate", "parity", "fine-tune", "evaluate", "gate")
+
+
+def load_compiled(path: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
+    """The IR, and per task: its executor's container, and its Kubernetes platform config."""
+    ir, platform = yaml.safe_load_all(path.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    containers, kube = {}, {}
+    for name, task in ir["root"]["dag"]["tasks"].items():
+        label = ir["components"][task["componentRef"]["name"]]["executorLabel"]
+        containers[name] = ir["deploymentSpec"]["executors"][label]["container"]
+        kube[name] = executors.get(label, {})
+    return ir, containers, kube
+
+
+def test_cluster_config_and_image_land_in_the_compiled_yaml(tmp_path: Path) -> None:
+    from tlops.config import DEFAULT_STEP_SETTINGS, load_config
+
+    cfg = load_config(CLUSTER_CONFIG)
+    out = tmp_path / "cluster.yaml"
+    result = run_cli("compile", "--config", str(CLUSTER_CONFIG), "--image", "registry.test/tlops:42",
+                     "--output", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "registry.test/tlops:42" in result.stdout
+    ir, containers, kube = load_compiled(out)
+    tasks = ir["root"]["dag"]["tasks"]
+    assert {c["image"] for c in containers.values()} == {"registry.test/tlops:42"}  # --image beats cluster.image
+
+    for name in TASKS:
+        want = cfg.cluster.steps[name]
+        res = containers[name]["resources"]
+        assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == (want.cpu_request, want.cpu_limit)
+        assert (res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == (want.memory_request, want.memory_limit)
+        assert ("accelerator" in res) == (name == "fine-tune")
+    assert containers["fine-tune"]["resources"]["resourceMemoryLimit"] == "24Gi"  # the file's override
+    assert containers["validate"]["resources"]["resourceCpuRequest"] == DEFAULT_STEP_SETTINGS["validate"]["cpu_request"]
+    accelerator = containers["fine-tune"]["resources"]["accelerator"]
+    assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "1")
+
+    # Retries with back-off on the steps that may meet a flaky network or a preempted node; none on gate.
+    for name in ("validate", "parity", "fine-tune", "evaluate"):
+        policy = tasks[name]["retryPolicy"]
+        assert policy["maxRetryCount"] == 2 and policy["backoffDuration"] == "30s"
+        assert policy["backoffFactor"] == 2.0 and policy["backoffMaxDuration"] == "3600s"
+    assert "retryPolicy" not in tasks["gate"]
+    # Caching: validate and parity may come from the cache; the steps that must run again may not.
+    cached = {name for name in TASKS if tasks[name].get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"validate", "parity"}
+
+    for name in TASKS:
+        env = {e["name"]: e["value"] for e in containers[name].get("env", [])}
+        assert env == cfg.cluster.env
+        secrets = kube[name]["secretAsEnv"]
+        assert {s["secretName"] for s in secrets} == {"tlops-credentials"}
+        required = {k["envVar"] for s in secrets if not s.get("optional") for k in s["keyToEnv"]}
+        optional = {k["envVar"] for s in secrets if s.get("optional") for k in s["keyToEnv"]}
+        assert required == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert optional == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        labels = kube[name]["nodeSelector"]["labels"]
+        assert labels["kubernetes.io/arch"] == "amd64"
+        assert ("nvidia.com/gpu.present" in labels) == (name == "fine-tune")
+        assert bool(kube[name].get("tolerations")) == (name == "fine-tune")
+    assert kube["fine-tune"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                 "effect": "NoSchedule"}]
+
+
+def test_image_from_environment_then_default_and_secrets_match_the_template(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.image import DEFAULT_IMAGE
+    from pipelines.transfer_learning import compile_config
+    from tlops.config import load_config
+
+    monkeypatch.setenv("TLOPS_IMAGE", "env.example/tlops:9")
+    assert compile_config(load_config(), str(tmp_path / "env.yaml")) == "env.example/tlops:9"
+    _, containers, kube = load_compiled(tmp_path / "env.yaml")
+    assert {c["image"] for c in containers.values()} == {"env.example/tlops:9"}
+    assert compile_config(load_config(overrides=["cluster.image=cfg.example/tlops:1"]),
+                          str(tmp_path / "cfg.yaml")) == "cfg.example/tlops:1"
+    monkeypatch.delenv("TLOPS_IMAGE")
+    assert compile_config(load_config(), str(tmp_path / "default.yaml")) == DEFAULT_IMAGE
+    _, containers, _ = load_compiled(tmp_path / "default.yaml")
+    assert {c["image"] for c in containers.values()} == {DEFAULT_IMAGE}
+    # By default every credential comes from the Secret of infra/, by the keys its template holds.
+    template = yaml.safe_load((Path(__file__).resolve().parents[2] / "infra" / "base" /
+                               "secret-templates.yaml").read_text())
+    for secrets in (s for s in kube["validate"]["secretAsEnv"] if not s.get("optional")):
+        assert secrets["secretName"] == template["metadata"]["name"]
+        assert {k["secretKey"] for k in secrets["keyToEnv"]} <= set(template["stringData"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("cluster.steps.gate.cpu_request=4", "field cluster.steps.gate: Value error, cpu_request 4 is above cpu_limit 1"),
+    ("cluster.steps.fine-tune.memory_limit=lots", "field cluster.steps.fine-tune.memory_limit"),
+    ("cluster.steps.train.retries=1", "unknown step(s) train"),
+    ("cluster.tolerations=[{operator: Exists, value: x}]", "operator Exists takes no value"),
+])
+def test_bad_cluster_config_is_one_line_naming_the_field(override: str, message: str) -> None:
+    from tlops.config import load_config
+    from tlops.errors import TlopsError
+
+    with pytest.raises(TlopsError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value) and "\n" not in str(err.value)
