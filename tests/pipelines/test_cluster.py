@@ -8,7 +8,9 @@ body of what the real `tlops` process sent.
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -207,3 +209,16 @@ def test_unreachable_host_and_http_errors_are_one_line_exit_2(api: KfpApi, tmp_p
     assert "Traceback" not in refused.stderr and TOKEN not in refused.stderr + refused.stdout
     missing = tlops("schedule", "--host", api.url, "--disable", "nope", cwd=tmp_path)
     assert missing.returncode == 2 and "no recurring run named 'nope'" in missing.stderr
+
+
+def test_a_host_that_never_answers_fails_within_the_timeout(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        started = time.monotonic()
+        hung = tlops("submit", "--host", f"http://127.0.0.1:{silent.getsockname()[1]}", "--data", "s3://b/p",
+                     "--set", "cluster.timeout_s=1", cwd=tmp_path)
+        elapsed = time.monotonic() - started
+    assert hung.returncode == 2 and hung.stderr.strip().count("\n") == 0
+    assert "cannot reach Kubeflow Pipelines" in hung.stderr and "timed out" in hung.stderr
+    assert elapsed < 30
