@@ -347,6 +347,8 @@ DEFAULT_STEP_SETTINGS: dict[str, dict[str, Any]] = {
 # Environment variable names (POSIX) and Kubernetes object names (DNS-1123 subdomain).
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 K8S_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+SECRET_ENV_NAME = re.compile(r"KEY|SECRET|PASSW|TOKEN|CREDENTIAL", re.IGNORECASE)
+URL_WITH_PASSWORD = re.compile(r"://[^/@\s]+:[^/@\s]*@")
 
 
 def cpu_cores(quantity: str) -> float:
@@ -488,6 +490,11 @@ class ClusterConfig(_Section):
         bad = [k for k in self.env if not re.fullmatch(ENV_NAME, k)]
         if bad:
             raise ValueError(f"env: {bad[0]!r} is not an environment variable name")
+        # Plain env is written into the compiled YAML and the run's parameters: no credentials there.
+        secret = [k for k, v in self.env.items() if SECRET_ENV_NAME.search(k) or URL_WITH_PASSWORD.search(v)]
+        if secret:
+            raise ValueError(f"env: {secret[0]} looks like a credential; put it in a Kubernetes Secret and map it "
+                             "under cluster.secrets")
         return self
 
     def step(self, name: str) -> StepClusterConfig:

@@ -132,6 +132,8 @@ def test_image_from_environment_then_default_and_secrets_match_the_template(
     ("cluster.steps.fine-tune.memory_limit=lots", "field cluster.steps.fine-tune.memory_limit"),
     ("cluster.steps.train.retries=1", "unknown step(s) train"),
     ("cluster.tolerations=[{operator: Exists, value: x}]", "operator Exists takes no value"),
+    ("cluster.env={AWS_SECRET_ACCESS_KEY: abc}", "AWS_SECRET_ACCESS_KEY looks like a credential"),
+    ("cluster.env={MLFLOW_TRACKING_URI: 'http://me:pw@mlflow:5000'}", "MLFLOW_TRACKING_URI looks like a credential"),
 ])
 def test_bad_cluster_config_is_one_line_naming_the_field(override: str, message: str) -> None:
     from tlops.config import load_config
