@@ -323,7 +323,7 @@ class TrackingConfig(_Section):
     # (backoff_factor x 2^n seconds) and a timeout, then the step fails with one line. The MLFLOW_HTTP_REQUEST_*
     # environment variables, when set, win over these.
     retries: int = Field(5, ge=0, le=10)
-    backoff_factor: float = Field(1.0, ge=0.0, le=60.0)
+    backoff_factor: int = Field(1, ge=0, le=60)  # whole seconds, as MLflow reads it
     timeout_s: int = Field(60, ge=1)
 
 

@@ -57,7 +57,7 @@ def step(fn: F) -> F:
         except TlopsError as exc:
             target = os.environ.get(ERROR_FILE_ENV)
             if target:
-                write_json(target, {"message": f"{fn.__name__.removesuffix('_step')}: {exc}",
+                write_json(target, {"message": f"{fn.__name__.removesuffix('_step').replace('_', '-')}: {exc}",
                                     "exit_code": exc.exit_code})
             raise
 
