@@ -120,11 +120,11 @@ def test_image_from_environment_then_default_and_secrets_match_the_template(
     _, containers, _ = load_compiled(tmp_path / "default.yaml")
     assert {c["image"] for c in containers.values()} == {DEFAULT_IMAGE}
     # By default every credential comes from the Secret of infra/, by the keys its template holds.
-    template = yaml.safe_load((Path(__file__).resolve().parents[2] / "infra" / "base" /
-                               "secret-templates.yaml").read_text())
+    templates = {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all(
+        (Path(__file__).resolve().parents[2] / "infra" / "base" / "secret-templates.yaml").read_text()) if doc}
     for secrets in (s for s in kube["validate"]["secretAsEnv"] if not s.get("optional")):
-        assert secrets["secretName"] == template["metadata"]["name"]
-        assert {k["secretKey"] for k in secrets["keyToEnv"]} <= set(template["stringData"])
+        assert secrets["secretName"] in templates
+        assert {k["secretKey"] for k in secrets["keyToEnv"]} <= set(templates[secrets["secretName"]]["stringData"])
 
 
 @pytest.mark.parametrize(("override", "message"), [
