@@ -101,6 +101,13 @@ def test_cluster_config_and_image_land_in_the_compiled_yaml(tmp_path: Path) -> N
         assert bool(kube[name].get("tolerations")) == (name == "fine-tune")
     assert kube["fine-tune"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                  "effect": "NoSchedule"}]
+    # What the KFP backend's driver reads: each executor's config parses into kfp-kubernetes' own message.
+    from google.protobuf import json_format
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as pb
+
+    for name in TASKS:
+        parsed = json_format.ParseDict(kube[name], pb.KubernetesExecutorConfig())
+        assert parsed.secret_as_env[0].secret_name == "tlops-credentials"
 
 
 def test_image_from_environment_then_default_and_secrets_match_the_template(
