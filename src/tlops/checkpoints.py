@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tlops.errors import TlopsError
-from tlops.fileio import atomic_write
+from tlops.fileio import save_torch
 from tlops.storage import is_s3, materialize, parse_s3, s3_client
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class CheckpointStore:
                              "delete it or set train.resume=false") from None
 
     def save(self, name: str, payload: dict[str, Any]) -> Path:
-        path = atomic_write(self.dir / name, lambda tmp: torch.save(payload, tmp))
+        path = save_torch(self.dir / name, payload)
         if self.remote:
             self._upload(path, name)
         return path

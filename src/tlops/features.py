@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tlops.backbones import get_info, torchvision_weights_path
-from tlops.fileio import atomic_write
+from tlops.fileio import save_torch
 from tlops.preprocessing import PreprocessSpec, build_transform
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class FeatureCache:
 
     def save(self, key: str, feats: torch.Tensor, image_sha256: list[str], meta: dict[str, str]) -> Path:
         payload = {"features": feats.contiguous(), "sha256": list(image_sha256), "meta": meta}
-        return atomic_write(self.path(key), lambda tmp: torch.save(payload, tmp))
+        return save_torch(self.path(key), payload)
 
     def features(self, backbone_name: str, backbone: nn.Module, paths: list[str], image_sha256: list[str],
                  spec: PreprocessSpec, batch_size: int, device: torch.device, desc: str) -> torch.Tensor:

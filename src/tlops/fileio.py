@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tlops.errors import TlopsError
+
+# The disk (or the quota, or the file-size limit) has no room for the file.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
@@ -21,10 +27,30 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+            raise TlopsError(f"cannot write {final}: {os.strerror(exc.errno or 0).lower()}; free space there and "
+                             "run again (nothing was replaced: any earlier version of the file is intact)") from None
         raise
     return final
+
+
+def save_torch(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save`` of plain tensors and values, atomically. The bytes are made in memory and written by
+    Python, so a full disk is an OSError (a clear error) rather than an opaque error from torch's writer."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+
+    return atomic_write(path, _write)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

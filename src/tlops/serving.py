@@ -34,12 +34,12 @@ META = "model.json"
 def save_model_dir(out_dir: str | Path, model: ImageClassifier, backbone: str, classes: list[str],
                    spec: PreprocessSpec) -> Path:
     """The model as files: state dict, preprocessing record, and what is needed to rebuild it."""
-    from tlops.fileio import atomic_write
+    from tlops.fileio import save_torch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / WEIGHTS, lambda tmp: torch.save(state, tmp))
+    save_torch(out / WEIGHTS, state)
     write_json(out / SPEC, spec.to_record())
     info = get_info(backbone)
     # Enough to rebuild the model anywhere: the architecture, not the backbone's weights or metadata file.
