@@ -37,8 +37,9 @@ MANIFEST_COLUMNS = [
 ]
 _TEXT_COLUMNS = ("uri", "path", "label", "split", "mode", "format", "sha256", "dhash", "error")
 # Bump when _inspect changes what it records: cached rows of an older version are not reused.
-INSPECT_VERSION = 3
+INSPECT_VERSION = 4
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (about 0.25 GB of RGBA)
+DHASH_DRAFT_SIZE = 64  # a JPEG is decoded at the smallest scale that keeps at least 64 px a side
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,33 @@ class Entry:
     split: str | None
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+def _images_under(top: Path) -> list[str]:
+    """Image files below ``top``, relative to it (POSIX), in path order; hidden files are skipped.
+
+    One scandir per directory, whose entries already say file or directory: no stat per regular file.
+    Symlinked directories are not followed, so a symlink loop cannot recurse forever; a symlinked file
+    is taken, and a link that dangles or points at itself is skipped.
+    """
+    found: list[str] = []
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        try:
+            with os.scandir(top / rel if rel else top) as it:
+                entries = list(it)
+        except PermissionError:
+            continue
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    pending.append(r)
+                elif (not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                      and e.is_file()):
+                    found.append(r)
+            except OSError:  # a link to itself: ELOOP
+                continue
+    return sorted(found, key=lambda r: r.split("/"))
 
 
 def _from_csv(csv_path: Path) -> list[Entry]:
@@ -85,11 +111,11 @@ def discover(root: Path, uri: str) -> list[Entry]:
     for split_dir in subdirs if split_layout else [root]:
         split = split_dir.name if split_layout else None
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            # rglob does not descend into symlinked directories, so a symlink loop cannot recurse forever.
-            found = [f for f in sorted(class_dir.rglob("*")) if _is_image(f)]
+            found = _images_under(class_dir)
+            rel_dir = class_dir.relative_to(root).as_posix()
             if not found:
-                empty.append(class_dir.relative_to(root).as_posix())
-            entries += [Entry(f.relative_to(root).as_posix(), class_dir.name, split) for f in found]
+                empty.append(rel_dir)
+            entries += [Entry(f"{rel_dir}/{f}", class_dir.name, split) for f in found]
     if not entries:
         raise TlopsError(f"no images found in {uri}: expected {uri}/<class>/<image> "
                          f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -101,7 +127,8 @@ def discover(root: Path, uri: str) -> list[Entry]:
 
 def hash_split(sha256: str, val_fraction: float, test_fraction: float, salt: str) -> str:
     """A split from the file's content alone: adding files never moves an existing one."""
-    u = int(hashlib.sha256(f"{salt}:{sha256}".encode()).hexdigest()[:15], 16) / float(1 << 60)
+    # The first 60 bits of the digest (its first 15 hex digits), as a fraction of 2**60.
+    u = (int.from_bytes(hashlib.sha256(f"{salt}:{sha256}".encode()).digest()[:8], "big") >> 4) / float(1 << 60)
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
@@ -117,7 +144,7 @@ def dhash(img: Image.Image) -> str:
     src = img if img.mode in ("L", "RGB") else img.convert("RGB")
     # reducing_gap: shrink by whole factors first (fast, in C), then resample; 3x faster on photos.
     grey = src.resize((9, 8), Image.Resampling.BILINEAR, reducing_gap=2.0).convert("L")
-    a = np.asarray(grey, dtype=np.int16)
+    a = np.frombuffer(grey.tobytes(), dtype=np.uint8).reshape(8, 9).astype(np.int16)
     return np.packbits((a[:, 1:] > a[:, :-1]).ravel()).tobytes().hex()
 
 
@@ -143,6 +170,10 @@ def _inspect(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, obje
                     f"{max_pixels} (validation.max_pixels); not decoded")
             # Trap: PNG's getexif() decodes the whole image to find a trailing eXIf chunk; only after the check.
             row["exif_orientation"] = int(img.getexif().get(0x0112, 1))
+            # JPEG: one decode, at 1/2-1/8 scale in greyscale (libjpeg's scaled IDCT), is all the dHash needs.
+            # It still entropy-decodes every scan, so a truncated or corrupt file fails at load() all the same;
+            # width, height and mode above are the file's own. Other formats decode once at full size.
+            img.draft("L", (DHASH_DRAFT_SIZE, DHASH_DRAFT_SIZE))
             img.load()  # a truncated or corrupt file fails here, not at open()
             row["dhash"] = dhash(img)
         row.update(decodable=True, error="")
@@ -172,7 +203,7 @@ class InspectCache:
                 log.warning("manifest cache %s is unreadable; rebuilding it", self.path)
 
     @staticmethod
-    def key(path: Path) -> str:
+    def key(path: str | Path) -> str:
         """``path`` is absolute under a resolved root (build_manifest), so no per-file resolve()."""
         st = os.stat(path)
         return f"{path}|{st.st_size}|{st.st_mtime_ns}"
@@ -216,7 +247,7 @@ class Progress:
                      100.0 * self.done / max(self.total, 1), rate)
 
 
-def inspect_files(paths: Sequence[Path], cache: InspectCache | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+def inspect_files(paths: Sequence[str | Path], cache: InspectCache | None, max_pixels: int = DEFAULT_MAX_PIXELS,
                   workers: int = 0,
                   inspect: Callable[[Path, int], dict[str, object]] | None = None) -> list[dict[str, object]]:
     """``_inspect`` for every path, in parallel, skipping files the cache already knows."""
@@ -244,7 +275,7 @@ def inspect_files(paths: Sequence[Path], cache: InspectCache | None, max_pixels:
         groups = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
 
         def run(group: list[int]) -> list[tuple[int, dict[str, object]]]:
-            return [(i, inspect(paths[i], max_pixels)) for i in group]
+            return [(i, inspect(Path(paths[i]), max_pixels)) for i in group]
 
         with ThreadPoolExecutor(max_workers=n) as pool:
             for fut in as_completed([pool.submit(run, g) for g in groups]):
@@ -269,7 +300,7 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
         raise TlopsError(f"no objects found under {uri}: expected {uri}/<class>/<image>")
     entries = discover(root, uri)
     base = (root.parent if root.is_file() else root).resolve()
-    paths = [base / e.rel for e in entries]
+    paths = [f"{base}/{e.rel}" for e in entries]  # strings: a Path per file costs more than the cache check
     cache = InspectCache(cache_root, base, max_pixels) if use_cache else None
     t0 = time.perf_counter()
     infos = inspect_files(paths, cache, max_pixels, workers)
@@ -277,7 +308,7 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
     uri_base = uri.rsplit("/", 1)[0] if root.is_file() else uri.rstrip("/")
     for entry, path, info in zip(entries, paths, infos, strict=True):
         split = entry.split or hash_split(str(info["sha256"]), val_fraction, test_fraction, salt)
-        rows.append({"uri": f"{uri_base}/{entry.rel}", "path": str(path),
+        rows.append({"uri": f"{uri_base}/{entry.rel}", "path": path,
                      "label": entry.label or None, "split": split, **info})
     df = pd.DataFrame(rows)
     for col in MANIFEST_COLUMNS:
