@@ -1,11 +1,13 @@
 """Manifest building: all cores against a single-threaded PIL loop, and re-validation from the cache.
 
-    .venv/bin/python bench/bench_manifest.py [--images 2000] [--size 256]
+    .venv/bin/python bench/bench_manifest.py [--images 2000] [--size 512] [--repeats 5]
 
-Writes N smooth random JPEG photos-like images (10 classes) to a temporary directory, then times, in
-one run: a plain single-threaded loop (read, sha256, PIL open + load) over them; ``build_manifest``
-with no cache on all cores; the first cached build; and a re-build of the unchanged set. Prints the
-ratios. Not a test: figures depend on the machine (see bench/README.md).
+Writes N smooth random JPEG photo-like images (10 classes) to a temporary directory, then, in each
+repeat and side by side: a plain single-threaded loop (read, sha256, PIL open + full decode) over
+them; ``build_manifest`` with no cache on all cores; ``_inspect`` serially on one thread (to tell
+what the work saves from what the cores add); the first build with an empty cache; and a re-build of
+the unchanged set. Prints each repeat and the medians of the per-repeat ratios. Not a test: figures
+depend on the machine and its load (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import hashlib
 import io
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlops.data import build_manifest
+from tlops.data import _inspect, build_manifest
 
 
 def make_images(root: Path, n: int, size: int) -> list[Path]:
@@ -47,6 +50,11 @@ def single_threaded_loop(paths: list[Path]) -> None:
             img.load()
 
 
+def serial_inspect(paths: list[Path]) -> None:
+    for p in paths:
+        _inspect(p)
+
+
 def timed(fn, *args, **kw) -> float:  # noqa: ANN001, ANN002, ANN003
     t0 = time.perf_counter()
     fn(*args, **kw)
@@ -56,23 +64,32 @@ def timed(fn, *args, **kw) -> float:  # noqa: ANN001, ANN002, ANN003
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root, cache = Path(tmp) / "data", Path(tmp) / "cache"
+        root = Path(tmp) / "data"
         paths = make_images(root, args.images, args.size)
-        single_threaded_loop(paths)  # warm the page cache so both sides read from memory
-        loop = timed(single_threaded_loop, paths)
-        parallel = timed(build_manifest, str(root), cache, use_cache=False)
-        cold = timed(build_manifest, str(root), cache)
-        warm = timed(build_manifest, str(root), cache)
-    print(f"{args.images} JPEG images {args.size}x{args.size}, {os.cpu_count()} cores")
-    print(f"  single-threaded PIL loop (read, sha256, decode)      {loop:7.2f} s")
-    print(f"  build_manifest, all cores, no cache (+ dHash, EXIF)  {parallel:7.2f} s   "
-          f"speed-up {loop / parallel:.2f}x")
-    print(f"  build_manifest, first run with the cache            {cold:7.2f} s")
-    print(f"  build_manifest, unchanged set, from the cache       {warm:7.2f} s   "
-          f"{cold / warm:.1f}x faster than the first run")
+        single_threaded_loop(paths)  # warm the page cache so every variant reads from memory
+        print(f"{args.images} JPEG images {args.size}x{args.size}, {os.cpu_count()} cores, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print("  repeat   PIL loop  all cores  speed-up  serial _inspect   cold cache  unchanged  re-build")
+        for r in range(args.repeats):
+            cache = Path(tmp) / f"cache{r}"
+            loop = timed(single_threaded_loop, paths)
+            parallel = timed(build_manifest, str(root), cache, use_cache=False)
+            serial = timed(serial_inspect, paths)
+            cold = timed(build_manifest, str(root), cache)
+            warm = timed(build_manifest, str(root), cache)
+            rows.append((loop, parallel, serial, cold, warm))
+            print(f"  {r + 1:6d} {loop:8.2f}s {parallel:8.2f}s {loop / parallel:8.2f}x {serial:12.2f}s "
+                  f"{cold:12.2f}s {warm:9.3f}s {cold / warm:8.1f}x")
+    med = statistics.median
+    print(f"median speed-up, all cores vs single-threaded PIL loop: {med(r[0] / r[1] for r in rows):.2f}x "
+          f"(work saved, serial _inspect vs loop: {med(r[0] / r[2] for r in rows):.2f}x; "
+          f"cores, serial _inspect vs all cores: {med(r[2] / r[1] for r in rows):.2f}x)")
+    print(f"median re-build of the unchanged set vs the first run: {med(r[3] / r[4] for r in rows):.1f}x faster")
     return 0
 
 
