@@ -382,6 +382,25 @@ def history_cmd(
     typer.echo(registry.format_history(name, registry.history(name), output_format))
 
 
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS (e.g. @champion) or models:/NAME/VERSION")],
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; loopback unless you mean otherwise.")] = (
+        "127.0.0.1"),
+    max_bytes: Annotated[int, typer.Option("--max-bytes", help="Largest request body, in bytes (413 above).")] = (
+        16 * 1024 * 1024),
+    max_instances: Annotated[int, typer.Option("--max-instances", help="Most images in one request.")] = 64,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve a registered model over MLflow's scoring protocol (POST /invocations) until SIGTERM or Ctrl-C."""
+    from tlops.server import ServeLimits, serve
+
+    _tracking(config, set_)
+    serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances))
+
+
 @app.command("demo-data")
 def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")]) -> None:
     """Export scikit-learn's real digits set as an ImageFolder of PNG files."""

@@ -1,0 +1,243 @@
+"""`tlops serve` as a real process on loopback, serving the champion of a real `mlflow server` registry:
+real images get the predictions of the offline evaluation, bad requests get a 4xx with a message, and the
+server keeps answering; SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import free_port, run_cli
+from tests.registry_fixtures import log_model_run, new_version, restored_mlflow_uris, use_store
+
+pytestmark = pytest.mark.integration
+NAME = "serve-it"
+MAX_BYTES = 1_000_000
+TIMEOUT = 30  # seconds, for any one HTTP exchange
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_mlflow_uris() -> Iterator[None]:
+    with restored_mlflow_uris():
+        yield
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(tiny_digits: Path) -> dict[str, bytes]:
+    """Real files: two digit scans per class as exported, and scikit-image's photo of a cat as PNG."""
+    from skimage import data
+
+    picked = {f"{d.name}/{p.name}": p.read_bytes()
+              for d in sorted(tiny_digits.iterdir()) for p in sorted(d.glob("*.png"))[:2]}
+    return {**picked, "chelsea.png": _png(data.chelsea())}
+
+
+@pytest.fixture(scope="module")
+def server(mlflow_server: str, tiny_models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The tiny model registered and aliased champion, and `tlops serve` on it as a subprocess."""
+    from tlops import registry
+
+    _run, model_uri = log_model_run(use_store(mlflow_server, experiment="serve-it"), tiny_models["good"])
+    version = new_version(model_uri, NAME)
+    registry.client().set_registered_model_alias(NAME, "champion", version)
+    root = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = mlflow_server
+    log_path = root / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tlops", "serve", "--model", f"models:/{NAME}@champion", "--port", str(port),
+             "--max-bytes", str(MAX_BYTES), "--max-instances", "16"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while _status(port, "GET", "/ping") != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"tlops serve did not start (exit {proc.poll()}): {log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"port": port, "proc": proc, "log": log_path, "version": version, "env": env, "root": root}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _status(port: int, method: str, path: str) -> int | None:
+    try:
+        return _request(port, method, path)[0]
+    except OSError:
+        return None
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None,
+             content_type: str = "application/json") -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": content_type} if body is not None else {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw.strip() else None
+    finally:
+        conn.close()
+
+
+def _invoke(port: int, payload: Any) -> tuple[int, Any]:
+    return _request(port, "POST", "/invocations", json.dumps(payload).encode())
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _payloads(files: list[bytes]) -> dict[str, Any]:
+    """The same images in each of MLflow's four JSON input formats."""
+    b64 = [_b64(f) for f in files]
+    return {
+        "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}},
+        "dataframe_records": {"dataframe_records": [{"image": b} for b in b64]},
+        "instances": {"instances": [{"image": {"b64": b}} for b in b64]},
+        "inputs": {"inputs": {"image": b64}},
+    }
+
+
+def test_served_predictions_equal_the_offline_evaluation(server: dict, images: dict[str, bytes],
+                                                         mlflow_server: str) -> None:
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+
+    from tlops.evaluation import predict
+
+    use_store(mlflow_server)
+    files = list(images.values())
+    offline_model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    offline = predict(offline_model, files)
+    assert len(set(offline.labels)) > 1  # the digits are told apart: a meaningful comparison
+    # MLflow's own scoring server function, on the same requests: the pyfunc speaks MLflow's protocol.
+    schema = offline_model.metadata.get_input_schema()
+    for fmt, payload in _payloads(files).items():
+        status, body = _invoke(server["port"], payload)
+        assert status == 200, (fmt, body)
+        served = body["predictions"]
+        assert [p["label"] for p in served] == offline.labels, fmt
+        np.testing.assert_allclose([p["probabilities"] for p in served], offline.proba, rtol=0, atol=1e-6)
+        assert all(abs(p["score"] - max(p["probabilities"])) < 1e-12 for p in served)
+        if fmt != "instances":  # {"b64": ...} objects are ours (TF Serving's convention), not MLflow's parser's
+            mlflow_out = scoring_server.invocations(json.dumps(payload), "application/json", offline_model, schema)
+            assert mlflow_out.status == 200, (fmt, mlflow_out.response[:300])
+            assert [p["label"] for p in json.loads(mlflow_out.response)["predictions"]] == offline.labels, fmt
+    status, version = _request(server["port"], "GET", "/version")
+    assert status == 200 and version["version"] == server["version"] and version["classes"] == ["0", "1", "7"]
+
+
+def _raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[int, dict, int]:
+    """Send the headers, then body chunks until the server answers; returns (status, JSON body, body bytes sent)."""
+    sent, reply = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            if select.select([sock], [], [], 0.05)[0]:
+                break  # the server has answered: a client stops sending
+            sock.sendall(chunk)
+            sent += len(chunk)
+        try:
+            while more := sock.recv(65536):
+                reply += more
+        except ConnectionResetError:  # the rest of the body was refused unread; the answer came before
+            pass
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2]), sent
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_lives_on(server: dict,
+                                                                       images: dict[str, bytes]) -> None:
+    port = server["port"]
+    digit, photo = next(v for k, v in images.items() if k.startswith("7/")), images["chelsea.png"]
+    text = b"this is a text file, not a picture\n" * 3
+    status, before = _invoke(port, {"inputs": {"image": [_b64(digit)]}})
+    assert status == 200
+
+    # Oversized, declared: refused from the headers, before the body is sent (Expect: 100-continue).
+    head = (f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {10 * MAX_BYTES}\r\nExpect: 100-continue\r\n\r\n").encode()
+    status, body, sent = _raw_exchange(port, head, [])
+    assert status == 413 and "--max-bytes" in body["message"], (status, body)
+    # Oversized, streamed without a length: cut off once past the limit, not read to its end.
+    head = (b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"10000\r\n" + b"x" * 65536 + b"\r\n"
+    status, body, sent = _raw_exchange(port, head, [chunk] * 160)
+    assert status == 413 and "exceeds the limit" in body["message"] and sent < 3 * MAX_BYTES, (status, body, sent)
+
+    truncated = photo[: len(photo) // 2]
+    cases = [
+        ({"inputs": {"image": [_b64(digit), _b64(text)]}}, 422, ["instance 1", "not an image",
+                                                                 "send the bytes of an image file"]),
+        ({"dataframe_split": {"columns": ["image"], "data": [[_b64(truncated)]]}}, 422,
+         ["instance 0", "not a readable image"]),
+        ({"dataframe_records": [{"image": "%%% not base64"}]}, 422, ["instance 0", "not valid base64"]),
+        ({"instances": [{"img": _b64(digit)}]}, 400, ["instance 0", "no 'image' field"]),
+        ({"inputs": {"image": [_b64(digit)] * 17}}, 413, ["17 instances", "--max-instances"]),
+        ({"predict": [_b64(digit)]}, 400, ["dataframe_split", "inputs"]),
+    ]
+    for payload, expected, words in cases:
+        status, body = _invoke(port, payload)
+        assert status == expected and all(w in body["message"] for w in words), (payload.keys(), status, body)
+    status, body = _request(port, "POST", "/invocations", b'{"inputs": {"image": [')
+    assert status == 400 and "not valid JSON" in body["message"]
+    status, body = _request(port, "POST", "/invocations", b"image\n" + text, content_type="text/csv")
+    assert status == 415 and "application/json" in body["message"]
+
+    assert server["proc"].poll() is None
+    assert _status(port, "GET", "/ping") == 200
+    status, after = _invoke(port, {"inputs": {"image": [_b64(digit)]}})
+    assert status == 200 and after == before
+    log = server["log"].read_text()
+    assert "POST /invocations 413" in log and "POST /invocations 422" in log and "Traceback" not in log
+    assert _b64(text)[:40] not in log and _b64(digit)[:40] not in log  # requests are logged, payloads never
+
+
+def test_cli_refuses_a_port_in_use_and_a_missing_model(server: dict) -> None:
+    runs = {"in use": ["--model", f"models:/{NAME}@champion", "--port", str(server["port"])],
+            "missing": ["--model", "models:/no-such-model@champion", "--port", str(free_port())]}
+    with ThreadPoolExecutor(2) as pool:  # two CLI processes at once: each spends its time importing
+        done = dict(zip(runs, pool.map(lambda args: run_cli("serve", *args, cwd=server["root"], env=server["env"],
+                                                            timeout=120), runs.values()), strict=True))
+    port = server["port"]
+    assert done["in use"].returncode == 2 and done["in use"].stderr.strip() == (
+        f"error: --port {port}: 127.0.0.1:{port} is already in use; stop what listens there or pick another port"
+    ), done["in use"].stderr
+    assert done["missing"].returncode == 2 and done["missing"].stderr.strip() == (
+        "error: --model models:/no-such-model@champion: no such model version in the registry"), done["missing"].stderr
+
+
+def test_sigterm_stops_it_cleanly(server: dict) -> None:
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert server["log"].read_text().rstrip().endswith("stopped by SIGTERM")
+    assert _status(server["port"], "GET", "/ping") is None
