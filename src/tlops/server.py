@@ -237,6 +237,8 @@ def _error(status: int, message: str) -> bytes:
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads, so that a port in use fails at once."""
+    if not 1 <= port <= 65535:  # getaddrinfo would take 70000 as 70000 % 65536
+        raise TlopsError(f"--port {port}: expected a TCP port from 1 to 65535")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -258,7 +260,6 @@ def bind(host: str, port: int) -> socket.socket:
 def load_served_model(model_uri: str) -> ServedModel:
     """Load the pyfunc; a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from tlops import __version__, tracking
     from tlops.audit import parse_model_uri
@@ -272,7 +273,9 @@ def load_served_model(model_uri: str) -> ServedModel:
             info.update(name=name, version=version)
             uri = f"models:/{name}/{version}"
         pyfunc = mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as exc:
+    except TlopsError:
+        raise
+    except Exception as exc:  # whatever loading raises (registry, artifact store, model code): one line, no trace
         unreachable = tracking.unreachable_error(exc)
         if unreachable is not None:
             raise unreachable from None

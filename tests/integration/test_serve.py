@@ -115,13 +115,14 @@ def _b64(data: bytes) -> str:
 
 
 def _payloads(files: list[bytes]) -> dict[str, Any]:
-    """The same images in each of MLflow's four JSON input formats."""
+    """The same images in each of MLflow's four JSON input formats, and TF Serving's {"b64": ...} objects."""
     b64 = [_b64(f) for f in files]
     return {
         "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[b] for b in b64]}},
         "dataframe_records": {"dataframe_records": [{"image": b} for b in b64]},
-        "instances": {"instances": [{"image": {"b64": b}} for b in b64]},
+        "instances": {"instances": [{"image": b} for b in b64]},
         "inputs": {"inputs": {"image": b64}},
+        "instances of b64 objects": {"instances": [{"b64": b} for b in b64]},
     }
 
 
@@ -146,12 +147,29 @@ def test_served_predictions_equal_the_offline_evaluation(server: dict, images: d
         assert [p["label"] for p in served] == offline.labels, fmt
         np.testing.assert_allclose([p["probabilities"] for p in served], offline.proba, rtol=0, atol=1e-6)
         assert all(abs(p["score"] - max(p["probabilities"])) < 1e-12 for p in served)
-        if fmt != "instances":  # {"b64": ...} objects are ours (TF Serving's convention), not MLflow's parser's
+        if fmt in scoring_server.SUPPORTED_FORMATS:  # {"b64": ...} objects are not MLflow's
             mlflow_out = scoring_server.invocations(json.dumps(payload), "application/json", offline_model, schema)
             assert mlflow_out.status == 200, (fmt, mlflow_out.response[:300])
             assert [p["label"] for p in json.loads(mlflow_out.response)["predictions"]] == offline.labels, fmt
     status, version = _request(server["port"], "GET", "/version")
     assert status == 200 and version["version"] == server["version"] and version["classes"] == ["0", "1", "7"]
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"dataframe_split": {"columns": ["path"], "data": [["x"]]}}, "no 'image' column"),
+    ({"dataframe_split": {"columns": ["image", "id"], "data": [["x", 1], ["y"]]}}, "instance 1: a dataframe_split row"),
+    ({"inputs": []}, "no instances"),
+    ({"inputs": {"image": ["eA=="]}, "instances": []}, "exactly one of"),
+    ({"instances": [7]}, "instance 0: no 'image' field"),
+    ({"dataframe_records": [{"image": 7}]}, "instance 0: 'image' must be base64 text, not int"),
+    ({"inputs": {"image": [""]}}, "instance 0: 'image' is empty"),
+])
+def test_request_shapes_refused_with_the_instance_and_the_fix(payload: dict, message: str) -> None:
+    from tlops.server import RequestError, ServeLimits, decode_request
+
+    with pytest.raises(RequestError, match=message) as refused:
+        decode_request(json.dumps(payload).encode(), ServeLimits())
+    assert 400 <= refused.value.status < 500
 
 
 def _raw_exchange(port: int, head: bytes, chunks: list[bytes]) -> tuple[int, dict, int]:
