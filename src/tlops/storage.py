@@ -35,7 +35,7 @@ def s3_client() -> Any:
     cfg = BotoConfig(
         connect_timeout=float(os.environ.get("TLOPS_S3_CONNECT_TIMEOUT", "5")),
         read_timeout=float(os.environ.get("TLOPS_S3_READ_TIMEOUT", "60")),
-        retries={"max_attempts": int(os.environ.get("TLOPS_S3_MAX_ATTEMPTS", "4")), "mode": "standard"},
+        retries={"total_max_attempts": int(os.environ.get("TLOPS_S3_MAX_ATTEMPTS", "5")), "mode": "standard"},
     )
     # boto3 reads AWS_ENDPOINT_URL itself; passing it explicitly keeps older botocore working too.
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -56,6 +56,14 @@ def _s3_error(uri: str, exc: Exception) -> TlopsError:
         code = exc.response.get("Error", {}).get("Code", "error")
         if code in ("NoSuchBucket", "404"):
             return TlopsError(f"{uri}: bucket does not exist on {endpoint}")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return TlopsError(f"{uri}: S3 at {endpoint} does not accept these credentials ({code}); "
+                              "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+        if code in ("AccessDenied", "403", "AllAccessDisabled"):
+            bucket, prefix = parse_s3(uri)
+            return TlopsError(f"{uri}: access denied (403) to bucket {bucket!r}, prefix {prefix or '/'!r} on "
+                              f"{endpoint}; grant these credentials s3:ListBucket and s3:GetObject there, "
+                              "or use credentials that have them")
         return TlopsError(f"{uri}: S3 refused the request ({code}) on {endpoint}")
     return TlopsError(f"{uri}: S3 request failed on {endpoint}: {type(exc).__name__}: {exc}")
 
@@ -124,7 +132,10 @@ def materialize(uri: str, cache_root: str | Path) -> Path:
     for rel in set(index) - seen:
         (local / rel).unlink(missing_ok=True)
         index.pop(rel)
-    write_json(index_path, index)
+    if objects or index_path.exists():
+        write_json(index_path, index)
+    # else: nothing under the prefix and nothing mirrored before; no directory is made, so a caller can
+    # tell "no objects" from "objects that are not images".
     return local
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,72 @@ def test_pipeline_runs_on_s3_data(bucket: str, s3_endpoint: dict[str, str], tmp_
     for path in (tmp_path / ".tlops").rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.fixture
+def reader_of_images_only(s3_endpoint: dict[str, str], bucket: str) -> Iterator[dict[str, str]]:
+    """Credentials of an IAM user allowed to read bucket ``images`` only, with moto enforcing IAM meanwhile.
+
+    moto's server checks signatures and IAM policies once ``/moto-api/reset-auth`` sets the number of
+    unauthenticated requests to 0; the fixture sets it back to unlimited afterwards.
+    """
+    import json
+    import urllib.request
+
+    import boto3
+
+    from tlops.storage import s3_client
+
+    s3_client().create_bucket(Bucket="locked")
+    s3_client().put_object(Bucket="locked", Key="data/0/a.png", Body=b"\x89PNG\r\n\x1a\n")
+    iam = boto3.client("iam", endpoint_url=s3_endpoint["AWS_ENDPOINT_URL"])
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="images-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"],
+                       "Resource": ["arn:aws:s3:::images", "arn:aws:s3:::images/*"]}]}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+
+    def no_auth_requests(count: str) -> None:
+        # Not form-encoded (urllib's default), or the server's framework consumes the body as a form.
+        req = urllib.request.Request(f"{s3_endpoint['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=count.encode(),
+                                     headers={"Content-Type": "application/octet-stream"}, method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
+    no_auth_requests("0")
+    try:
+        yield {**s3_endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    finally:
+        no_auth_requests("inf")
+
+
+def test_access_denied_is_one_line_naming_bucket_and_prefix(reader_of_images_only: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    import boto3
+
+    env = reader_of_images_only
+    session = boto3.session.Session(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                    aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                                    region_name=env["AWS_DEFAULT_REGION"])
+    reader = session.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    # The same credentials read the bucket their policy allows, and are refused by the endpoint elsewhere.
+    assert reader.list_objects_v2(Bucket="images", Prefix="digits/")["KeyCount"] == 90
+    with pytest.raises(reader.exceptions.ClientError, match="AccessDenied") as denied:
+        reader.list_objects_v2(Bucket="locked", Prefix="data/")
+    assert denied.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    result = run_cli("validate", "--data", "s3://locked/data", cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: s3://locked/data: access denied (403) to bucket 'locked', prefix 'data' on ")
+    assert "grant these credentials s3:ListBucket and s3:GetObject" in line
+    assert env["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+
+
+def test_prefix_without_objects_is_unusable_input(bucket: str, s3_endpoint: dict[str, str], tmp_path: Path) -> None:
+    result = run_cli("validate", "--data", "s3://images/no-such-prefix", cwd=tmp_path, env=s3_endpoint)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line == ("error: no objects found under s3://images/no-such-prefix: "
+                    "expected s3://images/no-such-prefix/<class>/<image>")
+    assert not (tmp_path / ".tlops" / "cache" / "s3" / "images" / "no-such-prefix").exists()
