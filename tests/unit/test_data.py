@@ -118,21 +118,44 @@ def _encoded(img: Image.Image, fmt: str, **kw: object) -> bytes:
     return buf.getvalue()
 
 
-def test_bad_files_are_undecodable_with_a_reason(tmp_path: Path) -> None:
-    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+def _bad_files() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    # Large enough that the manifest decodes it at 1/8 scale (JPEG draft): a cut must still be caught.
+    photo = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((512, 512), Image.BICUBIC)
     jpeg, png = _encoded(rgb, "JPEG"), bytearray(_encoded(rgb, "PNG"))
     png[40] ^= 0xFF  # inside the IDAT chunk: its CRC no longer matches
-    cases = {
+    big, progressive = _encoded(photo, "JPEG", quality=90), _encoded(photo, "JPEG", quality=90, progressive=True)
+    return {
         "zero.png": b"",
         "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "truncated-512px.jpg": big[: len(big) * 9 // 10],
+        "truncated-progressive.jpg": progressive[: len(progressive) * 9 // 10],
         "badcrc.png": bytes(png),
         "text.jpg": b"this is a text file, not a JPEG\n",
     }
-    for name, data in cases.items():
-        info = _inspect_bytes(tmp_path, name, data)
-        assert info["decodable"] is False and info["error"], name
-        assert "0x" not in str(info["error"])  # no memory addresses in a reason a person reads
-        assert info["sha256"] and info["bytes"] == len(data)
+
+
+@pytest.mark.parametrize("name", list(_bad_files()))
+def test_bad_files_are_undecodable_with_a_reason(tmp_path: Path, name: str) -> None:
+    data = _bad_files()[name]
+    info = _inspect_bytes(tmp_path, name, data)
+    assert info["decodable"] is False and info["error"], name
+    assert "0x" not in str(info["error"])  # no memory addresses in a reason a person reads
+    assert info["sha256"] and info["bytes"] == len(data)
+
+
+def test_reduced_jpeg_decode_keeps_the_files_own_size_and_mode(tmp_path: Path) -> None:
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(
+        (640, 480), Image.BICUBIC)
+    info = _inspect_bytes(tmp_path, "photo.jpg", _encoded(photo, "JPEG", quality=90))
+    assert info["decodable"] is True and (info["width"], info["height"], info["mode"]) == (640, 480, "RGB")
+    assert info["channels"] == 3
+    # The dHash of the reduced decode is the photo's: within a few bits of the full-size PNG's.
+    from tlops.data import hamming
+
+    png = _inspect_bytes(tmp_path, "photo.png", _encoded(photo, "PNG"))
+    assert hamming(str(info["dhash"]), str(png["dhash"])) <= 4
 
 
 def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -193,13 +193,19 @@ def test_too_small_images_and_disallowed_modes(clean: Path) -> None:
     save(picture(500, size=4), clean / "train" / "a" / "tiny.png")
     sixteen = Image.fromarray((np.arange(64 * 64, dtype=np.uint16) * 13).reshape(64, 64))
     save(sixteen, clean / "train" / "b" / "deep.png")
-    _, report = run(clean)
+    # 8-bit modes are accepted by default (the preprocessing spec converts them to RGB): not flagged.
+    photo = picture(501).convert("RGB")
+    save(photo.convert("CMYK"), clean / "train" / "b" / "cmyk.jpg", "JPEG")
+    save(picture(502).convert("RGBA"), clean / "train" / "b" / "rgba.png")
+    save(picture(503).convert("P"), clean / "val" / "b" / "palette.png")
+    manifest, report = run(clean)
+    assert {"CMYK", "RGBA", "P", "L", "I;16"} <= set(manifest["mode"])
     small = check(report, "min_size")
     assert small.status == "FAIL" and small.files == [f"{clean}/train/a/tiny.png"] and "(4x4)" in small.detail
     modes = check(report, "allowed_modes")
     assert modes.status == "FAIL" and modes.files == [f"{clean}/train/b/deep.png"] and "I;16" in modes.detail
     allowed = ValidationConfig(min_images_per_class=1, min_width=2, min_height=2,
-                               allowed_modes=["L", "I;16"])
+                               allowed_modes=["L", "I;16", "CMYK", "RGBA", "P"])
     assert run(clean, allowed)[1].success
 
 
