@@ -5,6 +5,7 @@ in its error messages, and turns a bad image into a generic "unexpected error". 
 request and response shapes (``/invocations`` taking ``dataframe_split``, ``dataframe_records``, ``instances``
 or ``inputs``; ``{"predictions": [...]}`` back; ``/ping``, ``/health``, ``/version``), so MLflow and KServe
 clients work unchanged, and it answers a bad request with a 4xx and a message naming the instance and the fix.
+KServe v1 clients find the same under ``/v1/models/NAME:predict`` and ``/v1/models/NAME``.
 The model is the pyfunc itself (``mlflow.pyfunc.load_model``): served predictions are the evaluated ones.
 """
 
@@ -17,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -173,6 +175,20 @@ def _json_type(headers: dict[str, str]) -> None:
                                 f"as {JSON_TYPE} (UTF-8)")
 
 
+ROUTES = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST", "/v1/models": "GET"}
+# KServe's v1 protocol, for its clients: the same request and response bodies under other paths.
+_KSERVE_PREDICT = re.compile(r"/v1/models/[^/:]+:predict")
+_KSERVE_MODEL = re.compile(r"/v1/models/[^/:]+")
+
+
+def _route(path: str) -> str | None:
+    if path in ROUTES and path != "/v1/models":
+        return path
+    if _KSERVE_PREDICT.fullmatch(path):
+        return "/invocations"
+    return "/v1/models" if _KSERVE_MODEL.fullmatch(path) else None
+
+
 class ScoringApp:
     """The ASGI app: routes, limits, error bodies in MLflow's shape, one log line per request."""
 
@@ -200,15 +216,18 @@ class ScoringApp:
         log.info("%s %s %d %.1f ms", method, path, status, (time.perf_counter() - start) * 1000)
 
     async def _handle(self, method: str, path: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
-        routes = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST"}
-        if path not in routes:
-            raise RequestError(404, f"no such path {path!r:.80}; POST /invocations, GET /ping, /health or /version")
-        if method != routes[path] and not (method == "HEAD" and routes[path] == "GET"):
-            raise RequestError(405, f"{path} takes {routes[path]}, not {method}")
-        if path in ("/ping", "/health"):
+        route = _route(path)
+        if route is None:
+            raise RequestError(404, f"no such path {path!r:.80}; POST /invocations (or /v1/models/NAME:predict), "
+                                    "GET /ping, /health or /version")
+        if method != ROUTES[route] and not (method == "HEAD" and ROUTES[route] == "GET"):
+            raise RequestError(405, f"{path} takes {ROUTES[route]}, not {method}")
+        if route in ("/ping", "/health"):
             return 200, b"\n"
-        if path == "/version":
+        if route == "/version":
             return 200, json.dumps(self.model.info).encode()
+        if route == "/v1/models":
+            return 200, json.dumps({"name": path.rsplit("/", 1)[1], "ready": True}).encode()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         _json_type(headers)
         body = await read_body(receive, headers, self.limits)

@@ -151,6 +151,11 @@ def test_served_predictions_equal_the_offline_evaluation(server: dict, images: d
             mlflow_out = scoring_server.invocations(json.dumps(payload), "application/json", offline_model, schema)
             assert mlflow_out.status == 200, (fmt, mlflow_out.response[:300])
             assert [p["label"] for p in json.loads(mlflow_out.response)["predictions"]] == offline.labels, fmt
+    # KServe's v1 protocol: the same bodies under its paths.
+    status, body = _request(server["port"], "POST", f"/v1/models/{NAME}:predict",
+                            json.dumps(_payloads(files)["instances"]).encode())
+    assert status == 200 and [p["label"] for p in body["predictions"]] == offline.labels
+    assert _request(server["port"], "GET", f"/v1/models/{NAME}") == (200, {"name": NAME, "ready": True})
     status, version = _request(server["port"], "GET", "/version")
     assert status == 200 and version["version"] == server["version"] and version["classes"] == ["0", "1", "7"]
 
