@@ -401,6 +401,25 @@ def serve_cmd(
     serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances))
 
 
+@app.command("select")
+def select_cmd(
+    data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
+    candidates: Annotated[str | None, typer.Option(
+        help="Comma-separated backbones, e.g. efficientnet_lite0,resnet18 (NAME:random and NAME:shuffled are "
+        "controls). Default: selection.candidates.")] = None,
+    sample: Annotated[int | None, typer.Option(help="Images of the train split, stratified by class.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output_format: FormatOpt = "table",
+) -> None:
+    """Rank candidate backbones on a sample of the data: LogME, cross-validated linear probe, speed, size."""
+    from tlops.selection import select
+
+    cfg = _config(config, set_, **{"data.uri": data})
+    names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else None
+    typer.echo(select(cfg, cfg.data.uri, names, sample, output_format))
+
+
 @app.command("demo-data")
 def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")]) -> None:
     """Export scikit-learn's real digits set as an ImageFolder of PNG files."""

@@ -154,7 +154,9 @@ class AcceleratorConfig(_Section):
 
 
 class TrainConfig(_Section):
-    strategy: Strategy = "linear-probe"
+    # auto: the strategy recommended by the task-similarity check (tlops.similarity), chosen and recorded by
+    # the validate step.
+    strategy: Strategy | Literal["auto"] = "linear-probe"
     # linear-probe: L-BFGS iterations per fit (each a full-batch pass over the cached features);
     # other strategies: epochs. Unset: 200 for linear-probe, 10 for the others.
     epochs: int = Field(200, ge=1)
@@ -216,10 +218,15 @@ class TrainConfig(_Section):
     # Tests and drills only: the training process kills itself (SIGKILL, as a crash would) after this
     # many optimizer steps.
     stop_after_steps: int | None = Field(None, ge=1)
+    # Set by the loader, not by hand: train.epochs was left unset under strategy auto.
+    epochs_unset: bool = False
 
     @model_validator(mode="before")
     @classmethod
     def _epochs_by_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is None and data.get("strategy") == "auto":
+            # The strategy auto picks takes its own default then (tlops.selection.resolve_strategy).
+            return {**data, "epochs": DEFAULT_EPOCHS["linear-probe"], "epochs_unset": True}
         if isinstance(data, dict) and data.get("epochs") is None:
             strategy = data.get("strategy", "linear-probe")
             data = {**data, "epochs": DEFAULT_EPOCHS["linear-probe" if strategy == "linear-probe" else "gradient"]}
@@ -309,6 +316,39 @@ class EvaluationConfig(_Section):
             raise ValueError("top_k values must be at least 1")
         if self.size_buckets != sorted(set(self.size_buckets)) or self.size_buckets[0] < 1:
             raise ValueError("size_buckets must be increasing positive pixel sizes")
+        return self
+
+
+class SelectionConfig(_Section):
+    """Choosing the backbone (``tlops select``, ``backbone: auto``) and feature drift (tlops.selection)."""
+
+    # Catalogue names, checkpoint:DIR, or NAME:random / NAME:shuffled (controls: random init, weights
+    # shuffled across layers). Candidates whose weights are not on this machine are reported, not fatal.
+    candidates: list[str] = Field(default_factory=lambda: ["efficientnet_lite0", "resnet18", "resnet50"],
+                                  min_length=1)
+    # Images of the train split, stratified by class; a train split no larger than this is used whole,
+    # and its features are then the very ones the linear probe reads from the feature cache.
+    sample: int = Field(1000, ge=10)
+    folds: int = Field(5, ge=2, le=20)
+    rank_by: Literal["logme", "probe"] = "logme"
+    # backbone: auto only picks candidates within these budgets: ms per image at batch size 1 on this
+    # machine, and MB of backbone weights (float32). Unset: no limit.
+    max_latency_ms: float | None = Field(None, gt=0.0)
+    max_size_mb: float | None = Field(None, gt=0.0)
+    # Feature drift of the new data against the champion's training data (MMD, permutation test).
+    drift: bool = False
+    drift_sample: int = Field(300, ge=10)
+    drift_permutations: int = Field(200, ge=20, le=10_000)
+    drift_alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    # never: always train. unchanged: skip when the manifest equals the champion's. no-drift: skip also when
+    # the data changed but shows no feature drift (needs drift: true). A skipped run trains nothing.
+    skip_when: Literal["never", "unchanged", "no-drift"] = "never"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _skip_needs_drift(self) -> SelectionConfig:
+        if self.skip_when == "no-drift" and not self.drift:
+            raise ValueError("skip_when: no-drift needs drift: true")
         return self
 
 
@@ -513,6 +553,7 @@ class Config(_Section):
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    selection: SelectionConfig = SelectionConfig()
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
