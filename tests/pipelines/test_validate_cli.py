@@ -89,14 +89,21 @@ def test_drift_against_a_reference_manifest(tmp_path: Path, tiny_digits: Path) -
     assert line.startswith("FAIL class_drift [error]: total-variation distance of class shares 0.333")
 
 
-def test_validate_step_logs_results_to_mlflow(tmp_path: Path, tiny_digits: Path) -> None:
+@pytest.fixture(scope="module")
+def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite tracking store for the validate-step tests that only read their own run (creating one
+    costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"
+
+
+def test_validate_step_logs_results_to_mlflow(tmp_path: Path, tiny_digits: Path, tracking_db: str) -> None:
     import mlflow
 
     from tlops.config import load_config
     from tlops.steps import validate_step
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / ".tlops",
-                                   tracking__uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+                                   tracking__uri=tracking_db))
     run_id = validate_step(str(tiny_digits), cfg.to_json(), str(tmp_path / "manifest.csv"),
                            str(tmp_path / "report.json"), "t", str(tmp_path / "report.html"))
     assert "PASS" in (tmp_path / "report.html").read_text()
@@ -138,3 +145,33 @@ def test_drift_against_the_champions_manifest(tmp_path: Path, tiny_digits: Path)
     checks = {c["name"]: c for c in read_json(tmp_path / "r2.json")["checks"]}
     assert checks["class_drift"]["status"] == "WARN" and "0.333" in checks["class_drift"]["detail"]
     assert checks["size_drift"]["status"] == "PASS"
+
+
+def test_failed_validation_is_recorded_in_mlflow_before_the_step_stops(tmp_path: Path, tiny_digits: Path,
+                                                                       tracking_db: str) -> None:
+    """The pipeline stops at this step; the reason is on the run (tags, status, quarantine) as well as raised."""
+    import csv
+
+    import mlflow
+
+    from tlops.config import load_config
+    from tlops.errors import GateFailed
+    from tlops.steps import validate_step
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    (data / "7" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / ".tlops", tracking__uri=tracking_db))
+    with pytest.raises(GateFailed, match=r"data validation failed: decodable: .*broken\.png"):
+        validate_step(str(data), cfg.to_json(), str(tmp_path / "m.csv"), str(tmp_path / "r.json"), "stopped")
+    mlflow.set_tracking_uri(tracking_db)
+    (run,) = mlflow.search_runs(experiment_names=["tlops"], filter_string="tags.`tlops.pipeline_run` = 'stopped'",
+                                output_format="list")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["validation"] == "fail" and run.data.tags["validation.failed"] == "decodable"
+    assert run.data.metrics["data.quarantined"] == 1
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="validation/quarantine.csv",
+                                                dst_path=str(tmp_path / "dl"))
+    with open(local, encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["uri"].endswith("7/broken.png") and row["reason"] == "not decodable: OSError: Truncated File Read"
