@@ -391,6 +391,8 @@ def serve_cmd(
     max_bytes: Annotated[int, typer.Option("--max-bytes", help="Largest request body, in bytes (413 above).")] = (
         16 * 1024 * 1024),
     max_instances: Annotated[int, typer.Option("--max-instances", help="Most images in one request.")] = 64,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0: every core); at most the "
+                                         "CPUs the server may use.")] = 1,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -398,7 +400,7 @@ def serve_cmd(
     from tlops.server import ServeLimits, serve
 
     _tracking(config, set_)
-    serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances))
+    serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads)
 
 
 @app.command("select")

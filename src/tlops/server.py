@@ -318,8 +318,11 @@ def _log_to_stderr() -> None:
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: ServeLimits | None = None,
-          graceful_s: int = 10) -> None:
-    """Serve until SIGTERM or SIGINT; in-flight requests get ``graceful_s`` seconds to finish."""
+          threads: int = 1, graceful_s: int = 10) -> None:
+    """Serve until SIGTERM or SIGINT; in-flight requests get ``graceful_s`` seconds to finish.
+
+    ``threads``: torch CPU threads (0: torch's default, every core of the machine). One is the default, as the
+    gate measures latency: torch does not see a container's CPU limit, and more threads than cores stall."""
     import uvicorn
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a server log
@@ -327,8 +330,14 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     limits = limits or ServeLimits()
     if limits.max_bytes < 1 or limits.max_instances < 1:
         raise TlopsError("--max-bytes and --max-instances must be at least 1")
+    if threads < 0:
+        raise TlopsError(f"--threads {threads}: expected 0 (torch's default) or a number of threads")
     sock = bind(host, port)
     model = load_served_model(model_uri)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     config = uvicorn.Config(ScoringApp(model, limits), log_config=None, access_log=False, log_level="warning",
                             timeout_graceful_shutdown=graceful_s, limit_concurrency=64, timeout_keep_alive=5,
                             lifespan="off")
@@ -340,8 +349,8 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
         signal.signal(sig, lambda signum, _frame: stopped_by.append(signal.Signals(signum).name))
     where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "every client that can reach it"
     log.info("serving %s%s on http://%s:%d (%s): POST /invocations, GET /ping /health /version; "
-             "limits %d bytes, %d instances per request", model_uri,
+             "limits %d bytes, %d instances per request; %d torch threads", model_uri,
              f" (version {model.info['version']})" if "version" in model.info else "", host, port, where,
-             limits.max_bytes, limits.max_instances)
+             limits.max_bytes, limits.max_instances, torch.get_num_threads())
     server.run(sockets=[sock])
     log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")
