@@ -1,12 +1,18 @@
 # The one tlops image: every Kubeflow component runs in it (components/image.py, IMAGE = tlops:<version>),
-# with the core installed, so no step installs packages at run time.
+# with the core installed, so no step installs packages at run time. infra/ runs it too: the MLflow tracking
+# server (`mlflow server`, PostgreSQL through psycopg from the lock), the KServe predictor (`tlops serve`), the
+# nightly `tlops submit` and the MinIO bucket job.
 #
 #   docker build -t tlops:0.1.0 .
 #   docker run --rm tlops:0.1.0                  # tlops --help
 #
-# PyPI's torch==2.14.1 wheel for Linux x86_64 is the CUDA build (it pulls the nvidia-* runtime wheels), so the
-# same image runs on CPU nodes and on GPU nodes. For a fully reproducible base, pin the digest as well
-# (python:3.11-slim@sha256:...) in the registry you build from.
+# The CUDA-enabled PyTorch base: python:3.11-slim plus PyPI's torch==2.14.1 wheel, which for Linux x86_64 is
+# the CUDA build (2.14.1+cu130; it pulls the nvidia-* runtime wheels: cuDNN, cuBLAS, NCCL), so the same image runs
+# on CPU nodes and on GPU nodes, where only the NVIDIA driver and device plugin are needed. Not nvidia/cuda or
+# pytorch/pytorch as the base: the first would carry a second CUDA runtime next to the wheel's, the second a
+# conda Python and a torch of its own release, and torch must stay exactly 2.14.1 / torchvision 0.29.1 here.
+# For a fully reproducible base, pin the digest as well (python:3.11-slim@sha256:...) in the registry you
+# build from.
 FROM python:3.11-slim
 
 ARG TLOPS_VERSION=0.1.0
@@ -49,5 +55,8 @@ RUN pip install --no-cache-dir --no-deps . \
     && tlops --help > /dev/null
 
 USER 10001:10001
+
+# tlops serve (KServe predictor) and mlflow server (infra/base/mlflow.yaml).
+EXPOSE 8080 5000
 
 CMD ["tlops", "--help"]

@@ -708,3 +708,12 @@ def test_the_renderer_catches_a_patch_without_target(tmp_path: Path) -> None:
         render(tmp_path)
     (tmp_path / "patch.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {k: w}\n")
     assert render(tmp_path)[0]["data"] == {"k": "w"}
+
+
+def test_dockerfile_exposes_the_ports_the_manifests_use() -> None:
+    exposed = {int(p.split("/")[0]) for k, rest in dockerfile_instructions(DOCKERFILE.read_text()) if k == "EXPOSE"
+               for p in rest.split()}
+    objects = _local_objects()
+    used = {port["containerPort"] for key in [("Deployment", "tlops-mlflow"), ("InferenceService", "tlops-champion")]
+            for c in containers(objects[key]) for port in c["ports"]}
+    assert used == {5000, 8080} and used <= exposed
