@@ -33,7 +33,8 @@ def preflight(data_uri: str, backbone: str) -> str:
     """Cheap checks before any step starts: a bad input fails in a second, with one line."""
     from tlops import backbones, data, storage
 
-    backbones.get_info(backbone)
+    if backbone != "auto":  # auto: the validate step picks among selection.candidates
+        backbones.get_info(backbone)
     if storage.is_s3(data_uri):
         objects = storage.list_s3(data_uri)
         if not objects:
@@ -44,6 +45,16 @@ def preflight(data_uri: str, backbone: str) -> str:
 
 
 def format_summary(s: dict[str, Any], seconds: float) -> str:
+    if s.get("decision") == "skipped":
+        return "\n".join([
+            f"tlops run finished in {seconds:.0f}s: training skipped",
+            f"  data checks    validation {s['validation']}; manifest {str(s['manifest_hash'])[:12]}; "
+            f"feature drift {s.get('drift') or 'not measured'}",
+            f"  why            {s['reasons'][0]}",
+            f"  champion       {s['model_name']} version {s['champion_now'] or 'none'} (unchanged)",
+            f"  mlflow         {s['tracking_uri']} (run {s['run_id']})",
+            f"  log            {s['log']}",
+        ])
     m = s["metrics"]
     cand, champ, comp = m["candidate"], m.get("champion"), m.get("comparison")
     lines = [

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from tlops.errors import TlopsError
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
+    from torch import nn
 
     from tlops.config import Config, SelectionConfig
     from tlops.features import FeatureCache
@@ -90,7 +90,7 @@ def _class_evidence(u_t_y: np.ndarray, y_sq: float, sigma: np.ndarray, n: int, d
 def logme(features: np.ndarray | torch.Tensor, labels: np.ndarray | list[int], max_iter: int = 100,
           tol: float = 1e-6) -> float:
     """LogME score of features (N x D) for integer class labels: higher means the features transfer better."""
-    f = np.asarray(features.numpy() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
+    f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     if f.ndim != 2 or len(f) != len(y) or len(f) < 2:
         raise TlopsError(f"LogME needs an N x D feature matrix and N labels with N >= 2, got {f.shape}, {y.shape}")
@@ -122,6 +122,8 @@ def parse_candidate(name: str) -> tuple[str, str]:
 def shuffle_across_layers(model: nn.Module, seed: int) -> nn.Module:
     """The same tensors in the wrong places: each parameter and statistic moves to another layer of the same
     kind and shape; a tensor whose kind and shape are unique has its values permuted instead."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     state = model.state_dict()
     groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
@@ -144,6 +146,8 @@ def shuffle_across_layers(model: nn.Module, seed: int) -> nn.Module:
 
 def build_candidate(name: str, seed: int = 0) -> nn.Module:
     """The feature extractor of a candidate; ``:random`` and ``:shuffled`` are controls for the ranking."""
+    import torch
+
     from tlops.backbones import feature_extractor
 
     base, variant = parse_candidate(name)
@@ -225,10 +229,19 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int, seed: i
     return float(scores.mean()), float(scores.std()), k
 
 
-@torch.no_grad()
 def measure_speed(model: nn.Module, paths: list[str], spec: PreprocessSpec, batch_size: int,
                   device: torch.device) -> tuple[float, float]:
     """(images/s decoding, preprocessing and running batches, median ms per image at batch size 1)."""
+    import torch
+
+    with torch.no_grad():
+        return _measure_speed(model, paths, spec, batch_size, device)
+
+
+def _measure_speed(model: nn.Module, paths: list[str], spec: PreprocessSpec, batch_size: int,
+                   device: torch.device) -> tuple[float, float]:
+    import torch
+
     from tlops.preprocessing import build_transform
 
     transform = build_transform(spec)

@@ -126,6 +126,9 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             if not report.success:
                 raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
                                                                        for c in report.failures()))
+            from tlops.selection import plan_run
+
+            plan_run(cfg, used)  # backbone/strategy auto, feature drift, skip decision: recorded in this run
             return run.info.run_id
 
 
@@ -137,8 +140,9 @@ def parity_step(config_json: str, run_id: str, manifest_path: str, spec_path: st
 
     from tlops.data import read_manifest
     from tlops.parity import check_parity, eval_spec, golden_set, report_html
+    from tlops.selection import planned_config
 
-    cfg = Config.from_json(config_json)
+    cfg = planned_config(Config.from_json(config_json), run_id)
     manifest = read_manifest(manifest_path)
     usable = manifest[manifest["decodable"]]
     golden = golden_set(list(usable.sort_values("sha256")["path"].head(golden_count)))
@@ -180,12 +184,18 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
     from tlops import __version__
     from tlops.curves import plot_history
     from tlops.data import class_names, read_manifest
+    from tlops.drift import run_skipped
     from tlops.parity import golden_set, serving_check
     from tlops.preprocessing import PreprocessSpec
+    from tlops.selection import planned_config
     from tlops.serving import save_model_dir
     from tlops.training import fine_tune
 
-    cfg = Config.from_json(config_json)
+    cfg = planned_config(Config.from_json(config_json), run_id)
+    skipped = run_skipped(cfg, run_id)
+    if skipped is not None:
+        log.info("fine-tune: skipped, %s", skipped)
+        return ""  # no model: evaluate and gate see the empty URI
     manifest = read_manifest(manifest_path)
     # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
@@ -265,6 +275,9 @@ def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: 
     from tlops.registry import champion_version
 
     cfg = Config.from_json(config_json)
+    if not model_uri:  # the validate step decided to skip training (selection.skip_when)
+        write_json(metrics_path, {"skipped": True})
+        return {"metrics": {"accuracy": 0.0, "skipped": 1.0}, "categories": [], "matrix": []}
     rows = evaluation.test_rows(read_manifest(manifest_path))
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
@@ -308,10 +321,13 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
     import mlflow
 
     from tlops import registry, tracking
+    from tlops.selection import planned_config
 
-    cfg = Config.from_json(config_json)
+    cfg = planned_config(Config.from_json(config_json), run_id)
     metrics = read_json(metrics_path)
     name = cfg.registry.model_name
+    if metrics.get("skipped"):
+        return _skipped_summary(cfg, run_id, decision_path)
     with _mlflow_run(cfg, run_id) as run:
         tags = run.data.tags
         decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
@@ -345,6 +361,27 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
             "fingerprint": tags.get("preprocess.fingerprint"),
             "manifest_hash": tags.get("data.manifest_hash"),
         }
+        mlflow.log_dict(summary, "gate/decision.json")
+    write_json(decision_path, summary)
+    return json.dumps(summary)
+
+
+def _skipped_summary(cfg: Config, run_id: str, decision_path: str) -> str:
+    """A run that trained nothing: no version registered, the champion unchanged, the reason recorded."""
+    import mlflow
+
+    from tlops import registry, tracking
+    from tlops.drift import SKIP_REASON_TAG
+
+    name = cfg.registry.model_name
+    with _mlflow_run(cfg, run_id) as run:
+        tags = run.data.tags
+        mlflow.set_tags({"gate.decision": "skipped", "model.name": name})
+        summary = {"run_id": run_id, "tracking_uri": tracking.redact(tracking.resolve_tracking_uri(cfg)),
+                   "model_name": name, "decision": "skipped", "reasons": [tags.get(SKIP_REASON_TAG, "skipped")],
+                   "champion_now": registry.alias_version(name, registry.CHAMPION),
+                   "validation": tags.get("validation"), "manifest_hash": tags.get("data.manifest_hash"),
+                   "drift": tags.get("drift.status")}
         mlflow.log_dict(summary, "gate/decision.json")
     write_json(decision_path, summary)
     return json.dumps(summary)
