@@ -270,7 +270,8 @@ def inspect_files(paths: Sequence[str | Path], cache: InspectCache | None, max_p
     if todo:
         progress = Progress(len(todo), "manifest")
         # Threads suffice: Pillow's decoders, resampling and hashlib release the GIL on real-size images.
-        n = workers or (os.cpu_count() or 1)
+        # The cores this process may run on (a container or taskset may allow fewer than the machine has).
+        n = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         chunk = max(1, min(64, len(todo) // (n * 4) or 1))
         groups = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
 
