@@ -127,6 +127,7 @@ def patch_files() -> set[Path]:
         entries = list(kust.get("patchesStrategicMerge", []))
         entries += [p["path"] for p in kust.get("patches", []) if isinstance(p, dict) and "path" in p]
         entries += [p["path"] for p in kust.get("patchesJson6902", []) if isinstance(p, dict) and "path" in p]
+        entries += list(kust.get("configurations", []))  # transformer configurations, not objects either
         patches.update((kfile.parent / e).resolve() for e in entries if isinstance(e, str) and not is_remote(e))
     return patches
 
@@ -411,8 +412,14 @@ def render(directory: Path) -> list[dict[str, Any]]:
                        and d["apiVersion"] == f"{t['group']}/{t['version']}"]
             assert len(matches) == 1, f"{directory.name}: patch target {t} not found once"
             json_patch(matches[0], yaml.safe_load(patch["patch"]))
+    # kustomize rewrites the images of built-in kinds; of a custom resource only where `configurations` says.
+    configured = {(spec["kind"], spec["path"]) for c in kust.get("configurations", [])
+                  for spec in load_yaml_documents(directory / c)[0].get("images", [])}
     for image in kust.get("images", []):
         for doc in docs:
+            path = "/".join(f"{p}[]" if p == "containers" else p for p in POD_TEMPLATE_PATHS.get(doc["kind"], ()))
+            if not is_builtin_api(doc["apiVersion"]) and (doc["kind"], f"{path}/containers[]/image") not in configured:
+                continue
             for container in containers(doc):
                 name, _, tag = container["image"].partition(":")
                 if name == image["name"]:
