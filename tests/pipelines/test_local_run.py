@@ -8,13 +8,20 @@ import pytest
 
 from tests.conftest import run_cli, write_config
 
+# Credentials in the environment of every run: none may reach the tracking store, an artifact or a log.
+# (A user name is no secret: MLflow records MLFLOW_TRACKING_USERNAME as the run's user, on purpose.)
+CANARY = "tlops-canary-3c9d7a41"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": f"AKIA{CANARY}", "AWS_SECRET_ACCESS_KEY": CANARY, "AWS_SESSION_TOKEN": CANARY,
+               "MLFLOW_TRACKING_USERNAME": "ci-runner", "MLFLOW_TRACKING_PASSWORD": CANARY,
+               "MLFLOW_TRACKING_TOKEN": CANARY, "KF_PIPELINES_TOKEN": CANARY}
+
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path) -> dict:
     cwd = tmp_path_factory.mktemp("e2e")
     cfg = write_config(cwd / "tlops.yaml", cwd / ".tlops")
-    first = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd)
-    second = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd)
+    first = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd, env=CREDENTIALS)
+    second = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd, env=CREDENTIALS)
     return {"cwd": cwd, "first": first, "second": second}
 
 
@@ -64,3 +71,13 @@ def test_the_registered_champion_serves_raw_image_bytes(two_runs: dict, tiny_dig
     files = sorted(tiny_digits.glob("7/*.png"))[:3]
     out = model.predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
     assert list(out["label"]) == ["7", "7", "7"]
+
+
+def test_no_credential_reaches_the_store_artifacts_or_logs(two_runs: dict) -> None:
+    work = two_runs["cwd"] / ".tlops"
+    files = [p for p in work.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".log" for p in files)
+    leaked = [str(p) for p in files if CANARY.encode() in p.read_bytes()]
+    assert leaked == []
+    for run in (two_runs["first"], two_runs["second"]):
+        assert CANARY not in run.stdout + run.stderr
