@@ -110,6 +110,10 @@ def check_header(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageInputError(index, f"not an image: {len(data)} bytes in no format the decoder knows") from None
+    except Image.DecompressionBombError as exc:  # over twice PIL's own limit: refused by PIL at open
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageInputError(index, f"{found.group(1) if found else 'more'} pixels exceeds the limit of {max_pixels}; "
+                                     "not decoded", "send a smaller image") from None
     except DECODE_ERRORS as exc:
         raise ImageInputError(index, f"not a readable image ({type(exc).__name__}: {exc})") from None
     with img:

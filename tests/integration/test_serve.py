@@ -12,9 +12,11 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +46,13 @@ def _png(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array).save(out, format="PNG")
     return out.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    png = _png(np.zeros((1, 1, 3), dtype=np.uint8))
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +232,10 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_lives_on(server: d
         ({"dataframe_split": {"columns": ["image"], "data": [[_b64(truncated)]]}}, 422,
          ["instance 0", "not a readable image"]),
         ({"dataframe_records": [{"image": "%%% not base64"}]}, 422, ["instance 0", "not valid base64"]),
+        ({"inputs": {"image": [_b64(digit), _b64(_png_declaring(100_000, 100_000))]}}, 422,
+         ["instance 1", "10000000000 pixels exceeds", "not decoded"]),
+        ({"inputs": {"image": [_b64(_png_declaring(10_000, 10_000))]}}, 422,
+         ["instance 0", "10000x10000 = 100000000 pixels exceeds", "not decoded"]),
         ({"instances": [{"img": _b64(digit)}]}, 400, ["instance 0", "no 'image' field"]),
         ({"inputs": {"image": [_b64(digit)] * 17}}, 413, ["17 instances", "--max-instances"]),
         ({"predict": [_b64(digit)]}, 400, ["dataframe_split", "inputs"]),
