@@ -127,6 +127,8 @@ def decode_request(body: bytes, limits: ServeLimits) -> list[bytes]:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the body is not valid JSON ({exc}); send {SHAPES}") from None
+    except RecursionError:  # a few kB of "[[[[..." would otherwise be a server error
+        raise RequestError(400, f"the JSON is nested too deeply; send {SHAPES}") from None
     values = image_values(payload)
     if not values:
         raise RequestError(400, f"the request holds no instances; send {SHAPES}")
@@ -231,7 +233,7 @@ class ScoringApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         _json_type(headers)
         body = await read_body(receive, headers, self.limits)
-        images = decode_request(body, self.limits)
+        images = await asyncio.to_thread(decode_request, body, self.limits)  # JSON and base64 off the event loop
         from tlops.serving import ImageInputError
 
         try:

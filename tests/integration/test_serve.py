@@ -177,12 +177,13 @@ def test_served_predictions_equal_the_offline_evaluation(server: dict, images: d
     ({"instances": [7]}, "instance 0: no 'image' field"),
     ({"dataframe_records": [{"image": 7}]}, "instance 0: 'image' must be base64 text, not int"),
     ({"inputs": {"image": [""]}}, "instance 0: 'image' is empty"),
+    (b"[" * 100_000, "nested too deeply"),
 ])
-def test_request_shapes_refused_with_the_instance_and_the_fix(payload: dict, message: str) -> None:
+def test_request_shapes_refused_with_the_instance_and_the_fix(payload: dict | bytes, message: str) -> None:
     from tlops.server import RequestError, ServeLimits, decode_request
 
     with pytest.raises(RequestError, match=message) as refused:
-        decode_request(json.dumps(payload).encode(), ServeLimits())
+        decode_request(payload if isinstance(payload, bytes) else json.dumps(payload).encode(), ServeLimits())
     assert 400 <= refused.value.status < 500
 
 
