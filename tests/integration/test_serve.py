@@ -272,9 +272,24 @@ def test_cli_refuses_a_port_in_use_and_a_missing_model(server: dict) -> None:
         "error: --model models:/no-such-model@champion: no such model version in the registry"), done["missing"].stderr
 
 
-def test_sigterm_stops_it_cleanly(server: dict) -> None:
-    proc = server["proc"]
-    proc.send_signal(signal.SIGTERM)
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(server: dict, images: dict[str, bytes]) -> None:
+    proc, port = server["proc"], server["port"]
+    digit = next(v for k, v in images.items() if k.startswith("0/"))
+    body = json.dumps({"inputs": {"image": [_b64(digit)]}}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        # "100 Continue" comes once the server reads the body: from then on the request is in flight.
+        sock.sendall(f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 ")
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _status(port, "GET", "/ping") is not None:  # no new connections once shutting down
+            assert time.monotonic() < deadline, "still accepting connections 20 s after SIGTERM"
+            time.sleep(0.1)
+        sock.sendall(body)
+        reply = b""
+        while more := sock.recv(65536):
+            reply += more
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in reply, reply[:300]
     assert proc.wait(timeout=30) == 0
     assert server["log"].read_text().rstrip().endswith("stopped by SIGTERM")
-    assert _status(server["port"], "GET", "/ping") is None
