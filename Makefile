@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tlops-installed
 DATA   := .tlops/data/digits
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck compile clean
+.PHONY: setup run test lint typecheck compile scenario clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: setup
 
 typecheck: setup
 	$(BIN)/mypy src/tlops
+
+# The retraining story: four scheduled cycles (first data, more data, a poisoned delivery, a parity-breaking
+# config), then audit, history and the served champion. About 5-10 minutes; also a slow test.
+scenario: setup
+	$(BIN)/python -m tests.reliability.scenario --workdir .tlops/scenario
 
 compile: setup
 	$(BIN)/tlops compile --output .tlops/tlops-pipeline.yaml
