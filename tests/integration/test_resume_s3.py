@@ -3,9 +3,7 @@ rerun on a machine with an empty local mirror."""
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,35 +19,11 @@ pytestmark = pytest.mark.integration
 BACKBONE = "efficientnet_lite0"
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[None]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        from tlops.storage import s3_client
-
-        s3_client().create_bucket(Bucket="runs")
-        yield
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_there(s3_endpoint: None, tiny_digits: Path,
+def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_there(s3_endpoint: dict[str, str], tiny_digits: Path,
                                                              tmp_path: Path) -> None:
     from tlops.storage import s3_client
 
+    s3_client().create_bucket(Bucket="runs")
     manifest = build_manifest(str(tiny_digits), tmp_path / "manifest-cache")
     spec = with_resolution(reference_spec(BACKBONE), 32)
     cfg = TrainConfig(strategy="partial", frozen_stages=7, epochs=1, batch_size=16, num_threads=2,
