@@ -86,6 +86,21 @@ def free_port() -> int:
 _free_port = free_port
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url`` until it answers 200; False when ``proc`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def running_mlflow_server(root: Path, artifacts_destination: str | None = None, env: dict[str, str] | None = None,
                           port: int | None = None) -> Iterator[str]:
@@ -103,18 +118,9 @@ def running_mlflow_server(root: Path, artifacts_destination: str | None = None, 
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
+        if not wait_until_up(f"{url}/health", proc, 90):
+            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
         yield url
     finally:
         proc.terminate()

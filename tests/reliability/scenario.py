@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.conftest import free_port, wait_until_up
 
 MODEL = "scenario-digits"
 FIRST, MORE, POISON = 60, 100, 130  # images per class after each delivery (digits has about 180 per class)
@@ -125,15 +126,9 @@ def _test_split(work: Path, version: str) -> set[str]:
     return set(df.loc[df["split"] == "test", "sha256"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve_predictions(work: Path, images: list[Path], timeout: float = 120.0) -> list[str]:
     """Labels for ``images`` from ``tlops serve --model models:/MODEL@champion`` on loopback."""
-    port = _free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / '.tlops' / 'mlflow.db'}"}
     proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", f"models:/{MODEL}@champion",
@@ -141,17 +136,8 @@ def serve_predictions(work: Path, images: list[Path], timeout: float = 120.0) ->
                             stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tlops serve did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.5)
+        if not wait_until_up(f"{base}/ping", proc, timeout):
+            raise RuntimeError(f"tlops serve did not start: {proc.stderr.read() if proc.stderr else ''}")
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
             [base64.b64encode(p.read_bytes()).decode()] for p in images]}}).encode()
         req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})

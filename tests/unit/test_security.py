@@ -74,26 +74,19 @@ def test_nothing_is_unpickled() -> None:
     assert [hit for p in SOURCES for hit in unpickling_calls(p)] == []
 
 
-@pytest.mark.parametrize("code, caught", [
-    ("import torch\ntorch.load('x.pt')\n", True),
-    ("import torch\ntorch.load('x.pt', weights_only=False)\n", True),
-    ("import torch\ntorch.load('x.pt', map_location='cpu', weights_only=True)\n", False),
+@pytest.mark.parametrize("rule, code, caught", [
+    ("torch.load", "import torch\ntorch.load('x.pt')\n", True),
+    ("torch.load", "import torch\ntorch.load('x.pt', weights_only=False)\n", True),
+    ("torch.load", "import torch\ntorch.load('x.pt', map_location='cpu', weights_only=True)\n", False),
+    ("unpickle", "import pickle\npickle.loads(b'')\n", True),
+    ("unpickle", "import numpy as np\nnp.load('a.npy', allow_pickle=True)\n", True),
+    ("unpickle", "import numpy as np\nnp.load('a.npy')\n", False),
 ])
-def test_the_torch_load_rule_catches_what_it_should(tmp_path: Path, code: str, caught: bool) -> None:
+def test_the_rules_catch_what_they_should(tmp_path: Path, rule: str, code: str, caught: bool) -> None:
     path = tmp_path / "probe.py"
     path.write_text(code)
-    assert bool(torch_loads_without_weights_only(path)) is caught
-
-
-@pytest.mark.parametrize("code, caught", [
-    ("import pickle\npickle.loads(b'')\n", True),
-    ("import numpy as np\nnp.load('a.npy', allow_pickle=True)\n", True),
-    ("import numpy as np\nnp.load('a.npy')\n", False),
-])
-def test_the_unpickling_rule_catches_what_it_should(tmp_path: Path, code: str, caught: bool) -> None:
-    path = tmp_path / "probe.py"
-    path.write_text(code)
-    assert bool(unpickling_calls(path)) is caught
+    check = torch_loads_without_weights_only if rule == "torch.load" else unpickling_calls
+    assert bool(check(path)) is caught
 
 
 def _lock() -> dict[str, str]:
