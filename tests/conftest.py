@@ -86,6 +86,16 @@ def free_port() -> int:
 _free_port = free_port
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     """Poll ``url`` until it answers 200; False when ``proc`` exits first or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
@@ -123,12 +133,7 @@ def running_mlflow_server(root: Path, artifacts_destination: str | None = None, 
             pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
         log.close()
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import free_port, wait_until_up
+from tests.conftest import free_port, stop, wait_until_up
 
 MODEL = "scenario-digits"
 FIRST, MORE, POISON = 60, 100, 130  # images per class after each delivery (digits has about 180 per class)
@@ -145,11 +145,7 @@ def serve_predictions(work: Path, images: list[Path], timeout: float = 120.0) ->
             predictions = json.loads(resp.read())["predictions"]
         return [str(p["label"]) for p in predictions]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def offline_predictions(work: Path, version: str, images: list[Path]) -> list[str]:
