@@ -209,8 +209,8 @@ def submit_cmd(
     """Compile the pipeline and start one run on a Kubeflow Pipelines cluster; prints the run id and its URL."""
     import tempfile
 
+    from pipelines import cluster
     from pipelines.transfer_learning import compile_config
-    from tlops import cluster
 
     cfg = _cluster_config(config, set_, image, data)
     url = cluster.resolve_host(host, cfg)
@@ -241,8 +241,8 @@ def schedule_cmd(
     """Create a recurring run (no catch-up, at most one at a time), or --list / --disable them."""
     import tempfile
 
+    from pipelines import cluster
     from pipelines.transfer_learning import compile_config
-    from tlops import cluster
 
     if (cron is not None) + list_ + (disable is not None) != 1:
         raise TlopsError("pass one of --cron EXPR (create a recurring run), --list, or --disable NAME_OR_ID")
