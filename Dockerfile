@@ -1,4 +1,4 @@
-# The one tlops image: every Kubeflow component runs in it (components/image.py, IMAGE = tlops:<version>),
+# The one tlops image: every Kubeflow component runs in it (components/image.py: DEFAULT_IMAGE, or --image),
 # with the core installed, so no step installs packages at run time. infra/ runs it too: the MLflow tracking
 # server (`mlflow server`, PostgreSQL through psycopg from the lock), the KServe predictor (`tlops serve`), the
 # nightly `tlops submit` and the MinIO bucket job.
