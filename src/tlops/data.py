@@ -178,7 +178,8 @@ def _inspect(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, obje
             row["dhash"] = dhash(img)
         row.update(decodable=True, error="")
     except Exception as exc:  # any decoder failure makes the file undecodable, with the reason kept
-        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(exc))  # no memory addresses
+        # No memory addresses in a reason a person reads: "cannot identify image file <_io.BytesIO ...>".
+        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
         row.update(decodable=False, error=f"{type(exc).__name__}: {message}"[:300])
     return row
 
