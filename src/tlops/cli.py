@@ -61,6 +61,8 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
         f"tlops run finished in {seconds:.0f}s",
         f"  data checks    validation {s['validation']}; manifest {str(s['manifest_hash'])[:12]}",
         f"  preprocessing  fingerprint {s['fingerprint']}; parity {s['parity']}",
+        *([f"  backbone       {s['backbone_reason']}"] if s.get("backbone_reason") else []),
+        *([f"  strategy       {s['strategy_reason']}"] if s.get("strategy_reason") else []),
         f"  metrics        test accuracy {cand['accuracy']:.4f}, macro-F1 {cand['macro_f1']:.4f} "
         f"({cand['n']} images)",
     ]

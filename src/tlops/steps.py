@@ -360,6 +360,8 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
             "parity": tags.get("parity"),
             "fingerprint": tags.get("preprocess.fingerprint"),
             "manifest_hash": tags.get("data.manifest_hash"),
+            "backbone": cfg.backbone, "backbone_reason": tags.get("backbone.selection_reason"),
+            "strategy": cfg.train.strategy, "strategy_reason": tags.get("similarity.why"),
         }
         mlflow.log_dict(summary, "gate/decision.json")
     write_json(decision_path, summary)
