@@ -410,6 +410,8 @@ def select(cfg: Config, data_uri: str, candidates: list[str] | None = None, samp
         raise TlopsError(f"{data_uri}: no decodable labelled image in the train split to select a backbone with")
     scores = score_candidates(cfg, rows, names)
     seconds = time.perf_counter() - t0
+    if all(s.status != "ok" for s in scores):
+        raise TlopsError("no candidate could be scored: " + "; ".join(f"{s.name}: {s.reason}" for s in scores))
     try:
         best, why = choose(scores, cfg.selection)
     except TlopsError as exc:

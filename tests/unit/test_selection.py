@@ -143,3 +143,18 @@ def test_validate_step_records_auto_choices_that_later_steps_read(ranking: dict,
     assert resolved.train.epochs == 10  # epochs left unset: the default of the chosen strategy
     tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
     assert "highest LogME" in tags["backbone.selection_reason"] and tags["similarity.verdict"] == "far"
+
+
+def test_select_with_no_usable_candidate_is_one_line_error(digits: Path, cfg: Config,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["select", "--data", str(digits), "--set", f"workdir={cfg.workdir}", "--set", "preprocess.image_size=64",
+            "--set", "preprocess.allow_resolution_change=true", "--set", f"tracking.uri={cfg.tracking.uri}"]
+    assert main([*args, "--candidates", "vgg99,resnet18"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no candidate could be scored: ") and "\n" not in err
+    assert "vgg99: unknown backbone 'vgg99'" in err
+    assert "resnet18: backbone resnet18 needs its IMAGENET1K_V1 weights" in err
+    assert main([*args, "--format", "xml"]) == 2
+    assert "error: --format 'xml': choose table or json" in capsys.readouterr().err
+    assert main([*args, "--sample", "3"]) == 2
+    assert "--sample 3: pass at least 10 images" in capsys.readouterr().err
