@@ -313,6 +313,9 @@ def score_candidates(cfg: Config, sample: pd.DataFrame, candidates: list[str]) -
         except TlopsError as exc:
             score.status, score.reason = "failed", str(exc)
             log.warning("select: candidate %s failed: %s", name, exc)
+        except (RuntimeError, ValueError, OSError) as exc:  # a broken checkpoint or image: this candidate only
+            score.status, score.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            log.warning("select: candidate %s failed: %s", name, exc)
         score.seconds = time.perf_counter() - t0
         out.append(score)
     key = "logme" if sel.rank_by == "logme" else "probe_accuracy"
@@ -416,7 +419,6 @@ def select(cfg: Config, data_uri: str, candidates: list[str] | None = None, samp
         best, why = choose(scores, cfg.selection)
     except TlopsError as exc:
         best, why = "", str(exc)
-    tracking.setup(cfg)
     with mlflow.start_run(experiment_id=tracking.setup(cfg), run_name="select") as run:
         mlflow.log_params({"select.data": data_uri, "select.candidates": ",".join(names),
                            "select.sample": len(rows), "select.rank_by": cfg.selection.rank_by})
