@@ -278,6 +278,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _unreachable(model_uri: str) -> TlopsError:
+    import mlflow
+
+    from tlops.tracking import RETRY_ENV, redact
+
+    return TlopsError(f"--model {model_uri}: the MLflow tracking server at {redact(mlflow.get_tracking_uri())} did "
+                      f"not answer after {os.environ.get(RETRY_ENV[0], '?')} retries; start it, or point "
+                      "MLFLOW_TRACKING_URI at a running one")
+
+
 def load_served_model(model_uri: str) -> ServedModel:
     """Load the pyfunc; a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now."""
     import mlflow
@@ -294,12 +304,14 @@ def load_served_model(model_uri: str) -> ServedModel:
             info.update(name=name, version=version)
             uri = f"models:/{name}/{version}"
         pyfunc = mlflow.pyfunc.load_model(uri)
-    except TlopsError:
+    except TlopsError as exc:
+        # parse_model_uri says "no such model version" for any registry error: tell an unreachable server apart.
+        if exc.__context__ is not None and tracking.unreachable_error(exc.__context__) is not None:
+            raise _unreachable(model_uri) from None
         raise
     except Exception as exc:  # whatever loading raises (registry, artifact store, model code): one line, no trace
-        unreachable = tracking.unreachable_error(exc)
-        if unreachable is not None:
-            raise unreachable from None
+        if tracking.unreachable_error(exc) is not None:
+            raise _unreachable(model_uri) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TlopsError(f"--model {model_uri}: cannot load it ({first:.200}); check the URI with "
                          "'tlops audit --model NAME' and MLFLOW_TRACKING_URI") from None

@@ -258,18 +258,26 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_lives_on(server: d
     assert _b64(text)[:40] not in log and _b64(digit)[:40] not in log  # requests are logged, payloads never
 
 
-def test_cli_refuses_a_port_in_use_and_a_missing_model(server: dict) -> None:
-    runs = {"in use": ["--model", f"models:/{NAME}@champion", "--port", str(server["port"])],
-            "missing": ["--model", "models:/no-such-model@champion", "--port", str(free_port())]}
-    with ThreadPoolExecutor(2) as pool:  # two CLI processes at once: each spends its time importing
-        done = dict(zip(runs, pool.map(lambda args: run_cli("serve", *args, cwd=server["root"], env=server["env"],
-                                                            timeout=120), runs.values()), strict=True))
+def test_cli_refuses_a_port_in_use_a_missing_model_and_a_tracking_server_down(server: dict) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    runs = {"in use": (["--model", f"models:/{NAME}@champion", "--port", str(server["port"])], {}),
+            "missing": (["--model", "models:/no-such-model@champion", "--port", str(free_port())], {}),
+            "down": (["--model", f"models:/{NAME}@champion", "--port", str(free_port())],
+                     {"MLFLOW_TRACKING_URI": down, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})}
+    with ThreadPoolExecutor(3) as pool:  # the CLI processes at once: each spends its time importing
+        done = dict(zip(runs, pool.map(lambda run: run_cli("serve", *run[0], cwd=server["root"],
+                                                           env={**server["env"], **run[1]}, timeout=120),
+                                       runs.values()), strict=True))
     port = server["port"]
-    assert done["in use"].returncode == 2 and done["in use"].stderr.strip() == (
-        f"error: --port {port}: 127.0.0.1:{port} is already in use; stop what listens there or pick another port"
-    ), done["in use"].stderr
-    assert done["missing"].returncode == 2 and done["missing"].stderr.strip() == (
-        "error: --model models:/no-such-model@champion: no such model version in the registry"), done["missing"].stderr
+    expected = {
+        "in use": f"error: --port {port}: 127.0.0.1:{port} is already in use; stop what listens there or pick "
+                  "another port",
+        "missing": "error: --model models:/no-such-model@champion: no such model version in the registry",
+        "down": f"error: --model models:/{NAME}@champion: the MLflow tracking server at {down} did not answer after "
+                "0 retries; start it, or point MLFLOW_TRACKING_URI at a running one",
+    }
+    for case, line in expected.items():
+        assert (done[case].returncode, done[case].stderr.strip()) == (2, line), (case, done[case].stderr)
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(server: dict, images: dict[str, bytes]) -> None:
