@@ -74,7 +74,7 @@ def _class_evidence(u_t_y: np.ndarray, y_sq: float, sigma: np.ndarray, n: int, d
         m2 = float((sigma * x2 / (sigma + t) ** 2).sum())  # |m|^2, m the posterior mean of the weights
         res2 = float((x2 / (1.0 + sigma / t) ** 2).sum()) + rest  # |F m - y|^2
         alpha = gamma / max(m2, 1e-12)
-        beta = (n - gamma) / max(res2, 1e-12)
+        beta = max(n - gamma, 1e-12) / max(res2, 1e-12)
         if abs(alpha / beta - t) / t <= tol:
             break
     t = alpha / beta
