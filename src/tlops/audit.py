@@ -30,8 +30,10 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
         if not version:
             raise TlopsError(f"--model {uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
         return name, str(client().get_model_version(name, version).version)
-    except MlflowException:
-        raise TlopsError(f"--model {uri}: no such model version in the registry") from None
+    except MlflowException as exc:
+        from tlops.tracking import unreachable_error
+
+        raise (unreachable_error(exc) or TlopsError(f"--model {uri}: no such model version in the registry")) from None
 
 
 def model_files(name: str, version: str) -> Path:
@@ -124,15 +126,11 @@ class VersionAudit:
 
 def audit_model(name: str) -> list[VersionAudit]:
     """Every version of ``name`` with its preprocessing evidence, and what is inconsistent about it."""
-    from mlflow.exceptions import MlflowException
 
-    from tlops.registry import PreprocessEvidence, client
+    from tlops.registry import PreprocessEvidence, client, require_model
 
     c = client()
-    try:
-        registered = c.get_registered_model(name)
-    except MlflowException:
-        raise TlopsError(f"registered model {name!r} does not exist in the MLflow registry") from None
+    registered = require_model(name)
     by_version: dict[str, list[str]] = {}
     for alias, v in (registered.aliases or {}).items():
         by_version.setdefault(str(v), []).append(alias)

@@ -285,6 +285,7 @@ def _tracking(config: Path | None, overrides: list[str] | None, output_format: s
     import mlflow
 
     uri = tracking.resolve_tracking_uri(cfg)
+    tracking.apply_retry_policy(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
 
@@ -454,6 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     except TlopsError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
+    except Exception as exc:
+        from tlops.tracking import unreachable_error
+
+        user_error = unreachable_error(exc)  # a tracking server that stopped answering is no bug of ours
+        if user_error is None:
+            raise
+        typer.echo(f"error: {user_error}", err=True)
+        return user_error.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130

@@ -221,8 +221,11 @@ def require_model(name: str) -> Any:
 
     try:
         return client().get_registered_model(name)
-    except MlflowException:
-        raise TlopsError(f"registered model {name!r} does not exist in the MLflow registry") from None
+    except MlflowException as exc:
+        from tlops.tracking import unreachable_error
+
+        raise (unreachable_error(exc) or TlopsError(
+            f"registered model {name!r} does not exist in the MLflow registry")) from None
 
 
 def get_version(name: str, version: str) -> Any:

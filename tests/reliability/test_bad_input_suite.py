@@ -165,3 +165,18 @@ def test_bad_input_is_one_line_and_an_exit_code(what: str, argv: Callable[[Path]
     after = _snapshot(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith((".tlops", "store"))} == \
         {k: v for k, v in before.items() if not k.startswith((".tlops", "store"))}
+
+
+@pytest.mark.parametrize("argv", [["history", "m"], ["parity", "--model", "models:/m@champion"],
+                                  ["audit", "--model", "m"], ["promote", "m", "1"]])
+def test_registry_commands_with_the_tracking_server_down(argv: list[str], capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+    from tlops.tracking import RETRY_ENV
+
+    for name in RETRY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code, _, err = _run(capsys, *argv, "--set", f"tracking.uri={url}", "--set", "tracking.retries=0")
+    assert code == 2
+    assert _one_line(err).startswith(f"error: the MLflow tracking server at {url} did not answer after 0 retries")
