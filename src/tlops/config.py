@@ -114,6 +114,8 @@ class PreprocessConfig(_Section):
 
 
 Strategy = Literal["linear-probe", "partial", "full", "gradual", "scratch"]
+# What a config may say: a strategy, or auto (one Literal, so a wrong value gets one plain message).
+StrategyChoice = Literal["linear-probe", "partial", "full", "gradual", "scratch", "auto"]
 # Strategies trained by gradient descent through the backbone (everything but the linear probe).
 GRADIENT_STRATEGIES: tuple[str, ...] = ("partial", "full", "gradual", "scratch")
 # train.epochs when unset: the probe's L-BFGS iterations (each a full pass over the cached features),
@@ -156,7 +158,7 @@ class AcceleratorConfig(_Section):
 class TrainConfig(_Section):
     # auto: the strategy recommended by the task-similarity check (tlops.similarity), chosen and recorded by
     # the validate step.
-    strategy: Strategy | Literal["auto"] = "linear-probe"
+    strategy: StrategyChoice = "linear-probe"
     # linear-probe: L-BFGS iterations per fit (each a full-batch pass over the cached features);
     # other strategies: epochs. Unset: 200 for linear-probe, 10 for the others.
     epochs: int = Field(200, ge=1)

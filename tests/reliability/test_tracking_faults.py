@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,10 @@ def _stop_server_during_fine_tune(tmp_path: Path, cfg: Path, data: Path, server_
         runner = threading.Thread(target=lambda: result.setdefault("run", _tlops_run(
             tmp_path, cfg, data, url, on_line=("fine-tune", fine_tune_started))), daemon=True)
         runner.start()
-        assert fine_tune_started.wait(timeout=400), "the fine-tune step never started"
+        deadline = time.monotonic() + 400
+        while not fine_tune_started.wait(timeout=1) and runner.is_alive() and time.monotonic() < deadline:
+            pass
+        assert fine_tune_started.is_set(), f"the fine-tune step never started: {result.get('run')}"
     # Leaving the block stopped the server while the fine-tune step runs.
     runner.join(timeout=400)
     rc, out, err = result["run"]
