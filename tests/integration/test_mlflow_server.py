@@ -14,6 +14,8 @@ from tests.conftest import run_cli, write_config
 pytestmark = pytest.mark.integration
 
 
+# Covered in the default run by test_storage_real.py's pipeline test; kept for a focused check.
+@pytest.mark.slow
 def test_pipeline_tracks_and_registers_through_the_server(mlflow_server: str, tmp_path: Path,
                                                           tiny_digits: Path) -> None:
     import mlflow

@@ -52,6 +52,8 @@ def test_missing_bucket_is_a_clear_error(s3_endpoint: dict[str, str], tmp_path: 
     assert "bucket does not exist" in result.stderr
 
 
+# Covered in the default run by test_storage_real.py's pipeline test; kept for a focused check.
+@pytest.mark.slow
 def test_pipeline_runs_on_s3_data(bucket: str, s3_endpoint: dict[str, str], tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", tmp_path / ".tlops")
     result = run_cli("run", "--config", str(cfg), "--data", bucket, cwd=tmp_path, env=s3_endpoint)

@@ -45,9 +45,8 @@ def _artifact_keys() -> list[str]:
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-# About 130-160 s on the 2-core development machine under load (the whole pipeline through kfp.local, a server,
-# two model loads): over the default run's budget, so `make test` leaves it out; run it with -m slow.
-@pytest.mark.slow
+# The one whole pipeline of the default run against real storage services: it stands for the pipeline tests of
+# test_s3.py (data from s3://) and test_mlflow_server.py (a tracking server), which are marked slow.
 def test_pipeline_with_s3_data_and_mlflow_artifacts_on_s3(bucket: str, s3_endpoint: dict[str, str],
                                                           s3_mlflow_server: str, tiny_digits: Path,
                                                           tmp_path: Path) -> None:
@@ -70,6 +69,9 @@ def test_pipeline_with_s3_data_and_mlflow_artifacts_on_s3(bucket: str, s3_endpoi
     # <artifact root>/<experiment>/models/<model id>/artifacts/.
     run_id, model_id = champion.tags["mlflow.run_id"], champion.source.removeprefix("models:/")
     assert model_id.startswith("m-"), champion.source
+    assert str(champion.version) == "1" and champion.tags["parity"] == "pass"
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.tags["preprocess.fingerprint"] == champion.tags["preprocess.fingerprint"]
 
     # The run's artifacts and the registered model's files are objects in the moto bucket.
     keys = _artifact_keys()
