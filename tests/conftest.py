@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,13 +87,21 @@ def free_port() -> int:
 _free_port = free_port
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 20 s."""
-    proc.terminate()
+def stop(proc: subprocess.Popen, group: bool = False, abrupt: bool = False) -> None:
+    """SIGTERM, then SIGKILL after 20 s; ``abrupt``: SIGKILL at once, as a crash. ``group``: the process was
+    started in a session of its own, and every process of it (a server's workers too) gets the signal."""
+    def send(sig: int) -> None:
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+    send(signal.SIGKILL if abrupt else signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        send(signal.SIGKILL)
         proc.wait(timeout=10)
 
 
@@ -113,9 +122,10 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> bool:
 
 @contextlib.contextmanager
 def running_mlflow_server(root: Path, artifacts_destination: str | None = None, env: dict[str, str] | None = None,
-                          port: int | None = None) -> Iterator[str]:
+                          port: int | None = None, crash_on_exit: bool = False) -> Iterator[str]:
     """A real `mlflow server` (SQLite backend under ``root``, HTTP, artifacts proxied to ``artifacts_destination``,
-    default ``root/artifacts``) on loopback; yields its URL.
+    default ``root/artifacts``) on loopback; yields its URL. On exit the server and its workers stop (SIGTERM), or
+    with ``crash_on_exit`` are killed at once (SIGKILL), as a server that crashes.
 
     Started again on the same ``root`` and ``port`` it serves the same store (a server that came back)."""
     port = port or free_port()
@@ -125,7 +135,7 @@ def running_mlflow_server(root: Path, artifacts_destination: str | None = None, 
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
          artifacts_destination or str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -133,7 +143,7 @@ def running_mlflow_server(root: Path, artifacts_destination: str | None = None, 
             pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
         yield url
     finally:
-        stop(proc)
+        stop(proc, group=True, abrupt=crash_on_exit)
         log.close()
 
 

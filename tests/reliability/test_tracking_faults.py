@@ -36,23 +36,27 @@ def _tlops_run(cwd: Path, cfg: Path, data: Path, url: str, *extra: str,
     proc = subprocess.Popen([sys.executable, "-m", "tlops", "run", "--config", str(cfg), "--data", str(data), *extra],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: list[str] = []
+    err: list[str] = []
 
-    def pump() -> None:
+    def pump() -> None:  # the only reader of stdout, so that no line reaches the event late
         assert proc.stdout is not None
         for line in proc.stdout:
             out.append(line)
             if on_line and on_line[0] in line:
                 on_line[1].set()
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    readers = [threading.Thread(target=pump, daemon=True),
+               threading.Thread(target=lambda: err.extend(proc.stderr or []), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
-        _, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    reader.join(timeout=10)
-    return proc.returncode, "".join(out), err
+    for reader in readers:
+        reader.join(timeout=10)
+    return proc.returncode, "".join(out), "".join(err)
 
 
 def _config(tmp_path: Path) -> Path:
@@ -66,7 +70,7 @@ def _stop_server_during_fine_tune(tmp_path: Path, cfg: Path, data: Path, server_
     """Start the server, start a run, stop the server once the fine-tune step runs; returns the run's stderr."""
     fine_tune_started = threading.Event()
     result: dict[str, tuple[int, str, str]] = {}
-    with running_mlflow_server(server_root, port=port) as url:
+    with running_mlflow_server(server_root, port=port, crash_on_exit=True) as url:
         runner = threading.Thread(target=lambda: result.setdefault("run", _tlops_run(
             tmp_path, cfg, data, url, on_line=("fine-tune", fine_tune_started))), daemon=True)
         runner.start()
@@ -74,7 +78,7 @@ def _stop_server_during_fine_tune(tmp_path: Path, cfg: Path, data: Path, server_
         while not fine_tune_started.wait(timeout=1) and runner.is_alive() and time.monotonic() < deadline:
             pass
         assert fine_tune_started.is_set(), f"the fine-tune step never started: {result.get('run')}"
-    # Leaving the block stopped the server while the fine-tune step runs.
+    # Leaving the block killed the server (and its workers) as the fine-tune step started.
     runner.join(timeout=400)
     rc, out, err = result["run"]
     assert rc == 2, out[-2000:] + err[-2000:]
