@@ -1,5 +1,5 @@
 """Kubeflow components: each one imports a core step from ``tlops.steps`` and calls it, nothing else."""
 
-from components.steps import evaluate, fine_tune, gate, parity, validate
+from components.steps import evaluate, fine_tune, gate, parity, skip, validate
 
-__all__ = ["evaluate", "fine_tune", "gate", "parity", "validate"]
+__all__ = ["evaluate", "fine_tune", "gate", "parity", "skip", "validate"]

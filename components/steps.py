@@ -1,4 +1,4 @@
-"""The five pipeline components. Bodies stay an import and one call: the logic lives in ``tlops.steps``.
+"""The pipeline components. Bodies stay an import and one call: the logic lives in ``tlops.steps``.
 
 ``DEFAULT_IMAGE`` is only the components' own default: a compiled pipeline sets every task's image from its
 cluster config (``pipelines.transfer_learning.apply_cluster``).
@@ -12,10 +12,10 @@ from components.image import DEFAULT_IMAGE
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def validate(data_uri: str, config_json: str, pipeline_run: str, manifest: Output[Dataset],
-             report: Output[Artifact], report_html: Output[HTML]) -> str:
+             report: Output[Artifact], report_html: Output[HTML], plan: dsl.OutputPath(str)) -> str:  # type: ignore[valid-type]
     from tlops.steps import validate_step
 
-    return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run, report_html.path)
+    return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run, report_html.path, plan)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
@@ -52,3 +52,10 @@ def gate(config_json: str, run_id: str, model_uri: str, evaluation: Input[Artifa
     from tlops.steps import gate_step
 
     return gate_step(config_json, run_id, model_uri, evaluation.path, decision.path)
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def skip(config_json: str, run_id: str, decision: Output[Artifact]) -> str:
+    from tlops.steps import skip_step
+
+    return skip_step(config_json, run_id, decision.path)

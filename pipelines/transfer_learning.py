@@ -1,4 +1,4 @@
-"""validate -> parity -> fine_tune -> evaluate -> gate, as one kfp v2 pipeline."""
+"""validate -> parity -> fine_tune -> evaluate -> gate (or skip), as one kfp v2 pipeline."""
 
 # No `from __future__ import annotations`: kfp reads the pipeline signature's types at decoration.
 import os
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from kfp import compiler, dsl, kubernetes
 
-from components import evaluate, fine_tune, gate, parity, validate
+from components import evaluate, fine_tune, gate, parity, skip, validate
 from components.image import resolve_image
 from tlops.config import AcceleratorConfig, ClusterConfig, Config
 
@@ -86,13 +86,18 @@ def transfer_learning_pipeline(data_uri: str, config_json: str, pipeline_run: st
     checked = _step(validate(data_uri=data_uri, config_json=config_json, pipeline_run=pipeline_run), "validate")
     run_id = checked.outputs["Output"]
     spec = _step(parity(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"]), "parity")
-    trained = _step(fine_tune(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"],
-                              spec=spec.outputs["spec"]), "fine-tune")
-    scored = _step(evaluate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
-                            manifest=checked.outputs["manifest"]), "evaluate")
-    decided = _step(gate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
-                         evaluation=scored.outputs["evaluation"]), "gate")
-    return decided.outputs["Output"]
+    # The validate step's plan: "train", or "skip" when selection.skip_when found no new data or no drift.
+    # A skipped run starts no fine-tune pod (no GPU asked for), no evaluation and no gate.
+    with dsl.If(checked.outputs["plan"] == "train", name="train"):
+        trained = _step(fine_tune(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"],
+                                  spec=spec.outputs["spec"]), "fine-tune")
+        scored = _step(evaluate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
+                                manifest=checked.outputs["manifest"]), "evaluate")
+        decided = _step(gate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
+                             evaluation=scored.outputs["evaluation"]), "gate")
+    with dsl.Else(name="skip-training"):
+        skipped = _step(skip(config_json=config_json, run_id=run_id), "skip")
+    return dsl.OneOf(decided.outputs["Output"], skipped.outputs["Output"])
 
 
 def compile_pipeline(output: str, accelerator: AcceleratorConfig | None = None,

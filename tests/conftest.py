@@ -31,6 +31,22 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def ir_tasks(ir: dict) -> dict[str, dict]:
+    """Every task of a compiled pipeline by name, those inside condition branches (dsl.If/Else) included."""
+    found: dict[str, dict] = {}
+
+    def walk(dag: dict) -> None:
+        for name, task in dag.get("tasks", {}).items():
+            component = ir["components"].get(task["componentRef"]["name"], {})
+            if "dag" in component:  # a condition branch: its tasks are one level down
+                walk(component["dag"])
+            else:
+                found[name] = task
+
+    walk(ir["root"]["dag"])
+    return found
+
+
 def write_config(path: Path, workdir: Path, **overrides: object) -> Path:
     """A fast test config: 32 px (declared), small grid, low accuracy floor for tiny data."""
     cfg: dict = {

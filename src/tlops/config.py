@@ -376,7 +376,8 @@ _MEMORY_FACTORS = {"": 1, **{s: 1000 ** (i + 1) for i, s in enumerate("KMGTPE")}
                    **{f"{s}i": 1024 ** (i + 1) for i, s in enumerate("KMGTPE")}}
 # The pipeline's steps, by task name. Per-step defaults: validate and parity read every image once, fine-tune
 # trains (16Gi also holds the feature cache and the input cache), gate only talks to MLflow.
-CLUSTER_STEPS = ("validate", "parity", "fine-tune", "evaluate", "gate")
+# skip: runs instead of fine-tune, evaluate and gate when the validate step decided to train nothing.
+CLUSTER_STEPS = ("validate", "parity", "fine-tune", "evaluate", "gate", "skip")
 DEFAULT_STEP_SETTINGS: dict[str, dict[str, Any]] = {
     "validate": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi", "retries": 2},
     "parity": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi", "retries": 2},
@@ -385,6 +386,7 @@ DEFAULT_STEP_SETTINGS: dict[str, dict[str, Any]] = {
     "evaluate": {"cpu_request": "2", "cpu_limit": "4", "memory_request": "4Gi", "memory_limit": "8Gi", "retries": 2},
     # A retried gate would register a second model version for the same candidate: no retries by default.
     "gate": {"cpu_request": "500m", "cpu_limit": "1", "memory_request": "1Gi", "memory_limit": "2Gi", "retries": 0},
+    "skip": {"cpu_request": "250m", "cpu_limit": "1", "memory_request": "512Mi", "memory_limit": "1Gi", "retries": 2},
 }
 # Environment variable names (POSIX) and Kubernetes object names (DNS-1123 subdomain).
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -488,7 +490,8 @@ class ClusterConfig(_Section):
 
     # The project image every step runs in. Unset: $TLOPS_IMAGE, else components.image.DEFAULT_IMAGE.
     image: str | None = Field(None, min_length=1)
-    # Per step (validate, parity, fine-tune, evaluate, gate); a partial entry keeps that step's other defaults.
+    # Per step (validate, parity, fine-tune, evaluate, gate, skip); a partial entry keeps that step's other
+    # defaults.
     steps: dict[str, StepClusterConfig] = Field(default_factory=dict)
     # Back-off between retries: first wait, growth factor, and the longest a step keeps being retried.
     retry_backoff: str = Field("30s", pattern=r"^[0-9]+s$")

@@ -77,7 +77,7 @@ def _mlflow_run(cfg: Config, run_id: str | None = None, run_name: str | None = N
 
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
-                  pipeline_run: str = "", html_path: str = "") -> str:
+                  pipeline_run: str = "", html_path: str = "", plan_path: str = "") -> str:
     """Build the image manifest, run the GX suite, open the MLflow run. Returns the MLflow run id.
 
     ``manifest_path`` receives the manifest training uses: with ``validation.exclude_quarantined`` the
@@ -129,6 +129,10 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             from tlops.selection import plan_run
 
             plan_run(cfg, used)  # backbone/strategy auto, feature drift, skip decision: recorded in this run
+            if plan_path:  # what the pipeline does next: "train", or "skip" (selection.skip_when)
+                from tlops.drift import run_skipped
+
+                write_text(plan_path, "skip" if run_skipped(cfg, run.info.run_id) is not None else "train")
             return run.info.run_id
 
 
@@ -184,7 +188,6 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
     from tlops import __version__
     from tlops.curves import plot_history
     from tlops.data import class_names, read_manifest
-    from tlops.drift import run_skipped
     from tlops.parity import golden_set, serving_check
     from tlops.preprocessing import PreprocessSpec
     from tlops.selection import planned_config
@@ -192,10 +195,6 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
     from tlops.training import fine_tune
 
     cfg = planned_config(Config.from_json(config_json), run_id)
-    skipped = run_skipped(cfg, run_id)
-    if skipped is not None:
-        log.info("fine-tune: skipped, %s", skipped)
-        return ""  # no model: evaluate and gate see the empty URI
     manifest = read_manifest(manifest_path)
     # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
@@ -275,9 +274,6 @@ def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: 
     from tlops.registry import champion_version
 
     cfg = Config.from_json(config_json)
-    if not model_uri:  # the validate step decided to skip training (selection.skip_when)
-        write_json(metrics_path, {"skipped": True})
-        return {"metrics": {"accuracy": 0.0, "skipped": 1.0}, "categories": [], "matrix": []}
     rows = evaluation.test_rows(read_manifest(manifest_path))
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
@@ -326,8 +322,6 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
     cfg = planned_config(Config.from_json(config_json), run_id)
     metrics = read_json(metrics_path)
     name = cfg.registry.model_name
-    if metrics.get("skipped"):
-        return _skipped_summary(cfg, run_id, decision_path)
     with _mlflow_run(cfg, run_id) as run:
         tags = run.data.tags
         decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
@@ -368,13 +362,18 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
     return json.dumps(summary)
 
 
-def _skipped_summary(cfg: Config, run_id: str, decision_path: str) -> str:
-    """A run that trained nothing: no version registered, the champion unchanged, the reason recorded."""
+@step
+def skip_step(config_json: str, run_id: str, decision_path: str) -> str:
+    """The pipeline's branch when the validate step decided to train nothing (``selection.skip_when``): fine-tune,
+    evaluate and gate do not run, no version is registered, the champion is unchanged, and the reason is recorded.
+    Returns the run summary as JSON, as the gate does."""
     import mlflow
 
     from tlops import registry, tracking
     from tlops.drift import SKIP_REASON_TAG
+    from tlops.selection import planned_config
 
+    cfg = planned_config(Config.from_json(config_json), run_id)
     name = cfg.registry.model_name
     with _mlflow_run(cfg, run_id) as run:
         tags = run.data.tags

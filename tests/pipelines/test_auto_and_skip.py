@@ -27,6 +27,10 @@ def test_auto_backbone_run_then_a_skipped_run_on_the_same_data(tmp_path: Path, t
     assert "training skipped" in second.stdout
     assert "the data equals the training data of champion auto-digits version 1" in second.stdout
     assert "auto-digits version 1 (unchanged)" in second.stdout
+    # The skipped branch ran instead of training: no fine-tune (no GPU pod on a cluster), no evaluate, no gate.
+    assert "Executing task 'skip'" in second.stdout
+    assert not any(f"Executing task '{t}'" in second.stdout for t in ("fine-tune", "evaluate", "gate"))
+    assert "Executing task 'fine-tune'" in first.stdout
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / '.tlops' / 'mlflow.db'}")
     assert [str(v.version) for v in client.search_model_versions("name = 'auto-digits'")] == ["1"]

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.conftest import free_port, run_cli
+from tests.conftest import free_port, ir_tasks, run_cli
 
 API = "/apis/v2beta1"
 TOKEN = "kfp-token-not-to-be-printed"
@@ -158,12 +158,12 @@ def test_submit_starts_a_run_with_the_compiled_pipeline(api: KfpApi, tmp_path: P
     assert json.loads(params["config_json"])["cluster"]["image"] == "registry.example/tlops:7"
     ir = pipeline_doc(body)
     assert ir["pipelineInfo"]["name"] == "tlops-transfer-learning"
-    assert set(ir["root"]["dag"]["tasks"]) == {"validate", "parity", "fine-tune", "evaluate", "gate"}
+    assert set(ir_tasks(ir)) == {"validate", "parity", "fine-tune", "evaluate", "gate", "skip"}
     images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example/tlops:7"}
     # The platform spec (secrets) travels with it, and the compiled caching choice is kept.
     assert "kubernetes" in body["pipeline_spec"]["platform_spec"]["platforms"]
-    assert ir["root"]["dag"]["tasks"]["validate"]["cachingOptions"].get("enableCache") is True
+    assert ir_tasks(ir)["validate"]["cachingOptions"].get("enableCache") is True
 
 
 def test_schedule_creates_lists_and_disables_a_recurring_run(api: KfpApi, tmp_path: Path) -> None:
@@ -178,7 +178,7 @@ def test_schedule_creates_lists_and_disables_a_recurring_run(api: KfpApi, tmp_pa
     assert body["no_catchup"] is True and str(body["max_concurrency"]) == "1" and body["mode"] == "ENABLE"
     # Each scheduled run gets its own pipeline_run (KFP fills in the time), so validate is not a cache hit.
     assert body["runtime_config"]["parameters"]["pipeline_run"] == "retrain-[[ScheduledTime]]"
-    assert set(pipeline_doc(body)["root"]["dag"]["tasks"]) >= {"validate", "gate"}
+    assert set(ir_tasks(pipeline_doc(body))) >= {"validate", "gate"}
 
     again = tlops("schedule", "--host", api.url, "--cron", "0 0 4 * * *", "--name", "retrain",
                   "--data", "s3://bucket/digits", cwd=tmp_path)

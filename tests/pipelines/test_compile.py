@@ -3,10 +3,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import ir_tasks, run_cli
 
 
-def test_compiled_ir_loads_back_and_names_all_five_tasks(tmp_path: Path) -> None:
+def test_compiled_ir_loads_back_and_names_every_task(tmp_path: Path) -> None:
     from kfp import components
 
     out = tmp_path / "pipeline.yaml"
@@ -15,12 +15,18 @@ def test_compiled_ir_loads_back_and_names_all_five_tasks(tmp_path: Path) -> None
     loaded = components.load_component_from_file(str(out))
     assert loaded.name == "tlops-transfer-learning"
     ir = next(yaml.safe_load_all(out.read_text()))  # then the platform spec (secrets, placement)
-    tasks = ir["root"]["dag"]["tasks"]
-    assert set(tasks) == {"validate", "parity", "fine-tune", "evaluate", "gate"}
+    tasks = ir_tasks(ir)
+    assert set(tasks) == {"validate", "parity", "fine-tune", "evaluate", "gate", "skip"}
     # The DAG order: each step depends on the one before it.
     assert "validate" in tasks["parity"]["dependentTasks"]
     assert "fine-tune" in tasks["evaluate"]["dependentTasks"]
     assert set(tasks["gate"]["dependentTasks"]) >= {"evaluate", "fine-tune"}
+    # fine-tune, evaluate and gate run only on the validate step's plan "train"; skip only on the other one.
+    branches = {name: task.get("triggerPolicy", {}).get("condition", "")
+                for name, task in ir["components"]["comp-condition-branches-1"]["dag"]["tasks"].items()}
+    (train,) = [c for c in branches.values() if "== 'train'" in c and "!" not in c]
+    assert "validate" in train and "plan" in train
+    assert ir["root"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "STRING"
     images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
     assert images == {"tlops:0.1.0"}
     # No step installs packages at run time: the command runs the executor from the image.
@@ -37,7 +43,7 @@ def test_compile_into_a_missing_directory_is_a_clear_error(tmp_path: Path) -> No
 # ------------------------------------------------------------------ the cluster settings in the compiled YAML
 
 CLUSTER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cluster.yaml"
-TASKS = ("validate", "parity", "fine-tune", "evaluate", "gate")
+TASKS = ("validate", "parity", "fine-tune", "evaluate", "gate", "skip")
 
 
 def load_compiled(path: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
@@ -45,7 +51,7 @@ def load_compiled(path: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
     ir, platform = yaml.safe_load_all(path.read_text())
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     containers, kube = {}, {}
-    for name, task in ir["root"]["dag"]["tasks"].items():
+    for name, task in ir_tasks(ir).items():
         label = ir["components"][task["componentRef"]["name"]]["executorLabel"]
         containers[name] = ir["deploymentSpec"]["executors"][label]["container"]
         kube[name] = executors.get(label, {})
@@ -62,7 +68,7 @@ def test_cluster_config_and_image_land_in_the_compiled_yaml(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "registry.test/tlops:42" in result.stdout
     ir, containers, kube = load_compiled(out)
-    tasks = ir["root"]["dag"]["tasks"]
+    tasks = ir_tasks(ir)
     assert {c["image"] for c in containers.values()} == {"registry.test/tlops:42"}  # --image beats cluster.image
 
     for name in TASKS:

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import ir_tasks
 from tlops.config import AcceleratorConfig, load_config
 
 
 def fine_tune_resources(ir_path: Path) -> dict:
     ir = yaml.safe_load(ir_path.read_text())
     executors = ir["deploymentSpec"]["executors"]
-    task = ir["root"]["dag"]["tasks"]["fine-tune"]
+    task = ir_tasks(ir)["fine-tune"]
     executor = ir["components"][task["componentRef"]["name"]]["executorLabel"]
     others = [e for name, e in executors.items() if name != executor]
     assert all("accelerator" not in e["container"].get("resources", {}) for e in others)  # only fine-tune asks
