@@ -99,14 +99,15 @@ def test_scheduled_run_skips_only_without_new_data_or_drift(store: tuple[str, Pa
     assert tags.data.tags["run.skipped"] == "false" and tags.data.tags["data.new"] == "true"
 
 
-def test_skipped_run_trains_evaluates_and_registers_nothing(store: tuple[str, Path], tmp_path: Path) -> None:
-    """The steps after validate, given a run the validate step marked skipped: no model, champion unchanged."""
+def test_skipped_run_registers_nothing_and_records_why(store: tuple[str, Path], tmp_path: Path) -> None:
+    """The pipeline's skip branch (instead of fine-tune, evaluate, gate), given a run the validate step marked
+    skipped: no model, champion unchanged, the decision and its reason recorded."""
     import json
 
     import mlflow
 
     from tlops.cli import format_summary
-    from tlops.steps import evaluate_step, fine_tune_step, gate_step
+    from tlops.steps import skip_step
 
     uri, root = store
     cfg = config(uri, root, skip_when="unchanged").model_copy(
@@ -114,14 +115,11 @@ def test_skipped_run_trains_evaluates_and_registers_nothing(store: tuple[str, Pa
     with mlflow.start_run(experiment_id=use_store(uri)) as run:
         mlflow.set_tags({"run.skipped": "true", "run.skip_reason": "the data equals the training data of champion",
                          "validation": "pass", "data.manifest_hash": "f" * 64, "drift.status": "not measured"})
-    run_id, missing = run.info.run_id, str(tmp_path / "not-read")
-    assert fine_tune_step(cfg.to_json(), run_id, missing, missing, str(tmp_path / "model")) == ""
-    out = evaluate_step(cfg.to_json(), run_id, missing, "", str(tmp_path / "metrics.json"))
-    assert out["metrics"]["skipped"] == 1.0 and out["matrix"] == []
-    summary = json.loads(gate_step(cfg.to_json(), run_id, "", str(tmp_path / "metrics.json"),
-                                   str(tmp_path / "decision.json")))
+    run_id = run.info.run_id
+    summary = json.loads(skip_step(cfg.to_json(), run_id, str(tmp_path / "decision.json")))
     assert summary["decision"] == "skipped" and summary["champion_now"] is None
     assert summary["reasons"] == ["the data equals the training data of champion"]
+    assert json.loads((tmp_path / "decision.json").read_text()) == summary
     assert not mlflow.MlflowClient().search_registered_models("name = 'skip-digits'")
     assert mlflow.MlflowClient().get_run(run_id).data.tags["gate.decision"] == "skipped"
     assert "training skipped" in format_summary({**summary, "log": "x.log"}, 3.0)
