@@ -28,9 +28,9 @@ from collections import defaultdict, deque
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
-from bench.common import digits_manifest, machine, median, split
+from bench.common import Files, digits_manifest, machine, median, split
 from tlops.backbones import build_classifier, reference_spec
 from tlops.config import TrainConfig
 from tlops.data import class_names
@@ -38,19 +38,6 @@ from tlops.preprocessing import build_transform, with_resolution
 from tlops.training import train_gradient
 
 BACKBONE = "efficientnet_lite0"
-
-
-class Files(Dataset):
-    """ImageFolder-like: a file path and a label per item, decoded and transformed on every access."""
-
-    def __init__(self, paths: list[str], labels: list[int], transform) -> None:  # noqa: ANN001
-        self.paths, self.labels, self.transform = paths, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.paths[i]), self.labels[i]
 
 
 class SmoothedValue:

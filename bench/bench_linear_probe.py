@@ -24,26 +24,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from bench.common import digits_manifest, machine, median, split
+from bench.common import Files, digits_manifest, machine, median, split
 from tlops.backbones import feature_extractor, get_info, reference_spec
 from tlops.data import class_names
 from tlops.features import FeatureCache
 from tlops.preprocessing import build_transform, with_resolution
 
 BACKBONE = "efficientnet_lite0"
-
-
-class Files(Dataset):
-    def __init__(self, paths: list[str], labels: list[int], transform) -> None:  # noqa: ANN001
-        self.paths, self.labels, self.transform = paths, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.paths[i]), self.labels[i]
 
 
 def new_head(dim: int, classes: int) -> tuple[nn.Linear, torch.optim.Optimizer]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch.utils.data import Dataset
 
 DEMO_DATA = Path(".tlops/data/digits")
 
@@ -40,3 +41,17 @@ def machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), load average {load:.1f} at start")
+
+
+class Files(Dataset):
+    """ImageFolder-like: a file path and a label per item, decoded and transformed on every access (as the
+    tutorial and reference loops do)."""
+
+    def __init__(self, paths: list[str], labels: list[int], transform) -> None:  # noqa: ANN001
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.paths[i]), self.labels[i]
