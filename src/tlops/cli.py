@@ -411,11 +411,9 @@ def serve_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Serve a registered model over MLflow's scoring protocol (POST /invocations) until SIGTERM or Ctrl-C."""
-    from tlops import tracking
     from tlops.server import ServeLimits, serve
 
-    _tracking(config, set_)
-    tracking.apply_retry_policy(_config(config, set_))  # a tracking server that is down: a bounded wait, one line
+    _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait, one line
     serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads)
 
 

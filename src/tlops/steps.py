@@ -128,11 +128,9 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
                                                                        for c in report.failures()))
             from tlops.selection import plan_run
 
-            plan_run(cfg, used)  # backbone/strategy auto, feature drift, skip decision: recorded in this run
+            plan = plan_run(cfg, used)  # backbone/strategy auto, feature drift, skip decision: recorded in this run
             if plan_path:  # what the pipeline does next: "train", or "skip" (selection.skip_when)
-                from tlops.drift import run_skipped
-
-                write_text(plan_path, "skip" if run_skipped(cfg, run.info.run_id) is not None else "train")
+                write_text(plan_path, "skip" if plan.get("skipped") else "train")
             return run.info.run_id
 
 
