@@ -83,20 +83,21 @@ def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 
 @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
 def transfer_learning_pipeline(data_uri: str, config_json: str, pipeline_run: str = "") -> str:
+    # Only the validate step reads the config as given: it resolves it (auto choices) into the run plan, which
+    # every later step takes as an input. What crosses between steps is in this DAG, nothing else.
     checked = _step(validate(data_uri=data_uri, config_json=config_json, pipeline_run=pipeline_run), "validate")
-    run_id = checked.outputs["Output"]
-    spec = _step(parity(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"]), "parity")
-    # The validate step's plan: "train", or "skip" when selection.skip_when found no new data or no drift.
+    plan, manifest = checked.outputs["run_plan"], checked.outputs["manifest"]
+    proved = _step(parity(run_plan=plan, manifest=manifest), "parity")
+    # The plan's decision: "train", or "skip" when selection.skip_when found no new data or no drift.
     # A skipped run starts no fine-tune pod (no GPU asked for), no evaluation and no gate.
-    with dsl.If(checked.outputs["plan"] == "train", name="train"):
-        trained = _step(fine_tune(config_json=config_json, run_id=run_id, manifest=checked.outputs["manifest"],
-                                  spec=spec.outputs["spec"]), "fine-tune")
-        scored = _step(evaluate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
-                                manifest=checked.outputs["manifest"]), "evaluate")
-        decided = _step(gate(config_json=config_json, run_id=run_id, model_uri=trained.outputs["Output"],
-                             evaluation=scored.outputs["evaluation"]), "gate")
+    with dsl.If(checked.outputs["Output"] == "train", name="train"):
+        trained = _step(fine_tune(run_plan=plan, manifest=manifest, spec=proved.outputs["spec"]), "fine-tune")
+        scored = _step(evaluate(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest), "evaluate")
+        decided = _step(gate(run_plan=plan, model_uri=trained.outputs["Output"],
+                             evaluation=scored.outputs["evaluation"], parity_report=proved.outputs["report"],
+                             serving_parity=trained.outputs["serving_parity"]), "gate")
     with dsl.Else(name="skip-training"):
-        skipped = _step(skip(config_json=config_json, run_id=run_id), "skip")
+        skipped = _step(skip(run_plan=plan), "skip")
     return dsl.OneOf(decided.outputs["Output"], skipped.outputs["Output"])
 
 

@@ -547,7 +547,13 @@ class ClusterConfig(_Section):
 
 
 class Config(_Section):
+    # This process's own scratch space (manifest cache, fetched images, feature cache, checkpoints). In a
+    # cluster it lives and dies with the step's pod.
     workdir: str = ".tlops"
+    # Where state that must outlive a step lives, so a retried or re-run step resumes: checkpoints under
+    # <state_uri>/checkpoints/<key>, the linear probe's feature cache under <state_uri>/features. An s3://
+    # prefix (or a directory every step sees); unset: inside the workdir only.
+    state_uri: str | None = None
     backbone: str = "efficientnet_lite0"
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()

@@ -307,7 +307,8 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
     t0 = time.perf_counter()
     infos = inspect_files(paths, cache, max_pixels, workers)
     rows = []
-    uri_base = uri.rsplit("/", 1)[0] if root.is_file() else uri.rstrip("/")
+    # A local URI is made absolute: every step resolves it the same way, whatever its working directory.
+    uri_base = (uri.rsplit("/", 1)[0] if root.is_file() else uri.rstrip("/")) if is_s3(uri) else base.as_posix()
     for entry, path, info in zip(entries, paths, infos, strict=True):
         split = entry.split or hash_split(str(info["sha256"]), val_fraction, test_fraction, salt)
         rows.append({"uri": f"{uri_base}/{entry.rel}", "path": path,
@@ -322,14 +323,20 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
 
 
 def manifest_hash(df: pd.DataFrame) -> str:
-    """Identity of a data set: which contents, under which labels, in which split."""
-    lines = sorted(f"{r.uri}\t{r.sha256}\t{r.label}\t{r.split}" for r in df.itertuples())
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    """Identity of a data set: which contents, under which labels, in which split (``manifest.content_hash``)."""
+    from tlops.manifest import content_hash
+
+    return content_hash(df)
 
 
-def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
-    """CSV, replaced atomically: a reader sees the old manifest or the new one, never half of one."""
-    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+def write_manifest(df: pd.DataFrame, path: str | Path, local_paths: bool = False) -> Path:
+    """CSV, replaced atomically: a reader sees the old manifest or the new one, never half of one.
+
+    The ``path`` column (where this process found each file) is left out unless ``local_paths``: a manifest
+    that leaves the process names its files by ``uri`` only, and a reader localizes them (tlops.manifest).
+    """
+    out = df if local_paths else df.assign(path=None)
+    return atomic_write(path, lambda tmp: out.to_csv(tmp, index=False))
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -342,6 +349,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         df["error"] = df["error"].fillna("")
     if "dhash" in df:
         df["dhash"] = df["dhash"].fillna("")
+    if "path" not in df:
+        df["path"] = None
     return df
 
 

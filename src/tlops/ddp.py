@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr(int(os.environ.get("RANK", "0")))
     try:
         cfg = load_config(args.config, args.overrides)
-        manifest = read_manifest(args.manifest)
+        from tlops.manifest import localize, usable
+
+        manifest = localize(usable(read_manifest(args.manifest)), Path(cfg.workdir) / "cache")
         spec = PreprocessSpec.from_record(read_json(args.spec))
         classes = class_names(manifest)
         if launched_by_torchrun():

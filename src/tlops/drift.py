@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tlops.manifest import localize, usable
 from tlops.selection import one_blas_thread
 
 if TYPE_CHECKING:
@@ -72,11 +73,16 @@ def mmd_test(new: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tenso
 
 
 def _sample(manifest: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
-    usable = manifest[manifest["decodable"].astype(bool)]
-    usable = usable[[Path(str(p)).is_file() for p in usable["path"]]]
-    if len(usable) <= size:
-        return usable
-    return usable.sample(n=size, random_state=seed).sort_index()
+    rows = usable(manifest)
+    if len(rows) <= size:
+        return rows
+    return rows.sample(n=size, random_state=seed).sort_index()
+
+
+def reference_pixels(cfg: Config, reference: pd.DataFrame) -> pd.DataFrame:
+    """A sample of an earlier run's training data, fetched by URI; files gone or changed since are left out."""
+    sample = _sample(reference, cfg.selection.drift_sample, cfg.selection.seed)
+    return localize(sample, Path(cfg.workdir) / "cache", strict=False)
 
 
 def feature_drift(cfg: Config, new: pd.DataFrame, reference: pd.DataFrame) -> MMDResult:
@@ -92,8 +98,8 @@ def feature_drift(cfg: Config, new: pd.DataFrame, reference: pd.DataFrame) -> MM
     cache = FeatureCache(Path(cfg.workdir) / "cache" / "features")
     device = resolve_device(cfg.train.device)
     feats = []
-    for what, rows in (("new", _sample(new, sel.drift_sample, sel.seed)),
-                       ("reference", _sample(reference, sel.drift_sample, sel.seed))):
+    # ``new`` is the validate step's own manifest (its files are at hand); ``reference`` is already localized.
+    for what, rows in (("new", _sample(new, sel.drift_sample, sel.seed)), ("reference", reference)):
         paths, shas = [str(p) for p in rows["path"]], [str(s) for s in rows["sha256"]]
         feats.append(cache.features(cfg.backbone, model, paths, shas, spec, cfg.train.batch_size, device,
                                     f"drift {what}"))
@@ -132,7 +138,8 @@ def decide_skip(cfg: Config, manifest: pd.DataFrame) -> dict[str, Any]:
     new_data = reference is None or manifest_hash(manifest) != champion_hash
     out: dict[str, Any] = {"drift": "not measured", "new_data": new_data, "reference": where}
     if reference is not None and sel.drift:
-        if _sample(reference, 2, 0).shape[0] < 2:
+        reference = reference_pixels(cfg, reference)
+        if reference.shape[0] < 2:
             out["drift"] = "not measured"
             out["drift_reason"] = f"the files of {where}'s training data are no longer readable"
         else:

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def test_rows(manifest: pd.DataFrame) -> pd.DataFrame:
-    usable = manifest["decodable"].astype(bool) & manifest["label"].notna()
-    return manifest[usable & (manifest["split"] == "test")].reset_index(drop=True)
+    from tlops.manifest import split_rows
+
+    return split_rows(manifest, "test")
 
 
 def read_images(paths: list[str]) -> list[bytes]:

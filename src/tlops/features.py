@@ -66,8 +66,11 @@ def extract_features(backbone: nn.Module, paths: list[str], spec: PreprocessSpec
 class FeatureCache:
     """``<root>/<key>.pt`` holding ``{"features": Tensor, "sha256": [...], "meta": {...}}``."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, remote: str | None = None) -> None:
         self.root = Path(root)
+        # ``remote``: an s3:// prefix (or a directory) shared by every step and run; a local miss looks there,
+        # and what is computed here is stored there too, so a step whose disk vanished still finds it.
+        self.remote = remote.rstrip("/") if remote else None
         self.hits = 0
         self.misses = 0
 
@@ -75,8 +78,10 @@ class FeatureCache:
         return self.root / f"{key}.pt"
 
     def load(self, key: str, image_sha256: list[str]) -> torch.Tensor | None:
+        from tlops.storage import fetch_file
+
         path = self.path(key)
-        if not path.is_file():
+        if not path.is_file() and not (self.remote and fetch_file(f"{self.remote}/{key}.pt", path)):
             return None
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -90,8 +95,13 @@ class FeatureCache:
         return feats
 
     def save(self, key: str, feats: torch.Tensor, image_sha256: list[str], meta: dict[str, str]) -> Path:
+        from tlops.storage import put_file
+
         payload = {"features": feats.contiguous(), "sha256": list(image_sha256), "meta": meta}
-        return save_torch(self.path(key), payload)
+        path = save_torch(self.path(key), payload)
+        if self.remote:
+            put_file(path, f"{self.remote}/{key}.pt")
+        return path
 
     def features(self, backbone_name: str, backbone: nn.Module, paths: list[str], image_sha256: list[str],
                  spec: PreprocessSpec, batch_size: int, device: torch.device, desc: str) -> torch.Tensor:

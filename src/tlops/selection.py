@@ -198,7 +198,9 @@ def stratified_sample(manifest: pd.DataFrame, size: int, seed: int = 0) -> pd.Da
     A train split no larger than ``size`` is returned whole and in order: the linear probe's feature
     cache key is then the same.
     """
-    train = manifest[manifest["decodable"].astype(bool) & manifest["label"].notna() & (manifest["split"] == "train")]
+    from tlops.manifest import split_rows
+
+    train = split_rows(manifest, "train")
     if len(train) <= size:
         return train
     rng = np.random.default_rng(seed)
@@ -488,24 +490,11 @@ def plan_run(cfg: Config, manifest: pd.DataFrame) -> dict[str, Any]:
     return plan
 
 
-def planned_config(cfg: Config, run_id: str) -> Config:
-    """The config with the validate step's choices (recorded as tags of the run) in place of ``auto``."""
-    if cfg.backbone != "auto" and cfg.train.strategy != "auto":
-        return cfg
-    import mlflow
-
-    from tlops import tracking
-
-    tracking.setup(cfg)
-    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+def resolved_config(cfg: Config, choices: dict[str, Any]) -> Config:
+    """The config with what ``plan_run`` chose in place of ``auto``: what every later step runs with."""
     update: dict[str, Any] = {}
     if cfg.backbone == "auto":
-        if SELECTED_TAG not in tags:
-            raise TlopsError(f"backbone auto: run {run_id} has no {SELECTED_TAG} tag; the validate step chooses it")
-        update["backbone"] = tags[SELECTED_TAG]
+        update["backbone"] = choices["backbone"]
     if cfg.train.strategy == "auto":
-        if STRATEGY_TAG not in tags:
-            raise TlopsError(f"train.strategy auto: run {run_id} has no {STRATEGY_TAG} tag; the validate step "
-                             "chooses it")
-        update["train"] = resolve_strategy(cfg.train, tags[STRATEGY_TAG])
+        update["train"] = resolve_strategy(cfg.train, choices["strategy"])
     return cfg.model_copy(update=update)

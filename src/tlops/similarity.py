@@ -142,12 +142,13 @@ def task_similarity(cfg: Config, manifest: pd.DataFrame) -> Similarity:
     from tlops.backbones import feature_extractor, get_info, imagenet_model
     from tlops.drift import mmd_test
     from tlops.features import FeatureCache
+    from tlops.manifest import split_rows
     from tlops.parity import eval_spec
     from tlops.selection import stratified_sample
     from tlops.training import resolve_device
 
     rows = stratified_sample(manifest, SAMPLE, cfg.selection.seed)
-    train = manifest[(manifest["split"] == "train") & manifest["decodable"].astype(bool)]
+    train = split_rows(manifest, "train")
     per_class = float(train["label"].value_counts().median()) if len(train) else 0.0
     paths, shas = [str(p) for p in rows["path"]], [str(s) for s in rows["sha256"]]
     spec = eval_spec(cfg.backbone, cfg.preprocess)

@@ -75,17 +75,27 @@ def _mlflow_run(cfg: Config, run_id: str | None = None, run_name: str | None = N
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
+def _pixels(cfg: Config, rows: Any) -> Any:
+    """``rows`` of the run's manifest with ``path`` naming this step's own copy of each file (checked by sha256)."""
+    from tlops.manifest import localize
+
+    return localize(rows, Path(cfg.workdir) / "cache")
+
+
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
                   pipeline_run: str = "", html_path: str = "", plan_path: str = "") -> str:
-    """Build the image manifest, run the GX suite, open the MLflow run. Returns the MLflow run id.
+    """Build the image manifest, run the GX suite, open the MLflow run, decide what the run does.
 
-    ``manifest_path`` receives the manifest training uses: with ``validation.exclude_quarantined`` the
-    quarantined files are left out of it (the full manifest is logged to MLflow beside it).
+    Writes the manifest training uses (``manifest_path``; with ``validation.exclude_quarantined`` without the
+    quarantined files, the full one is logged to MLflow beside it), the report, and the run plan
+    (``plan_path``: the resolved config, train or skip and why, the MLflow run id), which every later step
+    takes as its input. Returns the plan's decision, ``train`` or ``skip``.
     """
     import mlflow
 
     from tlops import data, tracking
+    from tlops.plan import RunPlan
     from tlops.validation import training_manifest, validate_data, write_outputs
 
     cfg = Config.from_json(config_json)
@@ -105,17 +115,17 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             mlflow.log_param("data.resolved_uri", data_uri)
             mhash = data.manifest_hash(used)
             split_counts = used["split"].value_counts().to_dict()
+            verdict = {"status": "pass" if report.success else "fail",
+                       "failed": [c.name for c in report.failures()], "warnings": [c.name for c in report.warnings()]}
             mlflow.set_tags({
                 "tlops.pipeline_run": pipeline_run, "data.manifest_hash": mhash,
-                "validation": "pass" if report.success else "fail", "config.hash": cfg.config_hash(),
-                "validation.failed": ",".join(c.name for c in report.failures()) or "none",
-                "validation.warnings": ",".join(c.name for c in report.warnings()) or "none",
+                "validation": verdict["status"], "config.hash": cfg.config_hash(),
+                "validation.failed": ",".join(verdict["failed"]) or "none",
+                "validation.warnings": ",".join(verdict["warnings"]) or "none",
             })
             mlflow.log_metrics({"data.files": len(used), "data.classes": used["label"].nunique(),
                                 "data.quarantined": len(report.quarantine), "data.excluded": len(report.excluded),
                                 **{f"data.split.{k}": int(v) for k, v in split_counts.items()}})
-            write_text(Path(tmp) / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
-            mlflow.log_artifact(str(Path(tmp) / "config.json"), "config")
             # validation/manifest.csv (MANIFEST_ARTIFACT) is what a later run reads back as its drift reference.
             for path in outputs.values():
                 mlflow.log_artifact(str(path), "validation")
@@ -124,30 +134,40 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             for line in report.summary_lines():
                 log.info("validation %s", line)
             if not report.success:
+                mlflow.log_dict(cfg.model_dump(mode="json"), "config/config.json")
                 raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
                                                                        for c in report.failures()))
-            from tlops.selection import plan_run
+            from tlops.selection import plan_run, resolved_config
 
-            plan = plan_run(cfg, used)  # backbone/strategy auto, feature drift, skip decision: recorded in this run
-            if plan_path:  # what the pipeline does next: "train", or "skip" (selection.skip_when)
-                write_text(plan_path, "skip" if plan.get("skipped") else "train")
-            return run.info.run_id
+            choices = plan_run(cfg, used)  # backbone/strategy auto, feature drift, skip decision
+            resolved = resolved_config(cfg, choices)
+            skipped = bool(choices.get("skipped"))
+            plan = RunPlan(run_id=run.info.run_id, config=resolved, decision="skip" if skipped else "train",
+                           reasons=[str(choices.get("skip_reason") or "training")], pipeline_run=pipeline_run,
+                           manifest_hash=mhash, validation=verdict,
+                           choices={k: v for k, v in choices.items() if k != "mmd"})
+            # The config as the later steps run it: auto already replaced by what was chosen.
+            mlflow.log_dict(resolved.model_dump(mode="json"), "config/config.json")
+            mlflow.log_dict(plan.to_dict(), "plan/run_plan.json")
+            if plan_path:
+                plan.write(plan_path)
+            return plan.decision
 
 
 @step
-def parity_step(config_json: str, run_id: str, manifest_path: str, spec_path: str, report_path: str,
-                html_path: str = "", golden_count: int = 8) -> str:
+def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path: str,
+                html_path: str = "") -> str:
     """Compare the eval preprocessing with the backbone's reference; returns the spec fingerprint."""
     import mlflow
 
     from tlops.data import read_manifest
+    from tlops.manifest import golden_rows
     from tlops.parity import check_parity, eval_spec, golden_set, report_html
-    from tlops.selection import planned_config
+    from tlops.plan import RunPlan
 
-    cfg = planned_config(Config.from_json(config_json), run_id)
-    manifest = read_manifest(manifest_path)
-    usable = manifest[manifest["decodable"]]
-    golden = golden_set(list(usable.sort_values("sha256")["path"].head(golden_count)))
+    plan = RunPlan.read(plan_path)
+    cfg = plan.config
+    golden = golden_set(list(_pixels(cfg, golden_rows(read_manifest(manifest_path)))["path"]))
     report = check_parity(cfg.backbone, cfg.preprocess, golden)
     spec = eval_spec(cfg.backbone, cfg.preprocess)
     record = report.to_dict()
@@ -156,7 +176,7 @@ def parity_step(config_json: str, run_id: str, manifest_path: str, spec_path: st
     page = report_html(record)
     if html_path:
         write_text(html_path, page)
-    with _mlflow_run(cfg, run_id):
+    with _mlflow_run(cfg, plan.run_id):
         mlflow.log_dict(spec.to_record(), "preprocess/preprocess.json")
         mlflow.log_dict(record, "preprocess/parity_report.json")
         mlflow.log_text(page, "preprocess/parity_report.html")
@@ -177,8 +197,12 @@ def parity_step(config_json: str, run_id: str, manifest_path: str, spec_path: st
 
 
 @step
-def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path: str, model_dir: str) -> str:
-    """Fine-tune with ``train.strategy``, save the model files, log the model to MLflow; returns its model URI."""
+def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir: str,
+                   serving_path: str = "") -> str:
+    """Fine-tune with ``train.strategy``, save the model files, log the model to MLflow; returns its model URI.
+
+    ``serving_path`` receives the serving parity check (the logged model loaded back, raw bytes in, against
+    the in-memory model), which the gate takes as an input."""
     import mlflow
     import pandas as pd
     from mlflow.entities import Metric
@@ -186,22 +210,23 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
     from tlops import __version__
     from tlops.curves import plot_history
     from tlops.data import class_names, read_manifest
+    from tlops.manifest import golden_rows, usable
     from tlops.parity import golden_set, serving_check
+    from tlops.plan import RunPlan
     from tlops.preprocessing import PreprocessSpec
-    from tlops.selection import planned_config
     from tlops.serving import save_model_dir
     from tlops.training import fine_tune
 
-    cfg = planned_config(Config.from_json(config_json), run_id)
-    manifest = read_manifest(manifest_path)
+    plan = RunPlan.read(plan_path)
+    cfg = plan.config
+    manifest = _pixels(cfg, usable(read_manifest(manifest_path)))
     # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
     classes = class_names(manifest)
-    result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir)
+    result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir, state_uri=cfg.state_uri)
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
-    usable = manifest[manifest["decodable"]]
-    golden_paths = list(usable.sort_values("sha256")["path"].head(8))
-    with _mlflow_run(cfg, run_id) as run, tempfile.TemporaryDirectory(prefix="tlops-fine-tune-") as tmp:
+    golden_paths = list(golden_rows(manifest)["path"])
+    with _mlflow_run(cfg, plan.run_id) as run, tempfile.TemporaryDirectory(prefix="tlops-fine-tune-") as tmp:
         # One batched call for the whole history instead of a call per epoch.
         metrics = [Metric(k, float(v), 0, int(h["epoch"])) for h in result.history
                    for k, v in h.items() if k != "epoch" and isinstance(v, int | float) and v == v]
@@ -233,6 +258,8 @@ def fine_tune_step(config_json: str, run_id: str, manifest_path: str, spec_path:
             log.warning("serving parity failed: %s", "; ".join(serving["errors"][:3]))
         else:
             log.info("serving parity: pass on %d golden images", len(golden))
+    if serving_path:
+        write_json(serving_path, serving)
     return str(info.model_uri)
 
 
@@ -258,7 +285,7 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None) ->
 
 
 @step
-def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: str, metrics_path: str,
+def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_path: str,
                   html_path: str = "") -> dict[str, Any]:
     """Score the candidate and the current champion on the same test split; write the record and the report.
 
@@ -269,14 +296,18 @@ def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: 
 
     from tlops import evaluation
     from tlops.data import read_manifest
+    from tlops.manifest import split_rows
+    from tlops.plan import RunPlan
     from tlops.registry import champion_version
 
-    cfg = Config.from_json(config_json)
-    rows = evaluation.test_rows(read_manifest(manifest_path))
+    plan = RunPlan.read(plan_path)
+    cfg = plan.config
+    rows = split_rows(read_manifest(manifest_path), "test")
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
+    rows = _pixels(cfg, rows)
     images = evaluation.read_images(list(rows["path"]))
-    with _mlflow_run(cfg, run_id), tempfile.TemporaryDirectory(prefix="tlops-evaluate-") as tmp:
+    with _mlflow_run(cfg, plan.run_id), tempfile.TemporaryDirectory(prefix="tlops-evaluate-") as tmp:
         champ = champion_version(cfg.registry.model_name)
         champion = None if champ is None else (cfg.registry.model_name, str(champ.version))
         result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion)
@@ -309,29 +340,50 @@ def evaluate_step(config_json: str, run_id: str, manifest_path: str, model_uri: 
     return {"metrics": numbers, "categories": cm["categories"], "matrix": cm["matrix"]}
 
 
+def gate_evidence(plan: Any, parity_report: dict[str, Any], serving: dict[str, Any]) -> dict[str, str]:
+    """What the gate decides on and records, from its declared inputs: the run plan (validation verdict,
+    data hash), the parity step's report and the fine-tune step's serving check."""
+    return {
+        "validation": plan.validation.get("status", "unknown"),
+        "parity": parity_report.get("status", "unknown"),
+        "parity.serving": serving.get("status", "unknown"),
+        "preprocess.fingerprint": parity_report.get("candidate", {}).get("fingerprint", ""),
+        "preprocess.reference_fingerprint": parity_report.get("reference", {}).get("fingerprint", ""),
+        "preprocess.declared": "; ".join(parity_report.get("declared") or []) or "none",
+        "data.manifest_hash": plan.manifest_hash,
+        "config.hash": plan.config.config_hash(),
+        "tlops.pipeline_run": plan.pipeline_run,
+    }
+
+
 @step
-def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, decision_path: str) -> str:
-    """Register the candidate with its evidence, decide, move the aliases. Returns the run summary as JSON."""
+def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: str, serving_path: str,
+              decision_path: str) -> str:
+    """Register the candidate with its evidence, decide, move the aliases. Returns the run summary as JSON.
+
+    Everything the decision rests on is a declared input: the run plan (validation verdict), the parity
+    report, the serving check and the evaluation."""
     import mlflow
 
     from tlops import registry, tracking
-    from tlops.selection import planned_config
+    from tlops.plan import RunPlan
 
-    cfg = planned_config(Config.from_json(config_json), run_id)
+    plan = RunPlan.read(plan_path)
+    cfg = plan.config
     metrics = read_json(metrics_path)
+    evidence_in = gate_evidence(plan, read_json(parity_path), read_json(serving_path))
     name = cfg.registry.model_name
-    with _mlflow_run(cfg, run_id) as run:
-        tags = run.data.tags
+    with _mlflow_run(cfg, plan.run_id) as run:
+        tags = run.data.tags  # for the summary a person reads (why auto chose), not for the decision
+        parity_ok = evidence_in["parity"] == "pass" and evidence_in["parity.serving"] == "pass"
         decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
-                                   validation_ok=tags.get("validation") == "pass",
-                                   parity_ok=tags.get("parity") == "pass" and tags.get("parity.serving") == "pass",
-                                   preprocess=registry.PreprocessEvidence.from_tags(tags),
+                                   validation_ok=plan.validation_ok, parity_ok=parity_ok,
+                                   preprocess=registry.PreprocessEvidence.from_tags(evidence_in),
                                    comparison=metrics.get("comparison"))
-        evidence = registry.evidence_tags(tags, metrics, cfg.backbone, run.info.run_id, cfg.config_hash())
+        evidence = registry.evidence_tags(evidence_in, metrics, cfg.backbone, run.info.run_id, cfg.config_hash())
         mv = registry.register(model_uri, name, evidence)
         version = str(mv.version)
-        pipeline_run = tags.get("tlops.pipeline_run", "")
-        decision = registry.apply_decision(name, version, decision, via=f"pipeline {pipeline_run}".strip())
+        decision = registry.apply_decision(name, version, decision, via=f"pipeline {plan.pipeline_run}".strip())
         mlflow.set_tags({"gate.decision": decision.decision, "gate.stale": str(decision.stale).lower(),
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
         summary = {
@@ -348,10 +400,10 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
             "challenger_now": registry.alias_version(name, registry.CHALLENGER),
             "git_commit": evidence["git.commit"],
             "metrics": _headline(metrics),
-            "validation": tags.get("validation"),
-            "parity": tags.get("parity"),
-            "fingerprint": tags.get("preprocess.fingerprint"),
-            "manifest_hash": tags.get("data.manifest_hash"),
+            "validation": evidence_in["validation"],
+            "parity": evidence_in["parity"],
+            "fingerprint": evidence_in["preprocess.fingerprint"],
+            "manifest_hash": plan.manifest_hash,
             "backbone": cfg.backbone, "backbone_reason": tags.get("backbone.selection_reason"),
             "strategy": cfg.train.strategy, "strategy_reason": tags.get("similarity.why"),
         }
@@ -361,26 +413,25 @@ def gate_step(config_json: str, run_id: str, model_uri: str, metrics_path: str, 
 
 
 @step
-def skip_step(config_json: str, run_id: str, decision_path: str) -> str:
+def skip_step(plan_path: str, decision_path: str) -> str:
     """The pipeline's branch when the validate step decided to train nothing (``selection.skip_when``): fine-tune,
     evaluate and gate do not run, no version is registered, the champion is unchanged, and the reason is recorded.
     Returns the run summary as JSON, as the gate does."""
     import mlflow
 
     from tlops import registry, tracking
-    from tlops.drift import SKIP_REASON_TAG
-    from tlops.selection import planned_config
+    from tlops.plan import RunPlan
 
-    cfg = planned_config(Config.from_json(config_json), run_id)
+    plan = RunPlan.read(plan_path)
+    cfg = plan.config
     name = cfg.registry.model_name
-    with _mlflow_run(cfg, run_id) as run:
-        tags = run.data.tags
+    with _mlflow_run(cfg, plan.run_id) as run:
         mlflow.set_tags({"gate.decision": "skipped", "model.name": name})
-        summary = {"run_id": run_id, "tracking_uri": tracking.redact(tracking.resolve_tracking_uri(cfg)),
-                   "model_name": name, "decision": "skipped", "reasons": [tags.get(SKIP_REASON_TAG, "skipped")],
+        summary = {"run_id": run.info.run_id, "tracking_uri": tracking.redact(tracking.resolve_tracking_uri(cfg)),
+                   "model_name": name, "decision": "skipped", "reasons": plan.reasons,
                    "champion_now": registry.alias_version(name, registry.CHAMPION),
-                   "validation": tags.get("validation"), "manifest_hash": tags.get("data.manifest_hash"),
-                   "drift": tags.get("drift.status")}
+                   "validation": plan.validation.get("status"), "manifest_hash": plan.manifest_hash,
+                   "drift": plan.choices.get("drift")}
         mlflow.log_dict(summary, "gate/decision.json")
     write_json(decision_path, summary)
     return json.dumps(summary)

@@ -155,3 +155,42 @@ def upload_dir(local_dir: str | Path, uri: str) -> int:
     except (BotoCoreError, ClientError) as exc:
         raise _s3_error(uri, exc) from None
     return n
+
+
+def fetch_file(uri: str, dest: str | Path) -> bool:
+    """Copy the file at ``uri`` (``s3://`` or a local path) to ``dest`` atomically; False when there is none."""
+    import shutil
+
+    if not is_s3(uri):
+        if not Path(uri).is_file():
+            return False
+        atomic_write(dest, functools.partial(shutil.copyfile, uri))
+        return True
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = parse_s3(uri)
+    try:
+        atomic_write(dest, functools.partial(_download, s3_client(), bucket, key))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            return False
+        raise _s3_error(uri, exc) from None
+    except BotoCoreError as exc:
+        raise _s3_error(uri, exc) from None
+    return True
+
+
+def put_file(src: str | Path, uri: str) -> None:
+    """Store the file ``src`` at ``uri`` (``s3://``: one PUT, so the object appears whole or not at all)."""
+    import shutil
+
+    if not is_s3(uri):
+        atomic_write(uri, functools.partial(shutil.copyfile, str(src)))
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = parse_s3(uri)
+    try:
+        s3_client().upload_file(str(src), bucket, key)
+    except (BotoCoreError, ClientError) as exc:
+        raise _s3_error(uri, exc) from None

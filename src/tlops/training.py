@@ -84,7 +84,9 @@ class FitResult:
 
 
 def _usable(manifest: pd.DataFrame) -> pd.DataFrame:
-    return manifest[manifest["decodable"].astype(bool) & manifest["label"].notna()]
+    from tlops.manifest import usable
+
+    return usable(manifest)
 
 
 def _split(manifest: pd.DataFrame, classes: list[str], split: str) -> tuple[list[str], list[int], list[str]]:
@@ -142,7 +144,7 @@ def _fit_head(head: nn.Linear, x_train: torch.Tensor, y_train: torch.Tensor, x_v
 
 
 def linear_probe(backbone_name: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec,
-                 cfg: TrainConfig, cache_dir: str | Path | None = None) -> FitResult:
+                 cfg: TrainConfig, cache_dir: str | Path | None = None, cache_remote: str | None = None) -> FitResult:
     """Train a new head on frozen pre-trained features of the train split; select on val.
 
     With ``cache_dir`` the features are read from (or written to) the feature cache there.
@@ -156,7 +158,7 @@ def linear_probe(backbone_name: str, manifest: pd.DataFrame, classes: list[str],
     model = build_classifier(backbone_name, num_classes=len(classes), pretrained=True)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    cache = FeatureCache(cache_dir) if cache_dir is not None else None
+    cache = FeatureCache(cache_dir, cache_remote) if cache_dir is not None else None
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split in ("train", "val"):
         paths, labels, shas = _split(manifest, classes, split)
@@ -387,9 +389,11 @@ def run_key(backbone_name: str, spec: PreprocessSpec, classes: list[str], manife
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def checkpoint_location(cfg: TrainConfig, workdir: str | Path, key: str) -> str:
+def checkpoint_location(cfg: TrainConfig, workdir: str | Path, key: str, state_uri: str | None = None) -> str:
     if cfg.checkpoint_dir:
         return cfg.checkpoint_dir
+    if state_uri:
+        return f"{state_uri.rstrip('/')}/checkpoints/{key[:16]}"
     return str(Path(workdir) / "checkpoints" / key[:16])
 
 
@@ -698,12 +702,21 @@ def _wrap(model: nn.Module, ctx: DistContext, hw: Hardware) -> nn.Module:
 
 
 def fine_tune(backbone_name: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec,
-              cfg: TrainConfig, workdir: str | Path = ".tlops") -> FitResult:
-    """Train with ``cfg.strategy``: the entry point of the fine-tune step."""
+              cfg: TrainConfig, workdir: str | Path = ".tlops", state_uri: str | None = None) -> FitResult:
+    """Train with ``cfg.strategy``: the entry point of the fine-tune step.
+
+    With ``state_uri`` the feature cache and the checkpoints live there (as well as in ``workdir``), so a step
+    that runs again on a fresh disk resumes."""
     if cfg.strategy == "linear-probe":
         cache_dir = Path(workdir) / "cache" / "features" if cfg.feature_cache else None
-        return linear_probe(backbone_name, manifest, classes, spec, cfg, cache_dir=cache_dir)
+        remote = f"{state_uri.rstrip('/')}/features" if state_uri else None
+        return linear_probe(backbone_name, manifest, classes, spec, cfg, cache_dir=cache_dir, cache_remote=remote)
     from tlops import ddp
+
+    if state_uri and not cfg.checkpoint_dir:
+        # checkpoint_dir is a runtime field: the key (and so the checkpoint's identity) does not change.
+        key = run_key(backbone_name, spec, classes, manifest, cfg)
+        cfg = cfg.model_copy(update={"checkpoint_dir": checkpoint_location(cfg, workdir, key, state_uri)})
 
     if ddp.launched_by_torchrun():
         return ddp.fit_under_torchrun(backbone_name, manifest, classes, spec, cfg, workdir)

@@ -189,9 +189,7 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
 
 def drift(manifest: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Class-share and image-size drift against a previously accepted manifest (one row)."""
-
-    def usable(df: pd.DataFrame) -> pd.DataFrame:
-        return df[df["decodable"].astype(bool) & df["label"].notna()]
+    from tlops.manifest import usable
 
     cur, ref = usable(manifest), usable(reference)
     p = cur["label"].astype(str).value_counts(normalize=True)
