@@ -109,7 +109,7 @@ def test_minio_bucket_job_creates_the_configured_buckets(s3_endpoint: dict[str, 
     import subprocess
     import sys
 
-    from tests.unit.test_container_and_infra import INFRA, render, resolve_env
+    from tests.infra.conftest import INFRA, render, resolve_env
     from tlops.storage import s3_client
 
     objects = {(d["kind"], d["metadata"]["name"]): d for d in render(INFRA / "overlays" / "local")}
