@@ -129,3 +129,24 @@ def race_worker(uri: str, name: str, version: str, compared_with: str, file_lock
         results.put((version, out.decision, out.stale))
     except BaseException as exc:  # reported to the parent, which fails the test with it
         results.put((version, f"error {type(exc).__name__}: {exc}", None))
+
+
+def step_inputs(out: Path, cfg: Any, run_id: str, evidence: dict[str, str] | None = None) -> dict[str, str]:
+    """The declared inputs the later pipeline steps take, written as the earlier steps write them: the run plan,
+    the parity report and the serving check, carrying ``evidence`` (EVIDENCE by default)."""
+    from tlops.fileio import write_json
+    from tlops.plan import RunPlan
+
+    ev = {**EVIDENCE, **(evidence or {})}
+    declared = [] if ev["preprocess.declared"] == "none" else ev["preprocess.declared"].split("; ")
+    plan = RunPlan(run_id=run_id, config=cfg, decision="train", reasons=["training"],
+                   pipeline_run=ev["tlops.pipeline_run"], manifest_hash=ev["data.manifest_hash"],
+                   validation={"status": ev["validation"], "failed": [], "warnings": []})
+    paths = {"plan": str(out / "run_plan.json"), "parity": str(out / "parity_report.json"),
+             "serving": str(out / "serving_parity.json")}
+    plan.write(paths["plan"])
+    write_json(paths["parity"], {"status": ev["parity"], "declared": declared,
+                                 "candidate": {"fingerprint": ev["preprocess.fingerprint"]},
+                                 "reference": {"fingerprint": ev["preprocess.reference_fingerprint"]}})
+    write_json(paths["serving"], {"status": ev["parity.serving"], "images": [], "errors": []})
+    return paths

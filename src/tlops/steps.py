@@ -9,8 +9,11 @@ import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +24,11 @@ from tlops.fileio import read_json, write_json, write_text
 log = logging.getLogger("tlops")
 F = TypeVar("F", bound=Callable[..., Any])
 ERROR_FILE_ENV = "TLOPS_ERROR_FILE"
+# Set (to a directory, or to 1 for the system's temporary one): every step works in a fresh work directory of its
+# own, removed when the step ends, as a pod's disk is. A step that reads what another step left on its disk,
+# outside the declared outputs, then fails under kfp.local just as it would on a cluster.
+PRIVATE_WORKDIR_ENV = "TLOPS_PRIVATE_WORKDIR"
+_PRIVATE_WORKDIR: ContextVar[str | None] = ContextVar("tlops_private_workdir", default=None)
 
 
 def _configure_logging() -> None:
@@ -36,6 +44,34 @@ def _configure_logging() -> None:
         root.propagate = False
 
 
+@contextmanager
+def _private_workdir(name: str) -> Iterator[None]:
+    setting = os.environ.get(PRIVATE_WORKDIR_ENV, "")
+    if not setting or setting == "0":
+        yield
+        return
+    parent = setting if os.path.isdir(setting) else None
+    path = tempfile.mkdtemp(prefix=f"{name}-", dir=parent)
+    token = _PRIVATE_WORKDIR.set(path)
+    try:
+        yield
+    finally:
+        _PRIVATE_WORKDIR.reset(token)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def own_disk(cfg: Config) -> Config:
+    """The config as this step works with it: under ``$TLOPS_PRIVATE_WORKDIR`` its own fresh work directory (the
+    tracking store stays the one the config names, resolved before the work directory moves)."""
+    private = _PRIVATE_WORKDIR.get()
+    if private is None:
+        return cfg
+    from tlops import tracking
+
+    return cfg.model_copy(update={"workdir": private, "tracking": cfg.tracking.model_copy(
+        update={"uri": tracking.resolve_tracking_uri(cfg)})})
+
+
 def step(fn: F) -> F:
     """Log to stderr, and hand a user-facing error to the launcher through ``$TLOPS_ERROR_FILE``."""
 
@@ -44,7 +80,8 @@ def step(fn: F) -> F:
         _configure_logging()
         try:
             try:
-                return fn(*args, **kwargs)
+                with _private_workdir(fn.__name__.removesuffix("_step")):
+                    return fn(*args, **kwargs)
             except TlopsError:
                 raise
             except Exception as exc:
@@ -99,16 +136,17 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
     from tlops.validation import training_manifest, validate_data, write_outputs
 
     cfg = Config.from_json(config_json)
+    work = own_disk(cfg)
     with tempfile.TemporaryDirectory(prefix="tlops-validate-") as tmp:
         docs_dir = Path(tmp) / "data_docs"
-        manifest, report = validate_data(data_uri, cfg, docs_dir)
+        manifest, report = validate_data(data_uri, work, docs_dir)
         used = training_manifest(manifest, report)
         outputs = write_outputs(Path(tmp) / "out", manifest, report)
         data.write_manifest(used, manifest_path)
         write_json(report_path, report.to_dict())
         if html_path:
             write_text(html_path, report.to_html())
-        with _mlflow_run(cfg, run_name=pipeline_run or None) as run:
+        with _mlflow_run(work, run_name=pipeline_run or None) as run:
             params = tracking.flatten(cfg.model_dump(mode="json"))
             params["tracking.uri"] = tracking.redact(params["tracking.uri"])  # a URI may carry a password
             mlflow.log_params(params)
@@ -139,7 +177,7 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
                                                                        for c in report.failures()))
             from tlops.selection import plan_run, resolved_config
 
-            choices = plan_run(cfg, used)  # backbone/strategy auto, feature drift, skip decision
+            choices = plan_run(work, used)  # backbone/strategy auto, feature drift, skip decision
             resolved = resolved_config(cfg, choices)
             skipped = bool(choices.get("skipped"))
             plan = RunPlan(run_id=run.info.run_id, config=resolved, decision="skip" if skipped else "train",
@@ -166,7 +204,7 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     from tlops.plan import RunPlan
 
     plan = RunPlan.read(plan_path)
-    cfg = plan.config
+    cfg = own_disk(plan.config)
     golden = golden_set(list(_pixels(cfg, golden_rows(read_manifest(manifest_path)))["path"]))
     report = check_parity(cfg.backbone, cfg.preprocess, golden)
     spec = eval_spec(cfg.backbone, cfg.preprocess)
@@ -218,7 +256,7 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     from tlops.training import fine_tune
 
     plan = RunPlan.read(plan_path)
-    cfg = plan.config
+    cfg = own_disk(plan.config)
     manifest = _pixels(cfg, usable(read_manifest(manifest_path)))
     # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
@@ -301,7 +339,7 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     from tlops.registry import champion_version
 
     plan = RunPlan.read(plan_path)
-    cfg = plan.config
+    cfg = own_disk(plan.config)
     rows = split_rows(read_manifest(manifest_path), "test")
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
@@ -369,7 +407,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     from tlops.plan import RunPlan
 
     plan = RunPlan.read(plan_path)
-    cfg = plan.config
+    cfg = own_disk(plan.config)
     metrics = read_json(metrics_path)
     evidence_in = gate_evidence(plan, read_json(parity_path), read_json(serving_path))
     name = cfg.registry.model_name
@@ -423,7 +461,7 @@ def skip_step(plan_path: str, decision_path: str) -> str:
     from tlops.plan import RunPlan
 
     plan = RunPlan.read(plan_path)
-    cfg = plan.config
+    cfg = own_disk(plan.config)
     name = cfg.registry.model_name
     with _mlflow_run(cfg, plan.run_id) as run:
         mlflow.set_tags({"gate.decision": "skipped", "model.name": name})

@@ -51,16 +51,27 @@ def validated(env: dict):
 
 
 def test_validate_builds_the_manifest_and_opens_the_run(validated) -> None:
+    from tlops.data import read_manifest
+    from tlops.plan import RunPlan
+
     report = read_json(validated.path("report"))
     assert report["success"] is True
-    assert len(Path(validated.path("manifest")).read_text().splitlines()) == 91  # header + 90 files
-    assert len(validated.output) == 32  # an MLflow run id
+    manifest = read_manifest(validated.path("manifest"))
+    assert len(manifest) == 90
+    # The declared manifest names files by URI only: nothing in it points into the validate step's own disk.
+    assert manifest["path"].isna().all() and manifest["uri"].str.startswith("/").all()
+    plan = RunPlan.read(validated.path("run_plan"))
+    assert validated.output == plan.decision == "train"
+    assert len(plan.run_id) == 32 and plan.validation_ok  # an MLflow run id
+
+
+def plan_input(validated) -> dict:
+    return {"run_plan": (validated.path("run_plan"), Artifact), "manifest": (validated.path("manifest"), Dataset)}
 
 
 @pytest.fixture(scope="module")
 def checked(env: dict, validated):
-    return StepRun(env["root"], parity, str, {"manifest": (validated.path("manifest"), Dataset)},
-                   config_json=env["config_json"], run_id=validated.output)
+    return StepRun(env["root"], parity, str, plan_input(validated))
 
 
 def test_parity_records_spec_and_fingerprint(checked) -> None:
@@ -72,21 +83,19 @@ def test_parity_records_spec_and_fingerprint(checked) -> None:
 
 @pytest.fixture(scope="module")
 def trained(env: dict, validated, checked):
-    return StepRun(env["root"], fine_tune, str, {"manifest": (validated.path("manifest"), Dataset),
-                                                 "spec": (checked.path("spec"), Artifact)},
-                   config_json=env["config_json"], run_id=validated.output)
+    return StepRun(env["root"], fine_tune, str, {**plan_input(validated), "spec": (checked.path("spec"), Artifact)})
 
 
 def test_fine_tune_writes_model_files_and_logs_the_model(trained) -> None:
     model_dir = Path(trained.path("model"))
     assert {p.name for p in model_dir.iterdir()} >= {"weights.pt", "preprocess.json", "model.json"}
     assert trained.output.startswith("models:/")
+    assert read_json(trained.path("serving_parity"))["status"] == "pass"
 
 
 @pytest.fixture(scope="module")
 def scored(env: dict, validated, trained):
-    return StepRun(env["root"], evaluate, float, {"manifest": (validated.path("manifest"), Dataset)},
-                   config_json=env["config_json"], run_id=validated.output, model_uri=trained.output)
+    return StepRun(env["root"], evaluate, float, plan_input(validated), model_uri=trained.output)
 
 
 def test_evaluate_scores_the_test_split(scored) -> None:
@@ -96,16 +105,18 @@ def test_evaluate_scores_the_test_split(scored) -> None:
     assert "champion" not in evaluation
 
 
-def test_gate_registers_and_promotes_the_first_version(env: dict, validated, trained, scored) -> None:
+def test_gate_registers_and_promotes_the_first_version(env: dict, validated, checked, trained, scored) -> None:
     import mlflow
 
-    decided = StepRun(env["root"], gate, str, {"evaluation": (scored.path("evaluation"), Artifact)},
-                      config_json=env["config_json"], run_id=validated.output, model_uri=trained.output)
+    decided = StepRun(env["root"], gate, str, {
+        "run_plan": (validated.path("run_plan"), Artifact), "evaluation": (scored.path("evaluation"), Artifact),
+        "parity_report": (checked.path("report"), Artifact),
+        "serving_parity": (trained.path("serving_parity"), Artifact)}, model_uri=trained.output)
     summary = json.loads(decided.output)
     assert read_json(decided.path("decision"))["decision"] == "promote"
     assert summary["decision"] == "promote" and summary["model_version"] == "1"
     mlflow.set_tracking_uri(env["cfg"].tracking.uri)
     mv = mlflow.MlflowClient().get_model_version_by_alias("tiny-digits", "champion")
     assert str(mv.version) == "1"
-    assert mv.tags["preprocess.fingerprint"] == summary["fingerprint"]
+    assert mv.tags["preprocess.fingerprint"] == summary["fingerprint"] == read_json(checked.path("spec"))["fingerprint"]
     assert mv.tags["gate.decision"] == "promote"

@@ -53,14 +53,23 @@ def test_pipeline_with_s3_data_and_mlflow_artifacts_on_s3(bucket: str, s3_endpoi
     import mlflow
     import pandas as pd
 
-    from tlops.storage import materialize
+    from tlops.storage import list_s3, materialize
 
-    cfg = write_config(tmp_path / "c.yaml", tmp_path / ".tlops", registry__model_name=MODEL_NAME)
+    # Every step in a fresh work directory of its own, removed when it ends, as a pod's: a step that reads a file
+    # another step left on its disk (outside the declared outputs) fails here as it would on a cluster.
+    pods = tmp_path / "pods"
+    pods.mkdir()
+    state = "s3://images/state"
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / ".tlops", registry__model_name=MODEL_NAME, state_uri=state)
     result = run_cli("run", "--config", str(cfg), "--data", bucket, cwd=tmp_path,
-                     env={**s3_endpoint, "MLFLOW_TRACKING_URI": s3_mlflow_server})
+                     env={**s3_endpoint, "MLFLOW_TRACKING_URI": s3_mlflow_server, "TLOPS_PRIVATE_WORKDIR": str(pods)})
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     assert bucket in result.stdout and s3_mlflow_server in result.stdout and "PROMOTE" in result.stdout
     assert not (tmp_path / ".tlops" / "mlflow.db").exists()
+    assert not list(pods.iterdir())  # every step's disk is gone
+    assert not (tmp_path / ".tlops" / "cache").exists()  # nothing was shared through the run's work dir
+    # The feature cache outlives the steps: it is in the object store.
+    assert [rel for rel, _, _ in list_s3(state) if rel.startswith("features/")]
 
     mlflow.set_tracking_uri(s3_mlflow_server)
     mlflow.set_registry_uri(s3_mlflow_server)

@@ -100,12 +100,17 @@ def test_validate_step_logs_results_to_mlflow(tmp_path: Path, tiny_digits: Path,
     import mlflow
 
     from tlops.config import load_config
+    from tlops.plan import RunPlan
     from tlops.steps import validate_step
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / ".tlops",
                                    tracking__uri=tracking_db))
-    run_id = validate_step(str(tiny_digits), cfg.to_json(), str(tmp_path / "manifest.csv"),
-                           str(tmp_path / "report.json"), "t", str(tmp_path / "report.html"))
+    decision = validate_step(str(tiny_digits), cfg.to_json(), str(tmp_path / "manifest.csv"),
+                             str(tmp_path / "report.json"), "t", str(tmp_path / "report.html"),
+                             str(tmp_path / "run_plan.json"))
+    plan = RunPlan.read(tmp_path / "run_plan.json")
+    assert decision == plan.decision == "train" and plan.validation_ok and plan.config == cfg
+    run_id = plan.run_id
     assert "PASS" in (tmp_path / "report.html").read_text()
     client = mlflow.MlflowClient()
     names = {a.path for a in client.list_artifacts(run_id, "validation")}
@@ -123,6 +128,7 @@ def test_drift_against_the_champions_manifest(tmp_path: Path, tiny_digits: Path)
 
     from tlops.config import load_config
     from tlops.fileio import read_json
+    from tlops.plan import RunPlan
     from tlops.steps import validate_step
     from tlops.validation import load_reference
 
@@ -131,7 +137,9 @@ def test_drift_against_the_champions_manifest(tmp_path: Path, tiny_digits: Path)
                             validation__reference_manifest="champion")
     cfg = load_config(cfg_path)
     assert load_reference(cfg) == (None, "")  # no champion yet: no drift checks
-    run_id = validate_step(str(tiny_digits), cfg.to_json(), str(tmp_path / "m1.csv"), str(tmp_path / "r1.json"))
+    validate_step(str(tiny_digits), cfg.to_json(), str(tmp_path / "m1.csv"), str(tmp_path / "r1.json"),
+                  plan_path=str(tmp_path / "p1.json"))
+    run_id = RunPlan.read(tmp_path / "p1.json").run_id
     client = mlflow.MlflowClient()
     client.create_registered_model("tiny-digits")
     mv = client.create_model_version("tiny-digits", f"runs:/{run_id}/validation", run_id=run_id)

@@ -107,6 +107,7 @@ def test_skipped_run_registers_nothing_and_records_why(store: tuple[str, Path], 
     import mlflow
 
     from tlops.cli import format_summary
+    from tlops.plan import RunPlan
     from tlops.steps import skip_step
 
     uri, root = store
@@ -116,7 +117,10 @@ def test_skipped_run_registers_nothing_and_records_why(store: tuple[str, Path], 
         mlflow.set_tags({"run.skipped": "true", "run.skip_reason": "the data equals the training data of champion",
                          "validation": "pass", "data.manifest_hash": "f" * 64, "drift.status": "not measured"})
     run_id = run.info.run_id
-    summary = json.loads(skip_step(cfg.to_json(), run_id, str(tmp_path / "decision.json")))
+    plan = RunPlan(run_id=run_id, config=cfg, decision="skip",
+                   reasons=["the data equals the training data of champion"], manifest_hash="f" * 64,
+                   validation={"status": "pass"}, choices={"drift": "not measured"})
+    summary = json.loads(skip_step(str(plan.write(tmp_path / "run_plan.json")), str(tmp_path / "decision.json")))
     assert summary["decision"] == "skipped" and summary["champion_now"] is None
     assert summary["reasons"] == ["the data equals the training data of champion"]
     assert json.loads((tmp_path / "decision.json").read_text()) == summary

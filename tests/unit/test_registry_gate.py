@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import write_config
-from tests.registry_fixtures import EVIDENCE, log_model_run, restored_mlflow_uris
+from tests.registry_fixtures import EVIDENCE, log_model_run, restored_mlflow_uris, step_inputs
 from tlops import registry, tracking
 from tlops.config import load_config
 from tlops.data import build_manifest, write_manifest
@@ -59,11 +59,12 @@ def run_tail(lab: dict, name: str, kind: str, model_uri: str | None = None, **ga
         mlflow.set_tags(EVIDENCE)
     out = lab["root"] / name / run.info.run_id
     model_uri = model_uri or lab["models"][kind]
-    returned = evaluate_step(cfg.to_json(), run.info.run_id, lab["manifest"], model_uri,
-                             str(out / "evaluation.json"), str(out / "report.html"))
-    summary = json.loads(gate_step(cfg.to_json(), run.info.run_id, model_uri, str(out / "evaluation.json"),
-                                   str(out / "decision.json")))
-    return {"summary": summary, "returned": returned, "out": out, "run_id": run.info.run_id}
+    inputs = step_inputs(out, cfg, run.info.run_id)
+    returned = evaluate_step(inputs["plan"], lab["manifest"], model_uri, str(out / "evaluation.json"),
+                             str(out / "report.html"))
+    summary = json.loads(gate_step(inputs["plan"], model_uri, str(out / "evaluation.json"), inputs["parity"],
+                                   inputs["serving"], str(out / "decision.json")))
+    return {"summary": summary, "returned": returned, "out": out, "run_id": run.info.run_id, "cfg": cfg}
 
 
 def aliases(name: str) -> dict[str, str]:
@@ -99,7 +100,7 @@ def test_first_model_is_promoted_on_absolute_thresholds_with_full_evidence(lab: 
             "model_size_bytes"} <= set(metrics)
     tags = client.get_model_version("first", "1").tags
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git.commit"])
-    assert tags["config.hash"] == EVIDENCE["config.hash"] and tags["tlops.pipeline_run"] == "test-run"
+    assert tags["config.hash"] == first["cfg"].config_hash() and tags["tlops.pipeline_run"] == "test-run"
     assert tags["gate.decision"] == "promote" and "no champion yet" in tags["gate.reasons"]
     assert tags["data.manifest_hash"] and tags["test_accuracy"] and tags["latency_p95_ms"]
     [event] = registry.history("first")

@@ -13,7 +13,7 @@ from tests.registry_fixtures import restored_mlflow_uris
 from tlops.cli import main
 from tlops.config import Config, SelectionConfig
 from tlops.errors import TlopsError
-from tlops.selection import CandidateScore, choose, plan_run, planned_config
+from tlops.selection import CandidateScore, choose, plan_run, resolved_config
 from tlops.similarity import recommend, reference_images, task_similarity, verdict
 
 CANDIDATES = "efficientnet_lite0,efficientnet_lite0:random,efficientnet_lite0:shuffled,resnet18"
@@ -125,7 +125,7 @@ def test_digits_are_far_from_imagenet_and_photo_crops_close(digits: Path, cfg: C
     assert "far to the source domain" in far.why
 
 
-def test_validate_step_records_auto_choices_that_later_steps_read(ranking: dict, digits: Path, cfg: Config) -> None:
+def test_validate_step_resolves_auto_choices_for_later_steps(ranking: dict, digits: Path, cfg: Config) -> None:
     import mlflow
 
     from tlops import tracking
@@ -138,7 +138,7 @@ def test_validate_step_records_auto_choices_that_later_steps_read(ranking: dict,
     with mlflow.start_run(experiment_id=tracking.setup(auto)) as run:
         plan = plan_run(auto, manifest)
     assert plan == {"backbone": "efficientnet_lite0", "strategy": "partial"}
-    resolved = planned_config(auto, run.info.run_id)
+    resolved = resolved_config(auto, plan)
     assert resolved.backbone == "efficientnet_lite0" and resolved.train.strategy == "partial"
     assert resolved.train.epochs == 10  # epochs left unset: the default of the chosen strategy
     tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
