@@ -196,10 +196,6 @@ def test_the_run_identity_is_one_infra_defines(local_objects: Objects) -> None:
     assert ("RoleBinding", cluster.service_account) in local_objects
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "configs/cluster.yaml sets MLFLOW_TRACKING_URI http://mlflow.tlops.svc.cluster.local:5000 and AWS_ENDPOINT_URL "
-    "http://minio.tlops.svc.cluster.local:9000, but infra/ names the Services tlops-mlflow and tlops-minio (and "
-    "MLflow's allowed hosts are tlops-mlflow*); the steps would not reach either"))
 def test_plain_env_of_the_steps_names_services_infra_defines(
         compiled: tuple[dict[str, Any], dict[str, Any]], local_objects: Objects) -> None:
     from urllib.parse import urlparse
@@ -222,9 +218,6 @@ def test_plain_env_of_the_steps_names_services_infra_defines(
     assert is_allowed_host_header(allowed, urlparse(plain["MLFLOW_TRACKING_URI"]).netloc)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "configs/cluster.yaml checkpoints to s3://tlops-artifacts/checkpoints, a bucket the local overlay's "
-    "tlops-minio-buckets Job does not create (it creates tlops-data and tlops-mlflow)"))
 def test_buckets_of_the_cluster_config_are_ones_infra_creates(local_objects: Objects) -> None:
     from tlops.config import load_config
 
@@ -234,6 +227,6 @@ def test_buckets_of_the_cluster_config_are_ones_infra_creates(local_objects: Obj
     created = {settings[k].removeprefix("s3://").split("/", 1)[0]
                for k in ("TLOPS_DATA_URI", "MLFLOW_ARTIFACTS_DESTINATION")}
     assert {e["name"] for e in job["env"]} >= {"TLOPS_DATA_URI", "MLFLOW_ARTIFACTS_DESTINATION"}
-    for uri in (cfg.data.uri, cfg.train.checkpoint_dir):
+    for uri in (cfg.data.uri, cfg.state_uri):
         assert uri and uri.startswith("s3://")
         assert uri.removeprefix("s3://").split("/", 1)[0] in created, uri
