@@ -1,4 +1,5 @@
-"""Run the pipeline on this machine with kfp.local: each step a subprocess of this Python."""
+"""Run the pipeline on this machine with kfp.local: each step a subprocess of this Python, or (``Containers``) the
+compiled pipeline with each step in its own container of the project image, as a cluster runs it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,7 +45,104 @@ class _Tee:
         self.log.flush()
 
 
-def run_local(data_uri: str, cfg: Config, verbose: bool = False) -> dict[str, Any]:
+# What a step container is given from this environment (credentials by value, never in the compiled YAML):
+# the object store, the tracking server, and tlops' own run-time settings.
+PASSED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+              "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT", "TLOPS_S3_MAX_ATTEMPTS", "TLOPS_S3_CONNECT_TIMEOUT",
+              "TLOPS_S3_READ_TIMEOUT")
+CONTAINER_WORKDIR = "/home/tlops/.tlops"  # each step's own work directory, a tmpfs gone with its container
+CONTAINER_USER = "10001:10001"  # the image's unprivileged user
+
+
+@dataclass(frozen=True)
+class Containers:
+    """Run the compiled pipeline with every step in its own container of ``image`` (kfp's DockerRunner, through
+    Docker or podman's Docker-compatible socket at ``$DOCKER_HOST``): a read-only root file system, the work
+    directory in a tmpfs of the container's own, the store endpoints and credentials from this environment."""
+
+    image: str
+    network: str = "host"  # a network of the engine where the stores are reachable, or the host's
+    env: dict[str, str] = field(default_factory=dict)  # more variables, over PASSED_ENV's
+    hosts: dict[str, str] = field(default_factory=dict)  # name -> address, as a cluster's Service names resolve
+    cpus: float | None = None
+
+
+def _engine(image: str) -> Any:
+    """The container engine's client, once the image is known to be there (kfp would otherwise try a pull)."""
+    try:
+        import docker
+        from docker.errors import DockerException, ImageNotFound
+    except ImportError:
+        raise TlopsError("running steps in containers needs the docker package (pip install docker)") from None
+    where = os.environ.get("DOCKER_HOST", "the default socket")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException:
+        raise TlopsError(f"cannot reach a container engine at {where}: start one (podman system service, or "
+                         "Docker) and set DOCKER_HOST to its socket") from None
+    try:
+        client.images.get(image)
+    except ImageNotFound:
+        raise TlopsError(f"--image {image}: no such image in the container engine at {where}; build it "
+                         "(make image) or name a local one exactly as `podman images` lists it, for example "
+                         "localhost/tlops:0.1.0") from None
+    return client
+
+
+def _compiled(cfg: Config, containers: Containers, path: Path) -> Any:
+    """The pipeline as a cluster gets it (the IR YAML), with the image set and nothing kfp.local would act on
+    differently: no retries (kfp.local would re-run a step that failed on bad input), no env in the YAML (the
+    runner's environment would be replaced by it), no Secrets or placement (cluster-only)."""
+    from kfp import components
+
+    from pipelines.transfer_learning import compile_pipeline
+
+    cluster = cfg.cluster.model_copy(update={
+        "image": containers.image, "env": {}, "secrets": [], "node_selector": {}, "tolerations": [],
+        "steps": {name: step.model_copy(update={"retries": 0, "node_selector": {}, "tolerations": []})
+                  for name, step in cfg.cluster.steps.items()}})
+    compile_pipeline(str(path), None, cluster)
+    return components.load_component_from_file(str(path))
+
+
+def _runner(cfg: Config, containers: Containers, pipeline_root: Path, error_file: str) -> Any:
+    from kfp import local
+
+    from tlops import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise TlopsError(f"steps in containers need a tracking server they can reach, not {tracking.redact(uri)}: "
+                         "set MLFLOW_TRACKING_URI (or tracking.uri) to its http:// URL")
+    env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
+    env.update({"MLFLOW_TRACKING_URI": uri, ERROR_FILE_ENV: error_file, **containers.env})
+    args: dict[str, Any] = {
+        "environment": env, "user": CONTAINER_USER, "network_mode": containers.network, "read_only": True,
+        "tmpfs": {"/tmp": "rw,size=4g", CONTAINER_WORKDIR: "rw,size=8g,uid=10001,gid=10001,mode=0700"},
+    }
+    if containers.hosts:
+        args["extra_hosts"] = dict(containers.hosts)
+    if containers.cpus:
+        args["nano_cpus"] = int(containers.cpus * 1e9)
+    # Trap: the pipeline root is bind-mounted at the same path and the steps run as an unprivileged user, so
+    # it must be writable by that user (a root-owned mount is not).
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    pipeline_root.chmod(0o1777)
+    return local.DockerRunner(**args)
+
+
+def _failure(error_file: str) -> TlopsError | None:
+    if not Path(error_file).is_file():
+        return None
+    failure = json.loads(Path(error_file).read_text())
+    return GateFailed(failure["message"]) if failure["exit_code"] == 1 else TlopsError(failure["message"])
+
+
+def run_local(data_uri: str, cfg: Config, verbose: bool = False,
+              containers: Containers | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the gate's summary, or raises TlopsError naming the failed step."""
     from kfp import local
 
@@ -53,27 +152,41 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False) -> dict[str, An
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log_path = workdir / "logs" / f"run-{stamp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # Steps run in this very environment, where the project image's contents are installed.
-    warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "pipeline_root"))
-    fd, error_file = tempfile.mkstemp(prefix="tlops-error-", suffix=".txt")
-    os.close(fd)
-    Path(error_file).unlink()
+    pipeline_root = workdir / "pipeline_root"
+    if containers is None:
+        # Steps run in this very environment, where the project image's contents are installed.
+        warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+        fd, error_file = tempfile.mkstemp(prefix="tlops-error-", suffix=".txt")
+        os.close(fd)
+        Path(error_file).unlink()
+        pipeline: Any = transfer_learning_pipeline
+        config_json = cfg.to_json()
+    else:
+        _engine(containers.image)
+        # The error file must be where a step container can write it: under the mounted pipeline root.
+        error_file = str(pipeline_root / f".error-{stamp}.json")
+        local.init(runner=_runner(cfg, containers, pipeline_root, error_file), pipeline_root=str(pipeline_root))
+        pipeline = _compiled(cfg, containers, workdir / f"pipeline-{stamp}.yaml")
+        config_json = cfg.model_copy(update={"workdir": CONTAINER_WORKDIR}).to_json()
     old = os.environ.get(ERROR_FILE_ENV)
     os.environ[ERROR_FILE_ENV] = error_file
     terminal = sys.stdout
     try:
         with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(_Tee(log, terminal, verbose)):
             try:
-                task = transfer_learning_pipeline(data_uri=data_uri, config_json=cfg.to_json(),
-                                                  pipeline_run=f"tlops-{stamp}")
-            except RuntimeError as exc:
-                if Path(error_file).is_file():
-                    failure = json.loads(Path(error_file).read_text())
-                    error = GateFailed(failure["message"]) if failure["exit_code"] == 1 else TlopsError(
-                        failure["message"])
+                task = pipeline(data_uri=data_uri, config_json=config_json, pipeline_run=f"tlops-{stamp}")
+            # kfp's DockerRunner can call a failed container a success (removed before its exit code was read);
+            # the next step then fails on the missing outputs, so any failure is checked against the error file.
+            except Exception as exc:
+                error = _failure(error_file)
+                if error is not None:
                     raise error from None
-                raise TlopsError(f"pipeline failed: {str(exc).splitlines()[0]}; full log: {log_path}") from None
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise TlopsError(f"pipeline failed: {first}; full log: {log_path}") from None
+        error = _failure(error_file)
+        if error is not None:
+            raise error
     finally:
         if old is None:
             os.environ.pop(ERROR_FILE_ENV, None)

@@ -107,13 +107,21 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every step's full log.")] = False,
+    image: Annotated[str | None, typer.Option(
+        help="Run the compiled pipeline with every step in its own container of this image (kfp's DockerRunner "
+        "over $DOCKER_HOST, e.g. podman's socket), as a cluster does: data from s3:// and a tracking server "
+        "only. Default: each step a subprocess here.")] = None,
+    network: Annotated[str, typer.Option(help="With --image: the engine's network the steps join.")] = "host",
 ) -> None:
     """Run the whole pipeline locally (kfp.local) and print a summary."""
-    from pipelines.local import run_local
+    from pipelines.local import Containers, run_local
     from tlops import tracking
 
     cfg = _config(config, set_, **{"data.uri": data, "backbone": backbone, "registry.model_name": model_name})
     found = preflight(cfg.data.uri, cfg.backbone)
+    if image and not (tracking.env_uri_set() or cfg.tracking.uri):
+        raise TlopsError("--image: steps in containers need a tracking server: set MLFLOW_TRACKING_URI to its "
+                         "http:// URL")
     if not cfg.tracking.uri and not tracking.env_uri_set():
         # Freeze the embedded default so every step (a subprocess) uses the same store.
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
@@ -121,7 +129,8 @@ def run(
     data_uri = cfg.data.uri if "://" in cfg.data.uri else str(Path(cfg.data.uri).resolve())
     typer.echo(f"tlops: {data_uri} ({found}), backbone {cfg.backbone}, model {cfg.registry.model_name}")
     t0 = time.perf_counter()
-    summary = run_local(data_uri, cfg, verbose=verbose)
+    containers = Containers(image=image, network=network) if image else None
+    summary = run_local(data_uri, cfg, verbose=verbose, containers=containers)
     typer.echo(format_summary(summary, time.perf_counter() - t0))
 
 
