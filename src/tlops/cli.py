@@ -29,6 +29,15 @@ def _config(config: Path | None, overrides: list[str] | None, **fields: Any):  #
     return load_config(config, [*(overrides or []), *extra])
 
 
+def _pairs(items: list[str] | None, sep: str, option: str, shape: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, found, value = item.partition(sep)
+        if not found or not key:
+            raise TlopsError(f"{option} {item!r}: expected {shape}")
+        out[key] = value
+    return out
+
 def preflight(data_uri: str, backbone: str) -> str:
     """Cheap checks before any step starts: a bad input fails in a second, with one line."""
     from tlops import backbones, data, storage
@@ -112,6 +121,13 @@ def run(
         "over $DOCKER_HOST, e.g. podman's socket), as a cluster does: data from s3:// and a tracking server "
         "only. Default: each step a subprocess here.")] = None,
     network: Annotated[str, typer.Option(help="With --image: the engine's network the steps join.")] = "host",
+    add_host: Annotated[list[str] | None, typer.Option(
+        "--add-host", help="With --image: NAME:ADDRESS the steps resolve, as a cluster's Service names "
+        "(repeatable).")] = None,
+    step_env: Annotated[list[str] | None, typer.Option(
+        "--step-env", help="With --image: KEY=VALUE set in every step's container, over what is taken from this "
+        "environment (the AWS_* and MLFLOW_* variables), e.g. MLFLOW_TRACKING_URI=http://tlops-mlflow:5000 "
+        "(repeatable).")] = None,
 ) -> None:
     """Run the whole pipeline locally (kfp.local) and print a summary."""
     from pipelines.local import Containers, run_local
@@ -129,7 +145,10 @@ def run(
     data_uri = cfg.data.uri if "://" in cfg.data.uri else str(Path(cfg.data.uri).resolve())
     typer.echo(f"tlops: {data_uri} ({found}), backbone {cfg.backbone}, model {cfg.registry.model_name}")
     t0 = time.perf_counter()
-    containers = Containers(image=image, network=network) if image else None
+    containers = None
+    if image:
+        containers = Containers(image=image, network=network, hosts=_pairs(add_host, ":", "--add-host", "NAME:ADDRESS"),
+                                env=_pairs(step_env, "=", "--step-env", "KEY=VALUE"))
     summary = run_local(data_uri, cfg, verbose=verbose, containers=containers)
     typer.echo(format_summary(summary, time.perf_counter() - t0))
 
