@@ -29,6 +29,26 @@ def _config(config: Path | None, overrides: list[str] | None, **fields: Any):  #
     return load_config(config, [*(overrides or []), *extra])
 
 
+def _writable_dir(path: Path, what: str) -> None:
+    """Fail in a second, with one line, when results cannot be written under ``path`` (under a file, in /proc,
+    read-only): before any work, and leaving no file behind."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TlopsError(f"{what} {_shown(path)}: cannot write there ({why})") from None
+
+
+def _shown(value: object) -> str:
+    from tlops.data import printable
+
+    return printable(str(value))
+
+
 def _pairs(items: list[str] | None, sep: str, option: str, shape: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
@@ -37,6 +57,7 @@ def _pairs(items: list[str] | None, sep: str, option: str, shape: str) -> dict[s
             raise TlopsError(f"{option} {item!r}: expected {shape}")
         out[key] = value
     return out
+
 
 def preflight(data_uri: str, backbone: str) -> str:
     """Cheap checks before any step starts: a bad input fails in a second, with one line."""
@@ -134,6 +155,7 @@ def run(
     from tlops import tracking
 
     cfg = _config(config, set_, **{"data.uri": data, "backbone": backbone, "registry.model_name": model_name})
+    _writable_dir(Path(cfg.workdir), "workdir")
     found = preflight(cfg.data.uri, cfg.backbone)
     if image and not (tracking.env_uri_set() or cfg.tracking.uri):
         raise TlopsError("--image: steps in containers need a tracking server: set MLFLOW_TRACKING_URI to its "
@@ -178,6 +200,8 @@ def validate(
     handler.addFilter(lambda r: r.levelno >= logging.WARNING or (verbose and r.name.startswith("tlops")))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     out = output or Path(cfg.workdir) / "validation"
+    _writable_dir(Path(cfg.workdir), "workdir")
+    _writable_dir(out, "--output")
     shutil.rmtree(out / "data_docs", ignore_errors=True)  # the site of this run only, not an old one
     manifest, report = validate_data(cfg.data.uri, cfg, out / "data_docs")
     paths = write_outputs(out, manifest, report)
@@ -216,10 +240,15 @@ def _cluster_config(config: Path | None, overrides: list[str] | None, image: str
 def compile_(output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the IR YAML.")],
              image: ImageOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Write the pipeline as kfp v2 IR YAML, for a Kubeflow cluster (image, resources, secrets from cluster.*)."""
+    if output.is_dir():
+        raise TlopsError(f"--output {_shown(output)} is a directory: name the YAML file to write, e.g. "
+                         f"{_shown(output / 'pipeline.yaml')}")
+    if output.parent and not output.parent.exists():
+        raise TlopsError(f"--output {_shown(output)}: directory {_shown(output.parent)} does not exist")
+    if not output.parent.is_dir():
+        raise TlopsError(f"--output {_shown(output)}: {_shown(output.parent)} is not a directory")
     from pipelines.transfer_learning import compile_config
 
-    if output.parent and not output.parent.exists():
-        raise TlopsError(f"--output {output}: directory {output.parent} does not exist")
     image_used = compile_config(_cluster_config(config, set_, image), str(output))
     typer.echo(f"wrote {output} (image {image_used})")
 
@@ -306,13 +335,13 @@ def _tracking(config: Path | None, overrides: list[str] | None, output_format: s
         raise TlopsError(f"--format {output_format!r}: choose table or json")
 
     cfg = _config(config, overrides)
-    if not cfg.tracking.uri and not tracking.env_uri_set():
-        uri = tracking.resolve_tracking_uri(cfg)
-        if not Path(uri[len("sqlite:///") :]).is_file():
-            raise TlopsError(f"no MLflow store at {uri}: run 'tlops run' first, or set MLFLOW_TRACKING_URI")
+    uri = tracking.resolve_tracking_uri(cfg)
+    # The store must exist and be an MLflow store: MLflow would otherwise make an empty one (and its folder)
+    # wherever the URI points, even for a command that only reads.
+    tracking.check_store(uri)
+    tracking.quiet_store_logs()
     import mlflow
 
-    uri = tracking.resolve_tracking_uri(cfg)
     tracking.apply_retry_policy(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -482,9 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except Exception as exc:
-        from tlops.tracking import unreachable_error
+        from tlops.tracking import store_error, unreachable_error
 
-        user_error = unreachable_error(exc)  # a tracking server that stopped answering is no bug of ours
+        # A tracking server that stopped answering, or a store that cannot serve (read-only, locked, corrupt),
+        # is no bug of ours; nor is a file system that refuses a read or a write.
+        user_error = unreachable_error(exc) or store_error(exc)
+        if user_error is None and isinstance(exc, OSError):
+            where = f"{_shown(exc.filename)}: " if exc.filename is not None else ""
+            user_error = TlopsError(f"{where}{exc.strerror or exc}")
         if user_error is None:
             raise
         typer.echo(f"error: {user_error}", err=True)

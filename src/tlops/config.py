@@ -577,26 +577,53 @@ class Config(_Section):
         return cls.model_validate_json(text)
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """The one line of a YAML (or integer) error that says what is wrong."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        return exc.problem
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # ValueError: an integer over Python's digit limit; RecursionError: brackets nested thousands deep.
+        raise ValueError(_yaml_problem(exc)) from None
+
+
 def _parse_value(raw: str) -> Any:
-    """``--set`` values: YAML scalars, and comma lists for tuples (``0.485,0.456,0.406``)."""
+    """``--set`` values: YAML scalars, and comma lists for tuples (``0.485,0.456,0.406``).
+
+    A value YAML cannot read raises ValueError with YAML's reason (``@`` or ``%`` at the start, an unclosed
+    ``[``, an alias ``*name``, a ``!!python`` tag, an integer of thousands of digits)."""
     if "," in raw and not raw.strip().startswith("["):
-        return [yaml.safe_load(part) for part in raw.split(",")]
-    return yaml.safe_load(raw)
+        return [_yaml_value(part) for part in raw.split(",")]
+    return _yaml_value(raw)
+
+
+def _shown(raw: str, limit: int = 60) -> str:
+    text = raw.encode("utf-8", "backslashreplace").decode("utf-8")
+    return repr(text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise TlopsError(f"--set {item!r}: expected KEY=VALUE, for example train.epochs=10")
+            raise TlopsError(f"--set {_shown(item)}: expected KEY=VALUE, for example train.epochs=10")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise TlopsError(f"--set {item!r}: {part!r} is not a section")
+                raise TlopsError(f"--set {_shown(item)}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(raw)
+        try:
+            node[parts[-1]] = _parse_value(raw)
+        except ValueError as exc:
+            raise TlopsError(f"--set {key.strip()}: the value {_shown(raw)} is not a YAML value ({exc}); to pass "
+                             f"it as text, quote it: --set '{key.strip()}=\"...\"'") from None
     return data
 
 
@@ -607,9 +634,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise TlopsError(f"config file {p} does not exist: pass an existing YAML file to --config")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise TlopsError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise TlopsError(f"config file {p} is UTF-16 text; save it as UTF-8")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise TlopsError(f"config file {p}, line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it "
+                             "as UTF-8") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise TlopsError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except (ValueError, RecursionError) as exc:
+            raise TlopsError(f"config file {p} is not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise TlopsError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
         data = loaded or {}
@@ -620,4 +661,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "config"
         src = f"config file {path}" if path else "config"
-        raise TlopsError(f"{src}: field {where}: {err['msg']}") from None
+        msg = " ".join(str(err["msg"]).split())  # one line, whatever the validator said
+        raise TlopsError(f"{src}: field {_shown(where, 120)[1:-1]}: {msg[:300]}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import hashlib
 import io
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -37,7 +39,7 @@ MANIFEST_COLUMNS = [
 ]
 _TEXT_COLUMNS = ("uri", "path", "label", "split", "mode", "format", "sha256", "dhash", "error")
 # Bump when _inspect changes what it records: cached rows of an older version are not reused.
-INSPECT_VERSION = 4
+INSPECT_VERSION = 5
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (about 0.25 GB of RGBA)
 DHASH_DRAFT_SIZE = 64  # a JPEG is decoded at the smallest scale that keeps at least 64 px a side
 
@@ -49,80 +51,342 @@ class Entry:
     split: str | None
 
 
-def _images_under(top: Path) -> list[str]:
-    """Image files below ``top``, relative to it (POSIX), in path order; hidden files are skipped.
+@dataclass(frozen=True)
+class Found:
+    """One entry of a data set and what the walk decided about it: read ``real`` (a path under the data
+    root, with no link left in it), or not, for ``reason``. A refused entry's ``rel`` is printable."""
 
-    One scandir per directory, whose entries already say file or directory: no stat per regular file.
-    Symlinked directories are not followed, so a symlink loop cannot recurse forever; a symlinked file
-    is taken, and a link that dangles or points at itself is skipped.
-    """
-    found: list[str] = []
-    pending = [""]
-    while pending:
-        rel = pending.pop()
+    entry: Entry
+    real: str = ""
+    reason: str = ""
+    size: int = 0
+
+
+# ---- what is read: the one walk over a tree or a manifest ------------------------------------------
+
+MAX_FILE_BYTES_ENV = "TLOPS_MAX_FILE_BYTES"
+MAX_ASPECT_RATIO_ENV = "TLOPS_MAX_ASPECT_RATIO"
+DEFAULT_MAX_FILE_BYTES = 128 * 1024 * 1024  # a larger file is not read (an 8 GB file named .png, a link to a disk)
+# Longest side / shortest side. The preprocessing resizes the shorter side to about 256 px, so an image's work
+# grows with this ratio (8 x 11,000,000 px would be 256 x 352,000,000 px): beyond it, refused from the header.
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFLNK: "a link"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ODD = re.compile(r"[\x00-\x1f\x7f\udc80-\udcff]")  # a control character, or a byte that was not UTF-8
+_IN_MEMORY = 16 * 1024 * 1024  # a file up to this size is read whole, then decoded from memory
+_CHUNK = 1 << 20
+
+
+def _limit_from_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise TlopsError(f"{name}={raw!r}: expected a positive number")
+    return value
+
+
+def max_file_bytes() -> int:
+    """The largest file the manifest reads (``TLOPS_MAX_FILE_BYTES``, default 128 MiB)."""
+    return int(_limit_from_env(MAX_FILE_BYTES_ENV, DEFAULT_MAX_FILE_BYTES))
+
+
+def max_aspect_ratio() -> float:
+    """The most elongated image decoded, longest side over shortest (``TLOPS_MAX_ASPECT_RATIO``, default 100)."""
+    return _limit_from_env(MAX_ASPECT_RATIO_ENV, DEFAULT_MAX_ASPECT_RATIO)
+
+
+@functools.cache
+def _path_max() -> int:
+    try:
+        return int(os.pathconf("/", "PC_PATH_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 4096
+
+
+def printable(text: str) -> str:
+    """``text`` fit for one line of a report: bytes that are not UTF-8 and control characters as escapes."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    out = raw.decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", out)
+
+
+def _name_problem(rel: str) -> str:
+    """Why a path's text cannot be used as it is, or ""."""
+    if not _ODD.search(rel):
+        return ""
+    if "\0" in rel:
+        return "the path holds a NUL character"
+    if any("\udc80" <= ch <= "\udcff" for ch in rel):
+        return "the name is not valid UTF-8"
+    if _CONTROL.search(rel):
+        return "the name holds a control character"
+    return ""
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the path is longer than the system allows (ENAMETOOLONG)"
+    if exc.errno == errno.ELOOP:
+        return "a link that loops (ELOOP)"
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _inside(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip("/") + "/")
+
+
+def _admit(real: str, rel: str, limit: int) -> tuple[str, int]:
+    """(reason, size) for a file at ``real`` (a path under the root with no link in it): reason "" when it
+    may be read. Nothing is opened here: a FIFO, a device or a socket is refused from its lstat."""
+    problem = _name_problem(rel)
+    if problem:
+        return problem, 0
+    if len(os.fsencode(real)) >= _path_max():
+        return "the path is longer than the system allows", 0
+    try:
+        st = os.lstat(real)
+    except OSError as exc:
+        return _os_reason(exc), 0
+    if not stat.S_ISREG(st.st_mode):
+        return f"{_kind(st.st_mode)}, not a regular file", 0
+    if st.st_size > limit:
+        return f"{st.st_size} bytes, over the limit of {limit} ({MAX_FILE_BYTES_ENV})", st.st_size
+    return "", st.st_size
+
+
+def _resolve(path: str, root_real: str) -> tuple[str, str]:
+    """(real path, "") for ``path`` when it resolves under ``root_real``; ("", reason) otherwise."""
+    try:
+        real = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            return "", f"a link to {printable(os.readlink(path))}, which does not exist"
+        return "", _os_reason(exc)
+    if not _inside(real, root_real):
+        return "", f"a link to {printable(real)}, outside the data root"
+    return real, ""
+
+
+def _found(rel: str, label: str, split: str | None, real: str, limit: int) -> Found:
+    reason, size = _admit(real, rel, limit)
+    entry = Entry(printable(rel) if reason else rel, label, split)
+    return Found(entry, "" if reason else real, reason, size)
+
+
+def _refused(rel: str, label: str | None, split: str | None, reason: str) -> Found:
+    return Found(Entry(printable(rel), printable(label) if label else "", split), reason=reason)
+
+
+def _listdir(real_dir: str) -> list[os.DirEntry[str]]:
+    with os.scandir(real_dir) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _subdir(parent_real: str, e: os.DirEntry[str], root_real: str) -> tuple[str, str] | None:
+    """A folder entry as (its real path, "") or ("", why it is not walked); None when it is no folder."""
+    if e.is_symlink():
+        path = f"{parent_real}/{e.name}"
         try:
-            with os.scandir(top / rel if rel else top) as it:
-                entries = list(it)
-        except PermissionError:
+            target = os.path.realpath(path, strict=True)
+        except OSError:
+            return None  # dangling or looping: not a folder (a file entry reports it)
+        if not os.path.isdir(target):
+            return None
+        if not _inside(target, root_real):
+            return "", f"a link to the folder {printable(target)}, outside the data root"
+        return target, ""
+    if e.is_dir(follow_symlinks=False):
+        problem = _name_problem(e.name)
+        return ("", problem) if problem else (f"{parent_real}/{e.name}", "")
+    return None
+
+
+def _class_files(rel_dir: str, real_dir: str, label: str, split: str | None, root_real: str,
+                 limit: int) -> list[Found]:
+    """Every image file below one class folder, in path order; hidden files are skipped.
+
+    One scandir per folder. Links to folders are not followed (a loop cannot recurse forever); a link to a
+    file is read when its target is a regular file under the data root. Links that leave the root, that
+    dangle or loop, special files, oversize files, undecodable or too-long names are refused with a reason.
+    """
+    out: list[Found] = []
+    pending = [(rel_dir, real_dir)]
+    while pending:
+        rel, real = pending.pop()
+        try:
+            entries = _listdir(real)
+        except OSError as exc:
+            out.append(_refused(rel, label, split, f"the folder cannot be listed ({_os_reason(exc)})"))
             continue
         for e in entries:
-            r = f"{rel}/{e.name}" if rel else e.name
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    pending.append(r)
-                elif (not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-                      and e.is_file()):
-                    found.append(r)
-            except OSError:  # a link to itself: ELOOP
+            if e.name.startswith("."):
                 continue
-    return sorted(found, key=lambda r: r.split("/"))
+            r = f"{rel}/{e.name}"
+            image = os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            try:
+                if e.is_symlink():
+                    target, why = _resolve(f"{real}/{e.name}", root_real)
+                    if why:
+                        sub = _subdir(real, e, root_real)
+                        if image or (sub is not None and sub[1]):
+                            out.append(_refused(r, label, split, why))
+                        continue
+                    if os.path.isdir(target) or not image:
+                        continue  # a link to a folder under the root: not followed
+                    out.append(_found(r, label, split, target, limit))
+                elif e.is_dir(follow_symlinks=False):
+                    problem = _name_problem(e.name)
+                    if problem:
+                        out.append(_refused(r, label, split, problem))
+                    else:
+                        pending.append((r, f"{real}/{e.name}"))
+                elif image:
+                    out.append(_found(r, label, split, f"{real}/{e.name}", limit))
+            except OSError as exc:  # the entry vanished or changed while it was looked at
+                if image:
+                    out.append(_refused(r, label, split, _os_reason(exc)))
+    return sorted(out, key=lambda f: f.entry.rel.split("/"))
+
+
+def _walk_tree(root: Path, uri: str) -> list[Found]:
+    root_real, limit = os.path.realpath(root), max_file_bytes()
+    try:
+        top = _listdir(root_real)
+    except OSError as exc:
+        raise TlopsError(f"data {uri} cannot be read: {_os_reason(exc)}") from None
+
+    def folders(real: str, entries: list[os.DirEntry[str]]) -> list[tuple[str, str, str]]:
+        """(name, real path, reason) of the visible folders among ``entries``."""
+        out = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                sub = _subdir(real, e, root_real)
+            except OSError:
+                continue
+            if sub is not None:
+                out.append((e.name, *sub))
+        return out
+
+    subdirs = folders(root_real, top)
+    split_layout = bool(subdirs) and {name for name, _, _ in subdirs} <= set(SPLITS)
+    found: list[Found] = []
+    empty: list[str] = []
+    groups = [(name, real, why) for name, real, why in subdirs] if split_layout else [("", root_real, "")]
+    for split_name, split_real, split_why in groups:
+        split = split_name or None
+        if split_why:
+            found.append(_refused(split_name, None, split, split_why))
+            continue
+        try:
+            classes = folders(split_real, _listdir(split_real)) if split_layout else subdirs
+        except OSError as exc:
+            found.append(_refused(split_name, None, split, f"the folder cannot be listed ({_os_reason(exc)})"))
+            continue
+        for name, real, why in classes:
+            rel_dir = f"{split_name}/{name}" if split_name else name
+            if why:
+                found.append(_refused(rel_dir, name, split, why))
+                continue
+            files = _class_files(rel_dir, real, name, split, root_real, limit)
+            if not files:
+                empty.append(rel_dir)
+            found += files
+    if not found:
+        raise TlopsError(f"no images found in {uri}: expected {uri}/<class>/<image> "
+                         f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    for name in empty:
+        # Such a class is not in the data set at all; list it in validation.classes to make it an error.
+        log.warning("class folder %s holds no images", printable(name))
+    return found
+
+
+def _csv_text(csv_path: Path) -> str:
+    """The manifest's text: UTF-8, with or without the byte-order mark Excel's "CSV UTF-8" writes."""
+    try:
+        raw = csv_path.read_bytes()
+    except OSError as exc:
+        raise TlopsError(f"{csv_path}: the CSV manifest cannot be read ({_os_reason(exc)})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TlopsError(f"{csv_path}: the CSV manifest is UTF-16 text; save it as UTF-8 (Excel: CSV UTF-8)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise TlopsError(f"{csv_path}:{line}: the CSV manifest is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                         "save it as UTF-8 (Excel: CSV UTF-8)") from None
 
 
 def _from_csv(csv_path: Path) -> list[Entry]:
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_csv_text(csv_path), newline=""))
+    try:
         missing = {"path", "label"} - set(reader.fieldnames or [])
         if missing:
             raise TlopsError(f"{csv_path}: CSV manifest lacks column(s) {', '.join(sorted(missing))}; "
                              "expected a header path,label[,split]")
         out = []
-        for lineno, row in enumerate(reader, start=2):
+        for row in reader:
             split = (row.get("split") or "").strip() or None
             if split is not None and split not in SPLITS:
-                raise TlopsError(f"{csv_path}:{lineno}: split {split!r} is not one of {', '.join(SPLITS)}")
+                raise TlopsError(f"{csv_path}:{reader.line_num}: split {printable(split)[:80]!r} is not one of "
+                                 f"{', '.join(SPLITS)}")
             rel = str(safe_relpath((row["path"] or "").strip(), str(csv_path.parent)))
             out.append(Entry(rel, (row["label"] or "").strip(), split))
+    except csv.Error as exc:
+        raise TlopsError(f"{csv_path}:{reader.line_num + 1}: not a readable CSV manifest ({exc})") from None
+    if not out:
+        raise TlopsError(f"{csv_path}: the CSV manifest lists no files (a header and no rows)")
     return out
 
 
-def discover(root: Path, uri: str) -> list[Entry]:
-    """The labelled files under ``root``: a CSV manifest, split folders, or an ImageFolder."""
+def _walk_csv(csv_path: Path) -> list[Found]:
+    """Every row of a CSV manifest, held to the rules of a tree: a path is read only when it resolves, links
+    included, to a regular file under the manifest's folder."""
+    root_real, limit = os.path.realpath(csv_path.parent), max_file_bytes()
+    found = []
+    for e in _from_csv(csv_path):
+        problem = _name_problem(e.rel)
+        if not problem and len(os.fsencode(f"{root_real}/{e.rel}")) >= _path_max():
+            problem = "the path is longer than the system allows"
+        real = ""
+        if not problem:
+            real, problem = _resolve(f"{root_real}/{e.rel}", root_real)
+        found.append(_refused(e.rel, e.label, e.split, problem) if problem else
+                     _found(e.rel, e.label, e.split, real, limit))
+    return found
+
+
+def walk(root: Path, uri: str) -> list[Found]:
+    """What a data set holds, entry by entry, and which entries may be read: a CSV manifest, split
+    folders, or an ImageFolder (an S3 prefix is walked as its local mirror). The one place that decides
+    what is read."""
     if root.is_file() and root.suffix.lower() == ".csv":
-        return _from_csv(root)
+        return _walk_csv(root)
     if not root.exists():
         raise TlopsError(f"data {uri} does not exist: pass --data DIR with DIR/<class>/<image> files, "
                          "or run 'tlops demo-data DIR' to create the demo set")
     if not root.is_dir():
         raise TlopsError(f"data {uri} is neither a directory nor a .csv manifest")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_layout = bool(subdirs) and {p.name for p in subdirs} <= set(SPLITS)
-    entries: list[Entry] = []
-    empty: list[str] = []
-    for split_dir in subdirs if split_layout else [root]:
-        split = split_dir.name if split_layout else None
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            found = _images_under(class_dir)
-            rel_dir = class_dir.relative_to(root).as_posix()
-            if not found:
-                empty.append(rel_dir)
-            entries += [Entry(f"{rel_dir}/{f}", class_dir.name, split) for f in found]
-    if not entries:
-        raise TlopsError(f"no images found in {uri}: expected {uri}/<class>/<image> "
-                         f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    for name in empty:
-        # Such a class is not in the data set at all; list it in validation.classes to make it an error.
-        log.warning("class folder %s holds no images", name)
-    return entries
+    return _walk_tree(root, uri)
+
+
+def discover(root: Path, uri: str) -> list[Entry]:
+    """The labelled files under ``root`` that may be read: a CSV manifest, split folders, or an ImageFolder."""
+    return [f.entry for f in walk(root, uri) if not f.reason]
 
 
 def hash_split(sha256: str, val_fraction: float, test_fraction: float, salt: str) -> str:
@@ -152,36 +416,130 @@ def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
-def _inspect(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, object]:
-    """What the decoder sees in one file. Never raises for a bad file: the reason goes in ``error``."""
-    data = path.read_bytes()
-    row: dict[str, object] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "dhash": ""}
+# What the extensions above name; Pillow is not asked to try any other format (EPS would start Ghostscript).
+DECODE_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "DIB", "GIF", "WEBP", "TIFF")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@functools.cache
+def _decode_formats() -> tuple[str, ...]:
+    Image.init()  # every plugin registered, so each name below is known
+    return tuple(f for f in DECODE_FORMATS if f in Image.OPEN)
+
+
+class _NotRead(Exception):
+    """A file that is not read after all: it changed into something else since the walk admitted it."""
+
+
+def _open_admitted(path: str) -> Any:
+    """The regular file at ``path`` (a real path: no link in it), opened for reading, or ``_NotRead``.
+
+    What is opened must be what was checked: a FIFO or a device is never opened (it is refused from its
+    lstat; O_NONBLOCK besides, so one swapped in at the last moment cannot block), the final component is
+    not followed if it became a link, and the opened file must be the lstat's inode at the same path (a
+    folder on the way swapped for a link out of the root is caught by the kernel's name for the file).
+    """
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotRead(f"{_kind(st.st_mode)}, not a regular file")
+    limit = max_file_bytes()
+    if st.st_size > limit:
+        raise _NotRead(f"{st.st_size} bytes, over the limit of {limit} ({MAX_FILE_BYTES_ENV})")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | _NOFOLLOW)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-            img = Image.open(io.BytesIO(data))
-        with img:
-            row.update(width=img.width, height=img.height, mode=img.mode, channels=len(img.getbands()),
-                       format=img.format or "")
-            if img.width * img.height > max_pixels:
-                # Refused from the header alone: the pixels of a decompression bomb are never decoded.
-                raise Image.DecompressionBombError(
-                    f"{img.width}x{img.height} = {img.width * img.height} pixels exceeds the limit of "
-                    f"{max_pixels} (validation.max_pixels); not decoded")
-            # Trap: PNG's getexif() decodes the whole image to find a trailing eXIf chunk; only after the check.
-            row["exif_orientation"] = int(img.getexif().get(0x0112, 1))
-            # JPEG: one decode, at 1/2-1/8 scale in greyscale (libjpeg's scaled IDCT), is all the dHash needs.
-            # It still entropy-decodes every scan, so a truncated or corrupt file fails at load() all the same;
-            # width, height and mode above are the file's own. Other formats decode once at full size.
-            img.draft("L", (DHASH_DRAFT_SIZE, DHASH_DRAFT_SIZE))
-            img.load()  # a truncated or corrupt file fails here, not at open()
-            row["dhash"] = dhash(img)
-        row.update(decodable=True, error="")
-    except Exception as exc:  # any decoder failure makes the file undecodable, with the reason kept
-        # No memory addresses in a reason a person reads: "cannot identify image file <_io.BytesIO ...>".
-        message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
-        row.update(decodable=False, error=f"{type(exc).__name__}: {message}"[:300])
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(opened.st_mode):
+            raise _NotRead("the file was replaced while it was validated")
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # no /proc: the inode check above is what there is
+            name = None
+        if name is not None and name != os.path.abspath(path):
+            raise _NotRead(f"the path now leads to {printable(name)}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _inspect(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, object]:
+    """What the decoder sees in one file. Never raises for a bad file: the reason goes in ``error``.
+
+    A file up to 16 MiB is read whole and decoded from memory; a larger one (up to ``max_file_bytes()``) is
+    hashed in 1 MiB chunks, then decoded from the open file: memory grows with the image's pixels, bounded by
+    ``max_pixels``, not with the file's size.
+    """
+    row: dict[str, object] = {"bytes": 0, "sha256": "", "dhash": "", "decodable": False}
+    try:
+        fh = _open_admitted(str(path))
+    except _NotRead as why:
+        return {**row, "error": str(why)}
+    except OSError as exc:  # vanished, unreadable: a bad file, not a crash
+        return {**row, "error": _os_reason(exc)}
+    with fh:
+        try:
+            before = os.fstat(fh.fileno())
+            # One byte more than its size: a file that grew since is caught by the check at the end.
+            payload = fh.read(before.st_size + 1) if before.st_size <= _IN_MEMORY else b""
+            if payload and len(payload) <= _IN_MEMORY:  # small (most images): one read, decoded from memory
+                size, source = len(payload), io.BytesIO(payload)
+                digest = hashlib.sha256(payload)
+            else:  # large: hashed in chunks, then decoded from the file; memory is the pixels', not the file's
+                payload = b""
+                size, source, limit, digest = 0, fh, max_file_bytes(), hashlib.sha256()
+                fh.seek(0)
+                view = memoryview(bytearray(_CHUNK))
+                while n := fh.readinto(view):
+                    size += n
+                    if size > limit:
+                        return {**row, "error": f"grew past {limit} bytes ({MAX_FILE_BYTES_ENV}) while it was read"}
+                    digest.update(view[:n])
+                fh.seek(0)
+            row.update(bytes=size, sha256=digest.hexdigest())
+        except OSError as exc:
+            return {**row, "error": _os_reason(exc)}
+        try:
+            _decode(source, row, max_pixels)
+            row.update(decodable=True, error="")
+        except Exception as exc:  # any decoder failure makes the file undecodable, with the reason kept
+            # No memory addresses or file objects in a reason a person reads: "cannot identify image file <...>".
+            message = re.sub(r"\s*<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", str(exc))
+            row.update(decodable=False, error=f"{type(exc).__name__}: {message}"[:300])
+        try:
+            after = os.fstat(fh.fileno())
+        except OSError:
+            after = before
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or size != before.st_size:
+            row.update(decodable=False, error="the file changed while it was read; run again")
     return row
+
+
+def _decode(fh: Any, row: dict[str, object], max_pixels: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+        img = Image.open(fh, formats=_decode_formats())
+    with img:
+        row.update(width=img.width, height=img.height, mode=img.mode, channels=len(img.getbands()),
+                   format=img.format or "")
+        if img.width * img.height > max_pixels:
+            # Refused from the header alone: the pixels of a decompression bomb are never decoded.
+            raise Image.DecompressionBombError(
+                f"{img.width}x{img.height} = {img.width * img.height} pixels exceeds the limit of "
+                f"{max_pixels} (validation.max_pixels); not decoded")
+        ratio = max(img.width, img.height) / max(1, min(img.width, img.height))
+        if ratio > max_aspect_ratio():
+            # Its resize to the model's input would be as elongated: the work grows with the ratio.
+            raise Image.DecompressionBombError(
+                f"{img.width}x{img.height} is {ratio:.0f} times longer than wide, over the limit of "
+                f"{max_aspect_ratio():g} ({MAX_ASPECT_RATIO_ENV}); not decoded")
+        # Trap: PNG's getexif() decodes the whole image to find a trailing eXIf chunk; only after the check.
+        row["exif_orientation"] = int(img.getexif().get(0x0112, 1))
+        # JPEG: one decode, at 1/2-1/8 scale in greyscale (libjpeg's scaled IDCT), is all the dHash needs.
+        # It still entropy-decodes every scan, so a truncated or corrupt file fails at load() all the same;
+        # width, height and mode above are the file's own. Other formats decode once at full size.
+        img.draft("L", (DHASH_DRAFT_SIZE, DHASH_DRAFT_SIZE))
+        img.load()  # a truncated or corrupt file fails here, not at open()
+        row["dhash"] = dhash(img)
 
 
 class InspectCache:
@@ -193,7 +551,7 @@ class InspectCache:
     """
 
     def __init__(self, cache_root: str | Path, base: Path, max_pixels: int) -> None:
-        ident = json.dumps([str(base.resolve()), max_pixels, INSPECT_VERSION])
+        ident = json.dumps([str(base.resolve()), max_pixels, max_aspect_ratio(), INSPECT_VERSION])
         self.path = Path(cache_root) / "manifest" / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.json"
         self.old: dict[str, dict[str, object]] = {}
         self.new: dict[str, dict[str, object]] = {}
@@ -258,10 +616,10 @@ def inspect_files(paths: Sequence[str | Path], cache: InspectCache | None, max_p
     for p in paths:
         try:
             key = InspectCache.key(p)
-        except OSError as exc:  # listed in a CSV manifest but missing, or unreadable: a bad file, not a crash
+        except (OSError, ValueError) as exc:  # gone since the walk, or unreadable: a bad file, not a crash
             keys.append(None)
             out.append({"bytes": 0, "sha256": "", "dhash": "", "decodable": False,
-                        "error": f"{type(exc).__name__}: {exc.strerror or exc}"})
+                        "error": _os_reason(exc) if isinstance(exc, OSError) else f"ValueError: {exc}"})
         else:
             keys.append(key)
             out.append(cache.get(key) if cache else None)
@@ -287,7 +645,8 @@ def inspect_files(paths: Sequence[str | Path], cache: InspectCache | None, max_p
                 progress.advance(len(done))
     if cache is not None:
         for k, info in zip(keys, out, strict=True):
-            if k is not None and info is not None:
+            # A file that could not be read (permissions, a race) is looked at again next time.
+            if k is not None and info is not None and info.get("sha256"):
                 cache.put(k, info)
         cache.save()
     return [info for info in out if info is not None]
@@ -296,29 +655,36 @@ def inspect_files(paths: Sequence[str | Path], cache: InspectCache | None, max_p
 def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
                    test_fraction: float = 0.2, salt: str = "tlops", max_pixels: int = DEFAULT_MAX_PIXELS,
                    workers: int = 0, use_cache: bool = True) -> pd.DataFrame:
-    """One row per file: where it is, its label and split, and what the decoder saw."""
+    """One row per file: where it is, its label and split, and what the decoder saw.
+
+    Entries the walk refuses (``walk``: links out of the root, special or oversize files, names that
+    cannot be used) are rows too, never read, with the reason in ``error``: validation quarantines them.
+    """
     root = materialize(uri, cache_root)
     if is_s3(uri) and not root.exists():
         raise TlopsError(f"no objects found under {uri}: expected {uri}/<class>/<image>")
-    entries = discover(root, uri)
+    found = walk(root, uri)
     base = (root.parent if root.is_file() else root).resolve()
-    paths = [f"{base}/{e.rel}" for e in entries]  # strings: a Path per file costs more than the cache check
+    admitted = [f for f in found if not f.reason]
     cache = InspectCache(cache_root, base, max_pixels) if use_cache else None
     t0 = time.perf_counter()
-    infos = inspect_files(paths, cache, max_pixels, workers)
+    infos = iter(inspect_files([f.real for f in admitted], cache, max_pixels, workers))
     rows = []
     # A local URI is made absolute: every step resolves it the same way, whatever its working directory.
     uri_base = (uri.rsplit("/", 1)[0] if root.is_file() else uri.rstrip("/")) if is_s3(uri) else base.as_posix()
-    for entry, path, info in zip(entries, paths, infos, strict=True):
+    for f in found:
+        info = next(infos) if not f.reason else {"bytes": f.size, "sha256": "", "dhash": "", "decodable": False,
+                                                  "error": f.reason}
+        entry = f.entry
         split = entry.split or hash_split(str(info["sha256"]), val_fraction, test_fraction, salt)
-        rows.append({"uri": f"{uri_base}/{entry.rel}", "path": path,
+        rows.append({"uri": f"{uri_base}/{entry.rel}", "path": f.real or None,
                      "label": entry.label or None, "split": split, **info})
     df = pd.DataFrame(rows)
     for col in MANIFEST_COLUMNS:
         if col not in df:
             df[col] = None
-    log.info("manifest: %d files, %d classes, from %s in %.2fs", len(df), df["label"].nunique(), uri,
-             time.perf_counter() - t0)
+    log.info("manifest: %d files (%d not read), %d classes, from %s in %.2fs", len(df), len(found) - len(admitted),
+             df["label"].nunique(), uri, time.perf_counter() - t0)
     return df[MANIFEST_COLUMNS]
 
 

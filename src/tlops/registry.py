@@ -319,6 +319,12 @@ class LockSettings:
 DEFAULT_LOCK = LockSettings()
 
 
+def _registry_uri() -> str:
+    import mlflow
+
+    return str(mlflow.get_registry_uri())
+
+
 def _sqlite_path() -> Path | None:
     import mlflow
 
@@ -335,8 +341,12 @@ def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
     except ImportError:  # not POSIX: the registry lease alone
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as fh:
+    try:
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below, after the lock is released
+    except OSError as exc:
+        raise TlopsError(f"cannot open the registry lock file {path} ({exc.strerror or exc}): the MLflow store's "
+                         "folder must be writable to promote, roll back or register") from None
+    with fh:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -388,12 +398,23 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
     """
     from mlflow.exceptions import MlflowException
 
+    from tlops.tracking import redact, store_error
+
     c = client()
     sqlite = _sqlite_path()
+    if sqlite is not None:
+        # A store this process may not write fails the lease write below; say so before waiting on anything.
+        # (The superuser passes os.access whatever the mode bits; SQLite's own error is caught below.)
+        for what in (sqlite, sqlite.parent):
+            if what.exists() and not os.access(what, os.W_OK):
+                raise TlopsError(f"the MLflow store {redact(_registry_uri())} is read-only for this "
+                                 f"user ({what} is not writable): the file and its folder must be writable to "
+                                 "promote, roll back or register")
     file_lock = _file_lock(sqlite.with_name(sqlite.name + ".tlops-lock"), settings.timeout_s) if sqlite \
         else contextlib.nullcontext()
     with file_lock:
         token = uuid.uuid4().hex
+        refused = "no answer"
         owner = f"{current_user()}@{socket.gethostname()} pid {os.getpid()}: {purpose}"[:400]
         deadline = time.monotonic() + settings.timeout_s
         while True:
@@ -407,10 +428,14 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
                         {"token": token, "owner": owner, "expires": time.time() + settings.ttl_s}))
                     wrote = True
                 except MlflowException as exc:
+                    fault = store_error(exc, _registry_uri())
+                    if fault is not None and "database is locked" not in str(exc):
+                        raise fault from None  # read-only, corrupt, full: waiting changes nothing
                     # A SQL store inserts a new tag after looking for it: two writers inserting at once
-                    # make one fail on the unique key. That one lost this round.
-                    log.info("registry lock on %s: lease write refused (%s); trying again", name,
-                             str(exc).splitlines()[0][:120])
+                    # make one fail on the unique key. That one lost this round; so does a write that found
+                    # the database locked by another writer.
+                    refused = str(exc).splitlines()[0][:160]
+                    log.info("registry lock on %s: lease write refused (%s); trying again", name, refused)
                     wrote = False
                 if wrote:
                     in_time = time.monotonic() - t_read < settings.settle_s
@@ -422,8 +447,12 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
                     if mine:  # our own write came too late to trust: give the lease back and try again
                         c.delete_registered_model_tag(name, LOCK_TAG)
             if time.monotonic() > deadline:
-                holder = lease.get("owner", "?") if lease else "?"
-                raise TlopsError(f"registry lock on {name} is held by {holder}; gave up after "
+                if lease is None or float(lease["expires"]) < time.time():
+                    # Nobody holds it: our own writes kept failing.
+                    raise TlopsError(f"registry lock on {name}: the MLflow store {redact(_registry_uri())} refused "
+                                     f"the lease write for {settings.timeout_s:.0f}s (last: {refused}); no "
+                                     "other process holds the lock")
+                raise TlopsError(f"registry lock on {name} is held by {lease.get('owner', '?')}; gave up after "
                                  f"{settings.timeout_s:.0f}s (a lease expires {settings.ttl_s:.0f}s after it was "
                                  "taken)")
             time.sleep(settings.poll_s * (1 + random.random()))

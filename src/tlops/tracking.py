@@ -58,6 +58,92 @@ def unreachable_error(exc: BaseException) -> TlopsError | None:
                       "cached features already written are kept and the rerun resumes from them")
 
 
+# What SQLite (through SQLAlchemy and MLflow) says when the store itself is the problem, and what that means.
+_STORE_FAULTS = (
+    ("attempt to write a readonly database", "is read-only for this user (attempt to write a readonly database): "
+     "the file and its folder must be writable to promote, roll back or register"),
+    ("database is locked", "is locked by another process (database is locked); try again when it has finished"),
+    ("file is not a database", "is not an SQLite database (file is not a database): point tracking.uri at an "
+     "MLflow store"),
+    ("database disk image is malformed", "is corrupt (database disk image is malformed): restore it from a copy"),
+    ("unable to open database file", "cannot be opened (unable to open database file): check that its folder "
+     "exists and is readable"),
+    ("database or disk is full", "has no room left (database or disk is full): free space there"),
+    ("disk I/O error", "could not be read or written (disk I/O error)"),
+    ("no such table", "is not an MLflow store (no such table): point tracking.uri at an MLflow store"),
+)
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def store_error(exc: BaseException, uri: str | None = None) -> TlopsError | None:
+    """A one-line error naming the store when ``exc`` means the tracking store itself cannot serve the
+    request (read-only, locked, corrupt, full); None for anything else."""
+    if type(exc).__module__.split(".")[0] not in ("mlflow", "sqlalchemy", "sqlite3"):
+        return None
+    text = f"{exc}"
+    for needle, meaning in _STORE_FAULTS:
+        if needle in text:
+            if uri is None:
+                import mlflow
+
+                uri = mlflow.get_tracking_uri()
+            return TlopsError(f"the MLflow store {redact(uri)} {meaning}")
+    return None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def check_store(uri: str) -> None:
+    """Before a command that reads an existing store: it is there, and it is an MLflow store. Nothing is
+    created: MLflow would make an empty store (and its folder) wherever the URI points."""
+    import sqlite3
+
+    local = sqlite_path(uri)
+    if local is None and uri.startswith("file:"):
+        local = Path(uri[len("file://") :] if uri.startswith("file://") else uri[len("file:") :])
+    elif local is None and "://" not in uri:
+        local = Path(uri)
+    if local is None:
+        return  # a server: the retry policy bounds the wait, unreachable_error says so
+    shown = redact(uri)
+    if not local.exists():
+        raise TlopsError(f"no MLflow store at {shown}: run 'tlops run' first, or set MLFLOW_TRACKING_URI")
+    if not uri.startswith("sqlite:"):
+        return
+    if not local.is_file():
+        raise TlopsError(f"the MLflow store {shown} is not a file ({'a folder' if local.is_dir() else 'special'})")
+    try:
+        with open(local, "rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise TlopsError(f"the MLflow store {shown} cannot be read: {exc.strerror or exc}") from None
+    if head != SQLITE_HEADER:
+        raise TlopsError(f"the MLflow store {shown} is not an SQLite database"
+                         + (" (an empty file)" if not head else "") + ": point tracking.uri at an MLflow store")
+    try:
+        con = sqlite3.connect(f"{local.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            found = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='registered_models'"
+                                ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise (store_error(exc, uri) or TlopsError(f"the MLflow store {shown} cannot be read: {exc}")) from None
+    if found is None:
+        raise TlopsError(f"the MLflow store {shown} is an SQLite database but not an MLflow store (it has no "
+                         "registered_models table): point tracking.uri at an MLflow store")
+
+
+def quiet_store_logs() -> None:
+    """MLflow logs every failed SQL statement with its traceback at ERROR before raising it; the caller
+    turns the exception into one line (``store_error``), so the log would only repeat it."""
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
 def setup(cfg: Config) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
     import mlflow

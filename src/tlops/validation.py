@@ -436,6 +436,8 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: 
     checks: list[CheckResult] = []
     quarantine: dict[str, list[str]] = {}
     error_of = dict(zip(files["uri"], files["error"].fillna(""), strict=True))
+    # Entries the data walk refused (a link out of the root, a FIFO, an oversize file...) were never read.
+    unread = set(files.loc[files["sha256"].fillna("").eq("") & files["error"].fillna("").ne(""), "uri"])
     for check in FILE_CHECKS:
         if check not in results:
             checks.append(CheckResult(check, True, cfg.severity_of(check), "no class list configured "
@@ -448,7 +450,8 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: 
         if severity == "error":
             for u in uris:
                 error = error_of[u] if check == "decodable" else ""
-                quarantine.setdefault(u, []).append(f"{reason}: {error}" if error else reason)
+                why = "not read" if check == "decodable" and u in unread else reason
+                quarantine.setdefault(u, []).append(f"{why}: {error}" if error else why)
         excluded = bool(cfg.exclude_quarantined and not ok and severity == "error")
         if excluded:
             detail += " (quarantined, left out of training)"
@@ -551,6 +554,8 @@ def validate_data(data_uri: str, cfg: Config, docs_dir: str | Path | None = None
     manifest = build_manifest(data_uri, Path(cfg.workdir) / "cache", cfg.data.val_fraction,
                               cfg.data.test_fraction, cfg.data.split_salt, max_pixels=cfg.validation.max_pixels,
                               workers=cfg.data.manifest_workers, use_cache=cfg.data.manifest_cache)
+    if manifest.empty:  # nothing to check is no pass
+        raise TlopsError(f"no files to validate in {data_uri}")
     reference, source = load_reference(cfg)
     if source:
         log.info("validate: drift measured against %s", source)
