@@ -25,7 +25,15 @@ def test_compiled_ir_loads_back_and_names_every_task(tmp_path: Path) -> None:
     branches = {name: task.get("triggerPolicy", {}).get("condition", "")
                 for name, task in ir["components"]["comp-condition-branches-1"]["dag"]["tasks"].items()}
     (train,) = [c for c in branches.values() if "== 'train'" in c and "!" not in c]
-    assert "validate" in train and "plan" in train
+    assert "validate-Output" in train
+    # What crosses between steps is declared: every later step takes the validate step's run plan as an input
+    # artifact, and the gate takes the parity report and the serving check (so it depends on parity).
+    for name in ("parity", "fine-tune", "evaluate", "gate", "skip"):
+        plan = tasks[name]["inputs"]["artifacts"]["run_plan"]
+        assert plan.get("taskOutputArtifact", {}).get("producerTask") == "validate" or \
+            plan.get("componentInputArtifact") == "pipelinechannel--validate-run_plan", (name, plan)
+    gate_inputs = tasks["gate"]["inputs"]["artifacts"]
+    assert {"run_plan", "evaluation", "parity_report", "serving_parity"} <= set(gate_inputs)
     assert ir["root"]["outputDefinitions"]["parameters"]["Output"]["parameterType"] == "STRING"
     images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
     assert images == {"tlops:0.1.0"}
