@@ -7,11 +7,16 @@ or ``inputs``; ``{"predictions": [...]}`` back; ``/ping``, ``/health``, ``/versi
 clients work unchanged, and it answers a bad request with a 4xx and a message naming the instance and the fix.
 KServe v1 clients find the same under ``/v1/models/NAME:predict`` and ``/v1/models/NAME``.
 The model is the pyfunc itself (``mlflow.pyfunc.load_model``): served predictions are the evaluated ones.
+
+Hostile clients (see :class:`ServeLimits`): silent and slow connections hold a socket, never a slot others need
+(uvicorn's ``limit_concurrency`` counted them, so 64 of them made every other client get 503); the work of each
+image and request is bounded from the image headers before anything is decoded or the model's lock is taken.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import http
 import io
@@ -44,11 +49,28 @@ Send = Callable[[Message], Awaitable[None]]
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may ask for. The body limit is checked before reading (Content-Length) and while reading."""
+    """What one request, one client and all of them together may ask for.
+
+    The body limit is checked before reading (Content-Length) and while reading. The work of a request is bounded
+    before any image is decoded: each image by its pixels and its aspect ratio, which bounds its resize by the
+    model's input size (``max_aspect_ratio``, None: ``TLOPS_MAX_ASPECT_RATIO`` as for the data, see
+    :func:`tlops.serving.check_work`), the request by the pixels of all its images. Connections that carry no
+    request cost nothing but a socket, and are never why another client is refused: a request head must arrive
+    within ``header_timeout_s`` of the connection (or of the previous response), and a new connection past
+    ``max_connections`` (or ``max_connections_per_client`` from one address) closes the one that has waited
+    longest without a request."""
 
     max_bytes: int = 16 * 1024 * 1024
     max_instances: int = 64
     read_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    max_connections: int = 1024
+    max_connections_per_client: int = 128
+    max_pending: int = 64  # requests whose body has arrived, decoding or waiting for the model
+    max_buffered_bytes: int = 256 * 1024 * 1024  # request bodies held in memory at once, all requests together
+    max_request_pixels: int = 2 * 89_478_485  # decoded pixels per request: twice the largest image (tlops.data)
+    max_aspect_ratio: float | None = None
 
 
 @dataclass
@@ -57,6 +79,7 @@ class ServedModel:
 
     pyfunc: Any
     info: dict[str, Any] = field(default_factory=dict)
+    spec: Any = None  # its PreprocessSpec: the server bounds the work of each image by it before decoding
     # One prediction at a time: torch already uses every core for one batch; two would only fight for them.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -118,10 +141,13 @@ def image_values(payload: Any) -> list[Any]:
     raise RequestError(400, f"{key} must be a list of records or a mapping with an 'image' column; send {SHAPES}")
 
 
-def decode_request(body: bytes, limits: ServeLimits) -> list[bytes]:
-    """The request body to image file bytes, one per instance; a bad request raises :class:`RequestError`."""
+def decode_request(body: bytes, limits: ServeLimits, spec: Any = None) -> list[bytes]:
+    """The request body to image file bytes, one per instance; a bad request raises :class:`RequestError`.
+
+    With the model's preprocessing ``spec``, every image's header is read and the work it asks for bounded
+    (see :class:`ServeLimits`) before any of them is decoded: a refused request never takes the model's lock."""
     # Imported here, not at the top: `tlops serve` on a port in use fails before torch has loaded.
-    from tlops.serving import ImageInputError, image_bytes
+    from tlops.serving import ImageInputError, check_work, image_bytes
 
     try:
         payload = json.loads(body)
@@ -129,6 +155,9 @@ def decode_request(body: bytes, limits: ServeLimits) -> list[bytes]:
         raise RequestError(400, f"the body is not valid JSON ({exc}); send {SHAPES}") from None
     except RecursionError:  # a few kB of "[[[[..." would otherwise be a server error
         raise RequestError(400, f"the JSON is nested too deeply; send {SHAPES}") from None
+    except ValueError as exc:  # valid JSON Python refuses to read: an integer over sys.get_int_max_str_digits()
+        raise RequestError(400, f"the JSON holds a value that cannot be read ({str(exc).split(';')[0]:.160}); "
+                                f"send {SHAPES}") from None
     values = image_values(payload)
     if not values:
         raise RequestError(400, f"the request holds no instances; send {SHAPES}")
@@ -136,14 +165,48 @@ def decode_request(body: bytes, limits: ServeLimits) -> list[bytes]:
         raise RequestError(413, f"{len(values)} instances in one request exceeds the limit of {limits.max_instances} "
                                 "(--max-instances); split them over several requests")
     try:
-        return [image_bytes(v, i) for i, v in enumerate(values)]
+        images = [image_bytes(v, i) for i, v in enumerate(values)]
+        pixels = 0
+        ratio = limits.max_aspect_ratio if limits.max_aspect_ratio is not None else _data_aspect_ratio()
+        for i, data in enumerate(images if spec is not None else []):
+            pixels += check_work(data, i, spec, ratio)
+            if pixels > limits.max_request_pixels:
+                raise RequestError(413, f"instance {i}: the images up to this one hold {pixels} pixels to decode, "
+                                        f"over the limit of {limits.max_request_pixels} per request; split them "
+                                        "over several requests")
     except ImageInputError as exc:
         raise RequestError(422, str(exc)) from None
+    return images
 
 
-async def read_body(receive: Receive, headers: dict[str, str], limits: ServeLimits) -> bytes:
+def _data_aspect_ratio() -> float:
+    from tlops.data import max_aspect_ratio
+
+    return max_aspect_ratio()
+
+
+class BodyBudget:
+    """The bytes of request bodies held in memory at once, all requests together: counted as they arrive and
+    until their request ends. A request that would pass the limit gets 503 rather than the server its memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise RequestError(503, f"the server holds {self.held} bytes of request bodies, near its limit of "
+                                    f"{self.limit}; retry shortly")
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(receive: Receive, headers: dict[str, str], limits: ServeLimits,
+                    budget: BodyBudget | None = None) -> bytes:
     """The body, refused with 413 from its Content-Length before any of it is read, or as soon as the bytes
-    streamed (chunked transfer) pass the limit; 408 when it does not arrive in time."""
+    streamed (chunked transfer) pass the limit; 408 when it does not arrive in time. The bytes are taken from
+    ``budget`` as they arrive; on success the caller gives back ``len(body)`` once the request is done."""
     declared = headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -151,6 +214,9 @@ async def read_body(receive: Receive, headers: dict[str, str], limits: ServeLimi
         if int(declared) > limits.max_bytes:
             raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {limits.max_bytes} "
                                     "bytes (--max-bytes); send fewer or smaller images per request")
+        if budget is not None:  # refused now rather than part-way through
+            budget.take(int(declared))
+            budget.give(int(declared))
     body = io.BytesIO()
     try:
         async with asyncio.timeout(limits.read_timeout_s):
@@ -158,14 +224,23 @@ async def read_body(receive: Receive, headers: dict[str, str], limits: ServeLimi
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise RequestError(400, "the client went away before the body was complete")
-                body.write(message.get("body", b""))
+                chunk = message.get("body", b"")
+                if budget is not None:
+                    budget.take(len(chunk))
+                body.write(chunk)
                 if body.tell() > limits.max_bytes:
                     raise RequestError(413, f"request body exceeds the limit of {limits.max_bytes} bytes "
                                             "(--max-bytes); send fewer or smaller images per request")
                 if not message.get("more_body", False):
                     return body.getvalue()
     except TimeoutError:
+        if budget is not None:
+            budget.give(body.tell())
         raise RequestError(408, f"the body did not arrive within {limits.read_timeout_s:g} s") from None
+    except BaseException:
+        if budget is not None:
+            budget.give(body.tell())
+        raise
 
 
 def _json_type(headers: dict[str, str]) -> None:
@@ -195,7 +270,11 @@ class ScoringApp:
     """The ASGI app: routes, limits, error bodies in MLflow's shape, one log line per request."""
 
     def __init__(self, model: ServedModel, limits: ServeLimits) -> None:
+        if limits.max_aspect_ratio is None:  # read once, at the start: a bad TLOPS_MAX_ASPECT_RATIO is one line
+            limits = dataclasses.replace(limits, max_aspect_ratio=_data_aspect_ratio())
         self.model, self.limits = model, limits
+        self.budget = BodyBudget(max(limits.max_buffered_bytes, limits.max_bytes))  # one request always fits
+        self.pending = 0  # requests past their body: decoding, waiting for the model's lock or predicting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # no lifespan (uvicorn runs with lifespan off) and no websockets
@@ -213,6 +292,8 @@ class ScoringApp:
         headers = [(b"content-type", JSON_TYPE.encode()), (b"content-length", str(len(body)).encode())]
         if status >= 400:
             headers.append((b"connection", b"close"))
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         log.info("%s %s %d %.1f ms", method, path, status, (time.perf_counter() - start) * 1000)
@@ -232,15 +313,31 @@ class ScoringApp:
             return 200, json.dumps({"name": path.rsplit("/", 1)[1], "ready": True}).encode()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         _json_type(headers)
-        body = await read_body(receive, headers, self.limits)
-        images = await asyncio.to_thread(decode_request, body, self.limits)  # JSON and base64 off the event loop
-        from tlops.serving import ImageInputError
-
+        self._not_busy()  # before reading a body that could not be served
+        body = await read_body(receive, headers, self.limits, self.budget)
         try:
-            frame = await asyncio.to_thread(self.model.predict, images)
-        except ImageInputError as exc:
-            raise RequestError(422, str(exc)) from None
+            self._not_busy()
+            self.pending += 1
+            try:
+                # JSON, base64 and the image headers off the event loop, and before the model's lock.
+                images = await asyncio.to_thread(decode_request, body, self.limits, self.model.spec)
+                from tlops.serving import ImageInputError
+
+                try:
+                    frame = await asyncio.to_thread(self.model.predict, images)
+                except ImageInputError as exc:
+                    raise RequestError(422, str(exc)) from None
+            finally:
+                self.pending -= 1
+        finally:
+            self.budget.give(len(body))
         return 200, _predictions_json(frame)
+
+    def _not_busy(self) -> None:
+        # Requests still sending their body do not count: a slow upload holds a socket, never the model.
+        if self.pending >= self.limits.max_pending:
+            raise RequestError(503, f"the server is busy: {self.pending} requests are waiting for the model, its "
+                                    "limit; retry shortly")
 
 
 def _predictions_json(frame: Any) -> bytes:
@@ -254,6 +351,179 @@ def _predictions_json(frame: Any) -> bytes:
 def _error(status: int, message: str) -> bytes:
     # MLflow's error body: {"error_code": ..., "message": ...}.
     return json.dumps({"error_code": http.HTTPStatus(status).name, "message": message}).encode()
+
+
+def _raw_response(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response, for a connection the server closes before any request of it is read."""
+    body = _error(status, message)
+    head = (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: {JSON_TYPE}\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n")
+    return (head + ("retry-after: 1\r\n" if status == 503 else "") + "\r\n").encode() + body
+
+
+class ConnectionGuard:
+    """Every open connection, by client address, and who gives way when there are too many.
+
+    A connection is idle from its start or the end of its last response until a whole request head has arrived;
+    idle ones cost the event loop nothing but a socket, so they never make the server refuse anyone. A new
+    connection past ``max_connections``, or past ``max_per_client`` from its address, closes the connection of
+    that pool that has been idle longest (a slow or silent client, or a keep-alive one at rest); only when every
+    connection of the pool carries a request in progress is the new one refused, with 503. Members need
+    ``peer`` (the client address), ``idle_since`` (``loop.time()``, None while a request is in progress) and
+    ``evict()``."""
+
+    def __init__(self, max_connections: int, max_per_client: int, log_every_s: float = 10.0) -> None:
+        self.max_connections, self.max_per_client, self.log_every_s = max_connections, max_per_client, log_every_s
+        self.open: set[Any] = set()
+        self.by_client: dict[str, set[Any]] = {}
+        self._counts: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def admit(self, conn: Any) -> str | None:
+        """Register ``conn``, closing idle ones to make room; None, or why it is refused (then unregistered)."""
+        mine = self.by_client.get(conn.peer, set())
+        if len(mine) >= self.max_per_client and not self._evict(mine, "per client"):
+            return self._refuse(f"all {len(mine)} connections from {conn.peer}, its limit per client, carry a "
+                                "request in progress; retry shortly")
+        if len(self.open) >= self.max_connections and not self._evict(self.open, "in all"):
+            return self._refuse(f"all {len(self.open)} connections, the server's limit, carry a request in "
+                                "progress; retry shortly")
+        self.open.add(conn)
+        self.by_client.setdefault(conn.peer, set()).add(conn)
+        return None
+
+    def forget(self, conn: Any) -> None:
+        self.open.discard(conn)
+        mine = self.by_client.get(conn.peer)
+        if mine is not None:
+            mine.discard(conn)
+            if not mine:
+                del self.by_client[conn.peer]
+
+    def _evict(self, pool: set[Any], which: str) -> bool:
+        idle = [c for c in pool if c.idle_since is not None]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.idle_since)
+        self.forget(oldest)
+        oldest.evict()
+        self._note(f"evict {which}", f"connection limit {which} reached ({self.max_per_client} per client, "
+                                     f"{self.max_connections} in all): closed the longest idle connection, "
+                                     f"from {oldest.peer}")
+        return True
+
+    def _refuse(self, why: str) -> str:
+        self._note("refuse", f"refused a connection: {why}")
+        return why
+
+    def _note(self, kind: str, line: str) -> None:
+        # One log line per kind of event every log_every_s at most, with the count: a flood is not a log flood.
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._logged.get(kind, -self.log_every_s) >= self.log_every_s:
+            count = self._counts.pop(kind)
+            log.warning("%s%s", line, f" ({count} times since the last such line)" if count > 1 else "")
+            self._logged[kind] = now
+
+
+def guarded_protocol(guard: ConnectionGuard, limits: ServeLimits) -> type:
+    """uvicorn's h11 protocol with the guard's limits and a deadline for each request head.
+
+    uvicorn's own keep-alive timeout restarts at every byte, and nothing bounds a connection that never sent
+    one: here a whole request head must arrive within ``limits.header_timeout_s`` of the connection's start or
+    of the end of its previous response, however it trickles in; a connection that sent part of a head then
+    gets 408, a silent one is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        peer = "unknown"
+        idle_since: float | None = None
+        _deadline: asyncio.TimerHandle | None = None
+        _partial = False  # part of a request head has arrived
+        _closing = False  # answered and half-closed: what still arrives is dropped
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.peer = self.client[0] if self.client else "unknown"
+            refused = guard.admit(self)
+            if refused is not None:
+                self._answer_and_close(503, refused)
+            else:
+                self._idle()
+
+        def data_received(self, data: bytes) -> None:
+            if self._closing:
+                return
+            super().data_received(data)
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE:
+                self._partial = self._partial or bool(data)
+            elif self.idle_since is not None:
+                self._busy()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start a pipelined request at once
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._idle()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            guard.forget(self)
+            self._cancel()
+            self.idle_since = None
+            super().connection_lost(exc)
+
+        def evict(self) -> None:
+            self._cancel()
+            self.idle_since = None
+            self._closing = True
+            self.transport.close()
+
+        def _idle(self) -> None:
+            self._cancel()
+            self.idle_since, self._partial = self.loop.time(), False
+            self._deadline = self.loop.call_later(limits.header_timeout_s, self._head_timeout)
+
+        def _busy(self) -> None:
+            self._cancel()
+            self.idle_since = None
+
+        def _cancel(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _head_timeout(self) -> None:
+            self._deadline = None
+            if self.idle_since is None or self.transport.is_closing():
+                return
+            guard.forget(self)
+            self.idle_since = None
+            if self._partial:
+                self._answer_and_close(408, f"the request head did not arrive within {limits.header_timeout_s:g} s")
+            else:
+                self._closing = True
+                self.transport.close()
+
+        def _answer_and_close(self, status: int, message: str) -> None:
+            # Half-close, and read (dropping it) for a moment before closing: closing at once, while the client
+            # still sends, would reset the connection and could destroy the answer before the client reads it.
+            self._closing = True
+            self.transport.write(_raw_response(status, message))
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(1.0, self.transport.close)
+
+    return GuardedH11Protocol
+
+
+def _connection_limit(wanted: int) -> int:
+    """``wanted``, or fewer where the process may not open that many files (sockets are files)."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if soft == resource.RLIM_INFINITY else max(16, min(wanted, soft - 64))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -318,7 +588,7 @@ def load_served_model(model_uri: str) -> ServedModel:
     info["classes"] = model_classes(pyfunc)  # also refuses a pyfunc that is not a tlops image classifier
     spec = pyfunc.unwrap_python_model().predictor.spec
     info["preprocess_fingerprint"] = spec.fingerprint
-    return ServedModel(pyfunc, info)
+    return ServedModel(pyfunc, info, spec=spec)
 
 
 def _log_to_stderr() -> None:
@@ -352,9 +622,14 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
 
     if threads:
         torch.set_num_threads(threads)
-    config = uvicorn.Config(ScoringApp(model, limits), log_config=None, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=graceful_s, limit_concurrency=64, timeout_keep_alive=5,
-                            lifespan="off")
+    # No uvicorn limit_concurrency: it counts idle connections, so 64 silent sockets made every client get 503.
+    # The guard bounds connections, the app the requests past their body and the bytes held.
+    max_connections = _connection_limit(limits.max_connections)
+    guard = ConnectionGuard(max_connections, min(limits.max_connections_per_client, max_connections))
+    config = uvicorn.Config(ScoringApp(model, limits), http=guarded_protocol(guard, limits), ws="none",
+                            log_config=None, access_log=False, log_level="warning",
+                            timeout_graceful_shutdown=graceful_s, limit_concurrency=None,
+                            timeout_keep_alive=limits.keep_alive_s, lifespan="off")
     server = uvicorn.Server(config)
     stopped_by: list[str] = []
     # uvicorn catches SIGTERM/SIGINT, shuts down gracefully, then raises the signal again for the handler that
@@ -363,8 +638,10 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
         signal.signal(sig, lambda signum, _frame: stopped_by.append(signal.Signals(signum).name))
     where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "every client that can reach it"
     log.info("serving %s%s on http://%s:%d (%s): POST /invocations, GET /ping /health /version; "
-             "limits %d bytes, %d instances per request; %d torch threads", model_uri,
+             "limits %d bytes, %d instances, %d pixels per request; %d connections, %d per client, request heads "
+             "within %g s; %d torch threads", model_uri,
              f" (version {model.info['version']})" if "version" in model.info else "", host, port, where,
-             limits.max_bytes, limits.max_instances, torch.get_num_threads())
+             limits.max_bytes, limits.max_instances, limits.max_request_pixels, guard.max_connections,
+             guard.max_per_client, limits.header_timeout_s, torch.get_num_threads())
     server.run(sockets=[sock])
     log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")

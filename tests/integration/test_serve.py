@@ -5,6 +5,7 @@ server keeps answering; SIGTERM stops it cleanly."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -65,24 +66,23 @@ def images(tiny_digits: Path) -> dict[str, bytes]:
     return {**picked, "chelsea.png": _png(data.chelsea())}
 
 
-@pytest.fixture(scope="module")
-def server(mlflow_server: str, tiny_models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """The tiny model registered and aliased champion, and `tlops serve` on it as a subprocess."""
+@contextlib.contextmanager
+def running_serve(mlflow_server: str, model_dir: Path, name: str, root: Path, *args: str) -> Iterator[dict]:
+    """``model_dir`` registered as ``name`` and aliased champion, and `tlops serve` on it as a subprocess (with
+    ``args``), answering /ping; yields its port, process, log, version, environment and working directory."""
     from tlops import registry
 
-    _run, model_uri = log_model_run(use_store(mlflow_server, experiment="serve-it"), tiny_models["good"])
-    version = new_version(model_uri, NAME)
-    registry.client().set_registered_model_alias(NAME, "champion", version)
-    root = tmp_path_factory.mktemp("serve")
+    _run, model_uri = log_model_run(use_store(mlflow_server, experiment=name), model_dir)
+    version = new_version(model_uri, name)
+    registry.client().set_registered_model_alias(name, "champion", version)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["MLFLOW_TRACKING_URI"] = mlflow_server
     log_path = root / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tlops", "serve", "--model", f"models:/{NAME}@champion", "--port", str(port),
-             "--max-bytes", str(MAX_BYTES), "--max-instances", "16"],
-            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "tlops", "serve", "--model", f"models:/{name}@champion", "--port", str(port),
+             *args], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while _status(port, "GET", "/ping") != 200:
@@ -94,6 +94,14 @@ def server(mlflow_server: str, tiny_models: dict, tmp_path_factory: pytest.TempP
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(mlflow_server: str, tiny_models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The tiny model registered and aliased champion, and `tlops serve` on it as a subprocess."""
+    with running_serve(mlflow_server, tiny_models["good"], NAME, tmp_path_factory.mktemp("serve"),
+                       "--max-bytes", str(MAX_BYTES), "--max-instances", "16") as started:
+        yield started
 
 
 def _status(port: int, method: str, path: str) -> int | None:
