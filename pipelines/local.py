@@ -24,11 +24,28 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ECHO = re.compile(r"Executing task|finished with status|^\s*\[tlops\] ")
 
 
+STEP_EVENT = re.compile(r"(Executing task|Task) '([\w-]+)'")
+
+
 class _Tee:
-    """Everything to the log file; the progress lines also to the terminal."""
+    """Everything to the log file; the progress lines also to the terminal; each step's wall time."""
 
     def __init__(self, log: TextIO, terminal: TextIO, verbose: bool) -> None:
         self.log, self.terminal, self.verbose, self.buf = log, terminal, verbose, ""
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _timing(self, plain: str) -> None:
+        import time
+
+        event = STEP_EVENT.search(plain)
+        if event is None:
+            return
+        kind, name = event.groups()
+        if kind == "Executing task":
+            self.started[name] = time.perf_counter()
+        elif name in self.started and "finished with status" in plain:
+            self.seconds[name] = round(time.perf_counter() - self.started.pop(name), 1)
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -36,6 +53,7 @@ class _Tee:
         while "\n" in self.buf:
             line, self.buf = self.buf.split("\n", 1)
             plain = ANSI.sub("", line)
+            self._timing(plain)
             if self.verbose or ECHO.search(plain):
                 self.terminal.write(plain.strip() + "\n")
                 self.terminal.flush()
@@ -173,9 +191,11 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
     os.environ[ERROR_FILE_ENV] = error_file
     terminal = sys.stdout
     try:
-        with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(_Tee(log, terminal, verbose)):
+        with open(log_path, "w", encoding="utf-8") as log:
+            tee = _Tee(log, terminal, verbose)
             try:
-                task = pipeline(data_uri=data_uri, config_json=config_json, pipeline_run=f"tlops-{stamp}")
+                with contextlib.redirect_stdout(tee):
+                    task = pipeline(data_uri=data_uri, config_json=config_json, pipeline_run=f"tlops-{stamp}")
             # kfp's DockerRunner can call a failed container a success (removed before its exit code was read);
             # the next step then fails on the missing outputs, so any failure is checked against the error file.
             except Exception as exc:
@@ -195,4 +215,5 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
         Path(error_file).unlink(missing_ok=True)
     summary = json.loads(task.output)
     summary["log"] = str(log_path)
+    summary["step_seconds"] = tee.seconds
     return summary

@@ -83,6 +83,7 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
             f"  why            {s['reasons'][0]}",
             f"  champion       {s['model_name']} version {s['champion_now'] or 'none'} (unchanged)",
             f"  mlflow         {s['tracking_uri']} (run {s['run_id']})",
+            *_steps_line(s),
             f"  log            {s['log']}",
         ])
     m = s["metrics"]
@@ -123,9 +124,16 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
         lines.append(f"  report         {m['report']}")
     lines += [
         f"  mlflow         {s['tracking_uri']} (run {s['run_id']})",
+        *_steps_line(s),
         f"  log            {s['log']}",
     ]
     return "\n".join(lines)
+
+
+def _steps_line(s: dict[str, Any]) -> list[str]:
+    """Wall time per step, in the order they ran (start-up of each step's process or container included)."""
+    steps = s.get("step_seconds") or {}
+    return [f"  steps          {', '.join(f'{k} {v:.0f}s' for k, v in steps.items())}"] if steps else []
 
 
 @app.command()

@@ -32,6 +32,13 @@ def test_first_run_promotes_version_1(two_runs: dict) -> None:
     for expected in ("validation pass", "parity pass", "fingerprint", "test accuracy", "tiny-digits version 1",
                      "PROMOTE", "no champion yet"):
         assert expected in out, expected
+    # Each step's wall time, in the order the steps ran.
+    import re
+
+    steps = re.search(r"^  steps +(.+)$", out, re.M)
+    assert steps, out[-2000:]
+    assert [part.split()[0] for part in steps.group(1).split(", ")] == ["validate", "parity", "fine-tune",
+                                                                        "evaluate", "gate"]
 
 
 def test_second_run_registers_version_2_compared_with_version_1(two_runs: dict) -> None:
