@@ -46,7 +46,7 @@ def spec() -> PreprocessSpec:
 
 def train_in_subprocess(manifest: pd.DataFrame, spec: PreprocessSpec, cfg: TrainConfig, workdir: Path,
                         ) -> subprocess.CompletedProcess:
-    write_manifest(manifest, workdir / "manifest.csv")
+    write_manifest(manifest, workdir / "manifest.csv", local_paths=True)  # this process's own child
     write_json(workdir / "spec.json", spec.to_record())
     (workdir / "train.json").write_text(cfg.model_dump_json())
     script = textwrap.dedent(f"""
