@@ -126,7 +126,17 @@ def _compiled(cfg: Config, containers: Containers, path: Path) -> Any:
     return components.load_component_from_file(str(path))
 
 
-def _runner(cfg: Config, containers: Containers, pipeline_root: Path, error_file: str) -> Any:
+def _owned_by_user(engine: Any) -> str:
+    """tmpfs options that make the work directory the step user's own. Trap: a tmpfs mounted over a directory of
+    the image takes that directory's owner and mode (root, 0750 here) whatever ``mode=`` says; podman chowns it
+    to the container's user with ``U``, Docker takes ``uid=``/``gid=``."""
+    components = engine.version().get("Components") or []
+    if any("podman" in str(c.get("Name", "")).lower() for c in components):
+        return "U"
+    return "uid=10001,gid=10001"
+
+
+def _runner(cfg: Config, containers: Containers, pipeline_root: Path, error_file: str, engine: Any) -> Any:
     from kfp import local
 
     from tlops import tracking
@@ -139,7 +149,7 @@ def _runner(cfg: Config, containers: Containers, pipeline_root: Path, error_file
     env.update({"MLFLOW_TRACKING_URI": uri, ERROR_FILE_ENV: error_file, **containers.env})
     args: dict[str, Any] = {
         "environment": env, "user": CONTAINER_USER, "network_mode": containers.network, "read_only": True,
-        "tmpfs": {"/tmp": "rw,size=4g", CONTAINER_WORKDIR: "rw,size=8g,uid=10001,gid=10001,mode=0700"},
+        "tmpfs": {"/tmp": "rw,size=4g", CONTAINER_WORKDIR: f"rw,size=8g,{_owned_by_user(engine)}"},
     }
     if containers.hosts:
         args["extra_hosts"] = dict(containers.hosts)
@@ -152,11 +162,13 @@ def _runner(cfg: Config, containers: Containers, pipeline_root: Path, error_file
     return local.DockerRunner(**args)
 
 
-def _failure(error_file: str) -> TlopsError | None:
+def _failure(error_file: str, log_path: Path) -> TlopsError | None:
     if not Path(error_file).is_file():
         return None
     failure = json.loads(Path(error_file).read_text())
-    return GateFailed(failure["message"]) if failure["exit_code"] == 1 else TlopsError(failure["message"])
+    message = failure["message"] + (f"; full log: {log_path}" if "(the step's log has the traceback)" in
+                                    failure["message"] else "")
+    return GateFailed(message) if failure["exit_code"] == 1 else TlopsError(message)
 
 
 def run_local(data_uri: str, cfg: Config, verbose: bool = False,
@@ -181,10 +193,11 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
         pipeline: Any = transfer_learning_pipeline
         config_json = cfg.to_json()
     else:
-        _engine(containers.image)
+        engine = _engine(containers.image)
         # The error file must be where a step container can write it: under the mounted pipeline root.
         error_file = str(pipeline_root / f".error-{stamp}.json")
-        local.init(runner=_runner(cfg, containers, pipeline_root, error_file), pipeline_root=str(pipeline_root))
+        local.init(runner=_runner(cfg, containers, pipeline_root, error_file, engine),
+                   pipeline_root=str(pipeline_root))
         pipeline = _compiled(cfg, containers, workdir / f"pipeline-{stamp}.yaml")
         config_json = cfg.model_copy(update={"workdir": CONTAINER_WORKDIR}).to_json()
     old = os.environ.get(ERROR_FILE_ENV)
@@ -199,12 +212,12 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
             # kfp's DockerRunner can call a failed container a success (removed before its exit code was read);
             # the next step then fails on the missing outputs, so any failure is checked against the error file.
             except Exception as exc:
-                error = _failure(error_file)
+                error = _failure(error_file, log_path)
                 if error is not None:
                     raise error from None
                 first = (str(exc).splitlines() or [type(exc).__name__])[0]
                 raise TlopsError(f"pipeline failed: {first}; full log: {log_path}") from None
-        error = _failure(error_file)
+        error = _failure(error_file, log_path)
         if error is not None:
             raise error
     finally:

@@ -72,6 +72,13 @@ def own_disk(cfg: Config) -> Config:
         update={"uri": tracking.resolve_tracking_uri(cfg)})})
 
 
+def _hand_over(function: str, message: str, exit_code: int) -> None:
+    target = os.environ.get(ERROR_FILE_ENV)
+    if target:
+        write_json(target, {"message": f"{function.removesuffix('_step').replace('_', '-')}: {message}",
+                            "exit_code": exit_code})
+
+
 def step(fn: F) -> F:
     """Log to stderr, and hand a user-facing error to the launcher through ``$TLOPS_ERROR_FILE``."""
 
@@ -92,10 +99,13 @@ def step(fn: F) -> F:
                     raise
                 raise user_error from None
         except TlopsError as exc:
-            target = os.environ.get(ERROR_FILE_ENV)
-            if target:
-                write_json(target, {"message": f"{fn.__name__.removesuffix('_step').replace('_', '-')}: {exc}",
-                                    "exit_code": exc.exit_code})
+            _hand_over(fn.__name__, str(exc), exc.exit_code)
+            raise
+        except Exception as exc:
+            # Not a user's mistake: said as what it is. The launcher must hear of it from here too, because a
+            # container runner may report the failed step as a success (kfp's DockerRunner can).
+            _hand_over(fn.__name__, f"unexpected {type(exc).__name__}: {str(exc)[:500]} (the step's log has the "
+                       "traceback)", 2)
             raise
 
     return wrapper  # type: ignore[return-value]
