@@ -29,7 +29,7 @@ command -v podman >/dev/null 2>&1 || skip "no podman (run infra/containers/setup
 command -v debootstrap >/dev/null 2>&1 || skip "no debootstrap (run infra/containers/setup-podman.sh)"
 
 if [ "$FORCE" != 1 ] && podman image exists "$IMAGE"; then
-  log "$IMAGE exists ($(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=iec) ); --force rebuilds it"
+  log "$IMAGE exists ($(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=iec)); --force rebuilds it"
   exit 0
 fi
 
