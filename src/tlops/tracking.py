@@ -35,11 +35,19 @@ def redact(uri: str) -> str:
     return re.sub(r"(//[^:/@]+):[^@/]+@", r"\1:***@", uri)
 
 
+PROXY_MULTIPART_ENV = ("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD")
+
+
 def apply_retry_policy(cfg: Config) -> None:
     """Retries, back-off and timeout for every request to a tracking server (the environment wins)."""
     values = (cfg.tracking.retries, cfg.tracking.backoff_factor, cfg.tracking.timeout_s)
     for name, value in zip(RETRY_ENV, values, strict=True):
         os.environ.setdefault(name, str(value))
+    # Artifacts go through the tracking server, never around it: with these unset, an MLflow 3.17 client asks the
+    # server and then moves artifacts through presigned S3 URLs naming the object store as the server sees it
+    # (an in-cluster host), which a client behind a port-forward cannot reach.
+    for name in PROXY_MULTIPART_ENV:
+        os.environ.setdefault(name, "false")
 
 
 def unreachable_error(exc: BaseException) -> TlopsError | None:

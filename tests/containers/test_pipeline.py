@@ -212,8 +212,13 @@ def test_served_champion_from_the_image_answers_the_local_models_predictions(
 
 
 def fine_tune_container() -> str | None:
-    listed = podman("ps", "--no-trunc", "--format", "{{.ID}} {{.Command}}").stdout.splitlines()
-    return next((line.split()[0] for line in listed if "fine_tune" in line or "fine-tune" in line), None)
+    """The running container of the fine-tune step: kfp's command ends with ``--function_to_execute fine_tune``."""
+    for cid in podman("ps", "-q", "--no-trunc").stdout.split():
+        inspected = podman("inspect", "--format", "{{json .Args}}", cid)
+        args = json.loads(inspected.stdout or "[]") if inspected.returncode == 0 else []
+        if args[-2:] == ["--function_to_execute", "fine_tune"]:
+            return cid
+    return None
 
 
 def test_a_killed_fine_tune_container_resumes_from_its_checkpoint_in_s3(
@@ -230,16 +235,20 @@ def test_a_killed_fine_tune_container_resumes_from_its_checkpoint_in_s3(
     full = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     proc = subprocess.Popen(cmd, cwd=root, env={**full, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    killed = None
+    # First the fine-tune container, then its first checkpoint in S3, then SIGKILL at once: mid-epoch.
+    container, killed = None, None
     deadline = time.monotonic() + 900
     while proc.poll() is None and killed is None:
         assert time.monotonic() < deadline, "no checkpoint appeared in S3"
+        if container is None:
+            container = fine_tune_container()
+            time.sleep(0.5)
+            continue
         found = s3.list_objects_v2(Bucket=stores.data_bucket, Prefix=state_prefix).get("Contents", [])
         if any(o["Key"].endswith("/last.pt") for o in found):
-            killed = fine_tune_container()
-            if killed:
-                podman("kill", "--signal", "KILL", killed)
-        time.sleep(0.2)
+            assert podman("kill", "--signal", "KILL", container).returncode == 0
+            killed = container
+        time.sleep(0.05)
     out, err = proc.communicate(timeout=600)
     assert killed, "the fine-tune container was not seen running with a checkpoint in S3:\n" + out[-2000:]
     assert proc.returncode != 0 and "PROMOTE" not in out, out[-2000:] + err[-2000:]
