@@ -183,6 +183,8 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
     log_path = workdir / "logs" / f"run-{stamp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pipeline_root = workdir / "pipeline_root"
+    # Resource requests and limits are the cluster's business; kfp.local says so once per step.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     if containers is None:
         # Steps run in this very environment, where the project image's contents are installed.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
@@ -216,6 +218,10 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
                 if error is not None:
                     raise error from None
                 first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                lost = re.search(r"Tried to get output '[^']+' from task '([^']+)'", first)
+                if lost:  # kfp's DockerRunner called a container that died (killed, out of memory) a success
+                    raise TlopsError(f"{lost.group(1)}: the step ended without writing its outputs (its container "
+                                     f"was killed or crashed); full log: {log_path}") from None
                 raise TlopsError(f"pipeline failed: {first}; full log: {log_path}") from None
         error = _failure(error_file, log_path)
         if error is not None:

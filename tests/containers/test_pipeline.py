@@ -298,8 +298,9 @@ def test_s3_stopped_during_validate_is_one_line_and_registers_nothing(
 
     root, env = runs["root"], runs["env"]
     cfg = config(root, "digits-nos3", f"{data}-state/nos3")
-    s3_container = next(line.split()[0] for line in podman("ps", "--format", "{{.ID}} {{.Names}}").stdout.splitlines()
-                        if "minio" in line and "infra" not in line)
+    (pod,) = [p for p in stores.pods if p.startswith("tlops-minio-") and "buckets" not in p]
+    listed = podman("ps", "--filter", f"pod={pod}", "--format", "{{.ID}} {{.Names}}").stdout
+    (s3_container,) = [line.split()[0] for line in listed.splitlines() if not line.endswith("-infra")]
     cmd = [sys.executable, "-m", "tlops", "run", "--config", str(cfg), "--data", data,
            "--set", "tracking.retries=1", *container_args(stores, tlops_image)]
     full = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
