@@ -222,7 +222,7 @@ def fine_tune_container() -> str | None:
 
 
 def test_a_killed_fine_tune_container_resumes_from_its_checkpoint_in_s3(
-        runs: dict[str, Any], stores: Any, data: str, tlops_image: str) -> None:
+        runs: dict[str, Any], stores: Any, stores_env: dict, data: str, tlops_image: str) -> None:
     import boto3
 
     root, env = runs["root"], runs["env"]
