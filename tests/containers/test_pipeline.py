@@ -291,9 +291,29 @@ def test_an_unreachable_tracking_server_is_one_line(runs: dict[str, Any], stores
     assert len(lines) == 1 and lines[0].startswith("error: validate: ") and "tlops-mlflow:5999" in lines[0], lines
 
 
+def restart_s3(stores: Any, container: str) -> None:
+    """The S3 endpoint back as the stores started it: moto keeps objects in memory, so the buckets are made again
+    (their objects are gone) for the tests that come after."""
+    import boto3
+
+    podman("start", container)
+    s3 = boto3.client("s3", endpoint_url=stores.s3_endpoint, aws_access_key_id=stores.aws_access_key_id,
+                      aws_secret_access_key=stores.aws_secret_access_key, region_name="us-east-1")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            present = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "the S3 endpoint did not come back"
+            time.sleep(1)
+    for bucket in {stores.artifact_bucket, stores.data_bucket} - present:
+        s3.create_bucket(Bucket=bucket)
+
+
 def test_s3_stopped_during_validate_is_one_line_and_registers_nothing(
         runs: dict[str, Any], stores: Any, data: str, tlops_image: str) -> None:
-    """Last: it stops the S3 endpoint (moto keeps its objects in memory, so they are gone after)."""
+    """Last in this file: it stops the S3 endpoint, then starts it again with empty buckets."""
     import mlflow
 
     root, env = runs["root"], runs["env"]
@@ -309,11 +329,14 @@ def test_s3_stopped_during_validate_is_one_line_and_registers_nothing(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None
     stopped = False
-    for line in proc.stdout:
-        if "Executing task 'validate'" in line:
-            stopped = podman("stop", "--time", "1", s3_container).returncode == 0
-            break
-    out, err = proc.communicate(timeout=900)
+    try:
+        for line in proc.stdout:
+            if "Executing task 'validate'" in line:
+                stopped = podman("stop", "--time", "1", s3_container).returncode == 0
+                break
+        out, err = proc.communicate(timeout=900)
+    finally:
+        restart_s3(stores, s3_container)
     assert stopped
     assert proc.returncode == 2, out[-2000:] + err[-2000:]
     lines = [x for x in err.splitlines() if x.strip()]
