@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tlops.errors import TlopsError
+from tlops.fileio import read_utf8_text
 
 
 class _Section(BaseModel):
@@ -631,20 +632,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise TlopsError(f"config file {p} does not exist: pass an existing YAML file to --config")
-        try:
-            raw = p.read_bytes()
-        except OSError as exc:
-            raise TlopsError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
-        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise TlopsError(f"config file {p} is UTF-16 text; save it as UTF-8")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise TlopsError(f"config file {p}, line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it "
-                             "as UTF-8") from None
+        if not p.is_file():
+            raise TlopsError(f"config file {p} is not a regular file: pass a YAML file to --config")
+        text = read_utf8_text(p, f"config file {p}")
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from tlops.errors import TlopsError
-from tlops.fileio import atomic_write, read_json, write_json
+from tlops.fileio import atomic_write, read_json, read_utf8_text, write_json
 from tlops.storage import is_s3, materialize, safe_relpath
 
 log = logging.getLogger(__name__)
@@ -317,18 +317,7 @@ def _walk_tree(root: Path, uri: str) -> list[Found]:
 
 def _csv_text(csv_path: Path) -> str:
     """The manifest's text: UTF-8, with or without the byte-order mark Excel's "CSV UTF-8" writes."""
-    try:
-        raw = csv_path.read_bytes()
-    except OSError as exc:
-        raise TlopsError(f"{csv_path}: the CSV manifest cannot be read ({_os_reason(exc)})") from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise TlopsError(f"{csv_path}: the CSV manifest is UTF-16 text; save it as UTF-8 (Excel: CSV UTF-8)")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise TlopsError(f"{csv_path}:{line}: the CSV manifest is not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
-                         "save it as UTF-8 (Excel: CSV UTF-8)") from None
+    return read_utf8_text(csv_path, f"{csv_path}: the CSV manifest", save_as="UTF-8 (Excel: CSV UTF-8)")
 
 
 def _from_csv(csv_path: Path) -> list[Entry]:
@@ -660,7 +649,7 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
     Entries the walk refuses (``walk``: links out of the root, special or oversize files, names that
     cannot be used) are rows too, never read, with the reason in ``error``: validation quarantines them.
     """
-    root = materialize(uri, cache_root)
+    root = materialize(uri, cache_root, max_bytes=max_file_bytes())
     if is_s3(uri) and not root.exists():
         raise TlopsError(f"no objects found under {uri}: expected {uri}/<class>/<image>")
     found = walk(root, uri)

@@ -69,6 +69,23 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, _write)
 
 
+def read_utf8_text(path: str | os.PathLike[str], what: str, save_as: str = "UTF-8") -> str:
+    """A text file a person wrote (a config, a CSV manifest): UTF-8 with or without the byte-order mark that
+    Excel's "CSV UTF-8" writes. Anything else is one line naming ``what`` and the line, never a traceback."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise TlopsError(f"{what} cannot be read ({exc.strerror or exc})") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TlopsError(f"{what} is UTF-16 text; save it as {save_as}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise TlopsError(f"{what}, line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as "
+                         f"{save_as}") from None
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

@@ -313,6 +313,7 @@ class LockSettings:
     ttl_s: float = 120.0  # a holder that died frees the lease after this long
     settle_s: float = 1.0  # wait between writing the lease and re-reading it (see promotion_lock)
     timeout_s: float = 300.0  # give up waiting for another holder after this long
+    refused_s: float = 30.0  # give up after the store refused every lease write (e.g. "database is locked") this long
     poll_s: float = 0.25
 
 
@@ -417,6 +418,7 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
         refused = "no answer"
         owner = f"{current_user()}@{socket.gethostname()} pid {os.getpid()}: {purpose}"[:400]
         deadline = time.monotonic() + settings.timeout_s
+        refused_since: float | None = None
         while True:
             t_read = time.monotonic()
             lease = _read_lease(c, name)
@@ -426,7 +428,7 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
                 try:
                     c.set_registered_model_tag(name, LOCK_TAG, json.dumps(
                         {"token": token, "owner": owner, "expires": time.time() + settings.ttl_s}))
-                    wrote = True
+                    wrote, refused_since = True, None
                 except MlflowException as exc:
                     fault = store_error(exc, _registry_uri())
                     if fault is not None and "database is locked" not in str(exc):
@@ -437,6 +439,12 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
                     refused = str(exc).splitlines()[0][:160]
                     log.info("registry lock on %s: lease write refused (%s); trying again", name, refused)
                     wrote = False
+                    refused_since = t_read if refused_since is None else refused_since
+                    if time.monotonic() - refused_since > settings.refused_s:
+                        raise TlopsError(f"registry lock on {name}: the MLflow store {redact(_registry_uri())} "
+                                         f"refused every lease write for {settings.refused_s:.0f}s (last: "
+                                         f"{refused}); another program holds the store: try again when it has "
+                                         "finished") from None
                 if wrote:
                     in_time = time.monotonic() - t_read < settings.settle_s
                     time.sleep(settings.settle_s)
@@ -446,6 +454,9 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
                         break
                     if mine:  # our own write came too late to trust: give the lease back and try again
                         c.delete_registered_model_tag(name, LOCK_TAG)
+                        lease = None
+                        refused = (f"each lease write took longer than the {settings.settle_s:g}s it may take; the "
+                                   "store answers too slowly")
             if time.monotonic() > deadline:
                 if lease is None or float(lease["expires"]) < time.time():
                     # Nobody holds it: our own writes kept failing.

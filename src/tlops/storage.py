@@ -104,8 +104,18 @@ def _download(client: Any, bucket: str, key: str, dest: str) -> None:
     client.download_file(bucket, key, dest)
 
 
-def materialize(uri: str, cache_root: str | Path) -> Path:
-    """A local directory holding the data at ``uri``: the path itself, or a synced S3 mirror."""
+def _stand_in(size: int, tmp: str) -> None:
+    with open(tmp, "wb") as fh:
+        fh.truncate(size)
+
+
+def materialize(uri: str, cache_root: str | Path, max_bytes: int | None = None) -> Path:
+    """A local directory holding the data at ``uri``: the path itself, or a synced S3 mirror.
+
+    An object over ``max_bytes`` is never downloaded: the mirror holds a sparse stand-in of its size (no
+    bytes written, no disk used), so the walk refuses it from its size as it would a local file, under the
+    same name, label and split.
+    """
     if not is_s3(uri):
         return Path(uri)
     from botocore.exceptions import BotoCoreError, ClientError
@@ -118,14 +128,19 @@ def materialize(uri: str, cache_root: str | Path) -> Path:
     client = s3_client()
     seen = set()
     try:
-        for rel, etag, _size in objects:
+        for rel, etag, size in objects:
             seen.add(rel)
             dest = local / safe_relpath(rel, uri)
-            if index.get(rel) == etag and dest.is_file():
+            over = max_bytes is not None and size > max_bytes
+            mark = f"over-limit:{etag}" if over else etag
+            if index.get(rel) == mark and dest.is_file():
                 continue
-            key = f"{prefix}/{rel}" if prefix else rel
-            atomic_write(dest, functools.partial(_download, client, bucket, key))
-            index[rel] = etag
+            if over:
+                atomic_write(dest, functools.partial(_stand_in, size))
+            else:
+                key = f"{prefix}/{rel}" if prefix else rel
+                atomic_write(dest, functools.partial(_download, client, bucket, key))
+            index[rel] = mark
     except (BotoCoreError, ClientError) as exc:
         raise _s3_error(uri, exc) from None
     # Objects deleted from the bucket disappear from the mirror too.

@@ -35,6 +35,31 @@ def test_manifest_from_s3_keeps_s3_uris_and_mirrors_by_etag(bucket: str, tmp_pat
                             "digits/0/" + sorted((tiny_digits / "0").iterdir())[0].name)
 
 
+def test_an_object_over_the_size_limit_is_never_downloaded(s3_endpoint: dict[str, str], tmp_path: Path,
+                                                          tiny_digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused from its listed size, as a local file is: the mirror holds no byte of it, the manifest names it
+    under its label with the reason, and a raised limit fetches it on the next build."""
+    from tlops.data import build_manifest
+    from tlops.storage import s3_client, upload_dir
+
+    s3_client().create_bucket(Bucket="big")
+    upload_dir(tiny_digits / "1", "s3://big/digits/1")
+    s3_client().put_object(Bucket="big", Key="digits/1/huge.png", Body=b"\x89PNG" + b"\0" * (3 << 20))
+    monkeypatch.setenv("TLOPS_MAX_FILE_BYTES", str(1 << 20))
+    df = build_manifest("s3://big/digits", tmp_path / "cache")
+    huge = df[df["uri"] == "s3://big/digits/1/huge.png"].iloc[0]
+    assert huge["label"] == "1" and not huge["decodable"] and huge["sha256"] == ""
+    assert huge["error"] == f"{(3 << 20) + 4} bytes, over the limit of {1 << 20} (TLOPS_MAX_FILE_BYTES)"
+    stand_in = next((tmp_path / "cache").rglob("huge.png"))
+    assert stand_in.stat().st_blocks == 0  # sparse: nothing of the object was written
+    assert df.drop(huge.name)["decodable"].all() and len(df) == 31
+    monkeypatch.setenv("TLOPS_MAX_FILE_BYTES", str(8 << 20))
+    again = build_manifest("s3://big/digits", tmp_path / "cache")
+    fetched = again[again["uri"] == "s3://big/digits/1/huge.png"].iloc[0]
+    assert fetched["sha256"] != "" and fetched["error"] != huge["error"]  # downloaded now, and read (not a PNG)
+    assert stand_in.read_bytes().startswith(b"\x89PNG")
+
+
 def test_keys_that_escape_the_prefix_are_refused(s3_endpoint: dict[str, str], tmp_path: Path) -> None:
     from tlops.errors import TlopsError
     from tlops.storage import materialize, s3_client

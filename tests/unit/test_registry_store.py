@@ -19,7 +19,8 @@ from tlops import registry
 from tlops.errors import GateFailed, TlopsError
 from tlops.registry import Decision, LockSettings
 
-FAST = LockSettings(settle_s=0.05, timeout_s=20, poll_s=0.05)
+# A lease write must come back within settle_s; on a loaded 2-core machine a SQLite write can take 100 ms.
+FAST = LockSettings(settle_s=0.3, timeout_s=20, poll_s=0.05)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -271,6 +272,34 @@ def test_the_sqlite_file_lock_excludes_another_process(store: dict, name: str) -
         holder.wait()
     with registry.promotion_lock(name, "test", FAST):  # free again once the holder is gone
         pass
+
+
+def test_a_store_another_program_holds_ends_in_bounded_time(store: dict, name: str) -> None:
+    """Another program holds the SQLite database's write lock (BEGIN IMMEDIATE; readers still read): every lease
+    write is refused with "database is locked". The wait ends after ``refused_s`` with one line naming the
+    store and the cause, not after the 300 s a live holder gets."""
+    import subprocess
+    import sys
+
+    new_version(store["model_uri"], name)
+    db = store["uri"][len("sqlite:///"):]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, time\n"
+        f"c = sqlite3.connect({db!r}, isolation_level=None); c.execute('BEGIN IMMEDIATE')\n"
+        "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        with pytest.raises(TlopsError) as info, registry.promotion_lock(
+                name, "test", LockSettings(settle_s=0.05, timeout_s=300, poll_s=0.05, refused_s=2)):
+            pass
+        took = time.monotonic() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(info.value)
+    assert "\n" not in message and "refused every lease write for 2s" in message and "database is locked" in message
+    assert store["root"].name in message and took < 60, (took, message)
 
 
 @pytest.mark.parametrize("file_lock", [True, False], ids=["file-lock-and-lease", "lease-only"])
