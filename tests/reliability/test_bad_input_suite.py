@@ -6,7 +6,6 @@ README's "input, outcome" table lists the same cases."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -17,8 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.registry_fixtures import restored_mlflow_uris
+from tests.reliability.cli import one_line, run_inline
 from tests.unit.test_data import _bad_files
-from tlops.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -43,29 +42,6 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # usage errors: typer's own exit
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, err
-    return code, out, err
-
-
-def _one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture
-def data(tmp_path: Path, tiny_digits: Path) -> Path:
-    root = tmp_path / "data"
-    shutil.copytree(tiny_digits, root)
-    return root
-
-
 def test_bad_files_all_named_in_one_failed_validation(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = {**_bad_files(), "bomb.png": _png_bomb()}
     for name, payload in bad.items():
@@ -73,8 +49,8 @@ def test_bad_files_all_named_in_one_failed_validation(data: Path, capsys: pytest
     Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).convert("I;16").save(
         data / "1" / "sixteen-bit.png")
     before = _snapshot(data)
-    code, out, err = _run(capsys, "validate", "--data", str(data))
-    line = _one_line(err)
+    code, out, err = run_inline(capsys, "validate", "--data", str(data))
+    line = one_line(err)
     assert code == 1 and line.startswith("error: data validation failed") and "decodable" in line, line
     # One line per failed check on stdout, naming the files.
     (decodable,) = [x for x in out.splitlines() if "FAIL" in x and "decodable" in x]
@@ -155,12 +131,12 @@ def test_bad_input_is_one_line_and_an_exit_code(what: str, argv: Callable[[Path]
     args = argv(tmp_path)
     before = _snapshot(tmp_path)
     capsys.readouterr()  # what setting the case up printed
-    got, _, err = _run(capsys, *args)
+    got, _, err = run_inline(capsys, *args)
     assert got == code, (what, got, err)
     if what == "unknown option":  # typer's usage box: several lines, still no traceback
         assert needle in err
         return
-    line = _one_line(err)
+    line = one_line(err)
     assert line.startswith("error: ") and needle in line, (what, line)
     after = _snapshot(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith((".tlops", "store"))} == \
@@ -177,6 +153,6 @@ def test_registry_commands_with_the_tracking_server_down(argv: list[str], capsys
     for name in RETRY_ENV:
         monkeypatch.delenv(name, raising=False)
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    code, _, err = _run(capsys, *argv, "--set", f"tracking.uri={url}", "--set", "tracking.retries=0")
+    code, _, err = run_inline(capsys, *argv, "--set", f"tracking.uri={url}", "--set", "tracking.retries=0")
     assert code == 2
-    assert _one_line(err).startswith(f"error: the MLflow tracking server at {url} did not answer after 0 retries")
+    assert one_line(err).startswith(f"error: the MLflow tracking server at {url} did not answer after 0 retries")

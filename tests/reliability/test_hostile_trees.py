@@ -12,14 +12,12 @@ permission bits do not stop root.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import hashlib
 import json
 import os
 import random
 import shutil
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -36,7 +34,7 @@ import pytest
 from PIL import Image
 
 from tests.registry_fixtures import restored_mlflow_uris
-from tlops.cli import main
+from tests.reliability.cli import one_line, partials, run_inline, snapshot
 from tlops.data import build_manifest, printable
 
 NOBODY = 65534
@@ -109,62 +107,6 @@ def thin_png() -> bytes:
             + _chunk(b"IDAT", body) + _chunk(b"IEND", b""))
 
 
-def _snapshot(*roots: Path) -> dict[str, object]:
-    """What each entry is, without following links or opening special files: a link by its target, a file by
-    its content (a large one, e.g. sparse, by size and mtime), anything else by its type."""
-    out: dict[str, object] = {}
-    for root in roots:
-        for top, dirs, files in os.walk(os.fsencode(root)):
-            for name in dirs + files:
-                p = os.path.join(top, name)
-                st = os.lstat(p)
-                if stat.S_ISLNK(st.st_mode):
-                    what: object = ("link", os.readlink(p))
-                elif stat.S_ISREG(st.st_mode) and st.st_size <= 1 << 20:
-                    with open(p, "rb") as fh:
-                        what = ("file", hashlib.sha256(fh.read()).hexdigest())
-                elif stat.S_ISREG(st.st_mode):
-                    what = ("file", st.st_size, st.st_mtime_ns)
-                else:
-                    what = (stat.S_IFMT(st.st_mode), st.st_mode)
-                out[os.fsdecode(p)] = what
-    return out
-
-
-def _partials(*roots: Path) -> list[str]:
-    """Files an interrupted atomic write would leave (``.NAME.XXXX.part``)."""
-    return [str(p) for root in roots if root.exists() for p in root.rglob("*.part")]
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str, timeout_s: float = 120) -> tuple[int, str, str]:
-    """``tlops ARGV`` in this process; a hang dumps every thread's stack and ends the test run."""
-    faulthandler.dump_traceback_later(timeout_s, exit=True, file=sys.__stderr__)
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err, err
-    return code, out, err
-
-
-def _one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-def data(tmp_path: Path, tiny_digits: Path) -> Path:
-    """The tiny digits (three classes, 30 images each): they pass validation as they are."""
-    root = tmp_path / "data"
-    shutil.copytree(tiny_digits, root)
-    return root
-
-
 @pytest.fixture
 def outside(tmp_path: Path) -> Path:
     """Good images outside the data root: what a link out of the root would bring in."""
@@ -185,13 +127,13 @@ def _validate_quarantines(capsys: pytest.CaptureFixture[str], data_arg: Path, ou
                           watch: list[Path]) -> tuple[dict[str, str], list[str]]:
     """``tlops validate``: exit 1, one line naming the decodable check; (the quarantine list, every path the
     command opened or listed). Nothing under ``watch`` changed, nothing half-written."""
-    before = _snapshot(*watch)
+    before = snapshot(*watch)
     with _recording() as opened:
-        code, _, err = _run(capsys, "validate", "--data", str(data_arg), "--output", str(out))
-    line = _one_line(err)
+        code, _, err = run_inline(capsys, "validate", "--data", str(data_arg), "--output", str(out))
+    line = one_line(err)
     assert code == 1 and line.startswith("error: data validation failed") and "decodable" in line, line
-    assert _snapshot(*watch) == before
-    assert not _partials(out, *watch)
+    assert snapshot(*watch) == before
+    assert not partials(out, *watch)
     return _quarantine(out), opened
 
 
@@ -276,7 +218,7 @@ def test_validate_of_a_tree_with_an_8gb_file_a_fifo_and_dev_zero_is_bounded(data
         fh.truncate(8 << 30)  # sparse: 8 GB that take no disk
     os.mkfifo(data / "1" / "pipe.png")
     (data / "0" / "zero.png").symlink_to("/dev/zero")
-    before = _snapshot(data)
+    before = snapshot(data)
     out = tmp_path / "out"
     t0 = time.monotonic()
     code, stdout, stderr, peak = _peak_rss(["-m", "tlops", "validate", "--data", str(data), "--output", str(out)],
@@ -284,7 +226,7 @@ def test_validate_of_a_tree_with_an_8gb_file_a_fifo_and_dev_zero_is_bounded(data
     print(f"tlops validate, tree with an 8 GB sparse .png, a FIFO and a link to /dev/zero: peak RSS "
           f"{peak / 2**20:.0f} MiB, {time.monotonic() - t0:.1f} s")
     assert "Traceback" not in stderr and code == 1, stderr
-    assert _one_line(stderr).startswith("error: data validation failed"), stderr
+    assert one_line(stderr).startswith("error: data validation failed"), stderr
     assert peak < 500 * 2**20, f"peak RSS {peak / 2**20:.0f} MiB"
     reasons = _quarantine(out)
     assert reasons[f"{data}/7/huge.png"] == (f"not read: {8 << 30} bytes, over the limit of {128 << 20} "
@@ -292,7 +234,7 @@ def test_validate_of_a_tree_with_an_8gb_file_a_fifo_and_dev_zero_is_bounded(data
     assert reasons[f"{data}/1/pipe.png"] == "not read: a FIFO, not a regular file"
     assert reasons[f"{data}/0/zero.png"] == "not read: a link to /dev/zero, outside the data root"
     assert len(reasons) == 3 and "3 file(s) do not decode" in stdout
-    assert _snapshot(data) == before and not _partials(out, data)
+    assert snapshot(data) == before and not partials(out, data)
 
 
 def test_special_files_are_never_opened(data: Path, tmp_path: Path) -> None:
@@ -391,15 +333,15 @@ def test_files_replaced_between_the_walk_and_the_read(data: Path, outside: Path,
 
 def test_a_csv_with_only_its_header_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "m.csv").write_text("path,label\n")
-    code, _, err = _run(capsys, "validate", "--data", str(tmp_path / "m.csv"))
-    assert code == 2 and "lists no files" in _one_line(err)
+    code, _, err = run_inline(capsys, "validate", "--data", str(tmp_path / "m.csv"))
+    assert code == 2 and "lists no files" in one_line(err)
 
 
 def test_an_excel_csv_utf8_manifest_with_a_byte_order_mark(data: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     rows = "".join(f"{p.relative_to(data).as_posix()},{p.parent.name}\r\n" for p in sorted(data.rglob("*.png")))
     (data / "m.csv").write_bytes(b"\xef\xbb\xbf" + f"path,label\r\n{rows}".encode())
-    code, out, err = _run(capsys, "validate", "--data", str(data / "m.csv"), "--output", str(tmp_path / "out"),
+    code, out, err = run_inline(capsys, "validate", "--data", str(data / "m.csv"), "--output", str(tmp_path / "out"),
                           "--set", "validation.min_images_per_class=1")
     assert code == 0 and not err.strip(), err
     assert "90 files; 0 quarantined" in out
@@ -490,18 +432,18 @@ def test_hostile_input_is_one_line_and_an_exit_code(what: str, argv: Callable[[P
                                                     needle: str, tmp_path: Path, data: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     args = argv(tmp_path, data)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     capsys.readouterr()
-    got, out, err = _run(capsys, *args)
-    line = _one_line(err)
+    got, out, err = run_inline(capsys, *args)
+    line = one_line(err)
     assert got == code and needle in line, (what, got, line)
     if code == 1:  # quarantined: the entry is named on the decodable line, with its reason
         (decodable,) = [x for x in out.splitlines() if x.startswith("FAIL decodable")]
         assert "1 file(s) do not decode" in decodable, decodable
-    after = _snapshot(tmp_path)
+    after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if "/.tlops" not in k} == \
         {k: v for k, v in before.items() if "/.tlops" not in k}
-    assert not _partials(tmp_path)
+    assert not partials(tmp_path)
 
 
 # ---- sick stores -------------------------------------------------------------------------------------
@@ -534,10 +476,10 @@ def test_a_store_that_is_not_mlflow_and_a_missing_store_are_left_as_they_are(
         con.execute("CREATE TABLE t (x)")
         con.commit()
     before = other.read_bytes()
-    code, _, err = _run(capsys, *_tracking(f"sqlite:///{other}"))
-    assert code == 2 and "not an MLflow store" in _one_line(err) and other.read_bytes() == before
-    code, _, err = _run(capsys, *_tracking(f"sqlite:///{tmp_path}/missing/dir/mlflow.db"))
-    assert code == 2 and "no MLflow store at" in _one_line(err)
+    code, _, err = run_inline(capsys, *_tracking(f"sqlite:///{other}"))
+    assert code == 2 and "not an MLflow store" in one_line(err) and other.read_bytes() == before
+    code, _, err = run_inline(capsys, *_tracking(f"sqlite:///{tmp_path}/missing/dir/mlflow.db"))
+    assert code == 2 and "no MLflow store at" in one_line(err)
     assert not (tmp_path / "missing").exists()  # a read-only command creates nothing
 
 
@@ -552,9 +494,9 @@ def test_a_locked_store_is_one_line_within_seconds(store: Path, tmp_path: Path,
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         t0 = time.monotonic()
-        code, _, err = _run(capsys, "promote", "m", "1", "--force", "--reason", "hotfix", "--set",
+        code, _, err = run_inline(capsys, "promote", "m", "1", "--force", "--reason", "hotfix", "--set",
                             f"tracking.uri=sqlite:///{db}")
-        assert code == 2 and f"the MLflow store sqlite:///{db} is locked by another process" in _one_line(err)
+        assert code == 2 and f"the MLflow store sqlite:///{db} is locked by another process" in one_line(err)
         assert time.monotonic() - t0 < 30
     finally:
         holder.kill()
@@ -579,9 +521,9 @@ def test_a_store_refusing_the_lease_write_ends_at_once(store: Path, tmp_path: Pa
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_tag", refuse)
     t0 = time.monotonic()
-    code, out, err = _run(capsys, "promote", "m", "1", "--force", "--reason", "hotfix", "--set",
+    code, out, err = run_inline(capsys, "promote", "m", "1", "--force", "--reason", "hotfix", "--set",
                           f"tracking.uri=sqlite:///{db}")
-    assert code == 2 and _one_line(err) == (f"error: the MLflow store sqlite:///{db} is read-only for this user "
+    assert code == 2 and one_line(err) == (f"error: the MLflow store sqlite:///{db} is read-only for this user "
                                             "(attempt to write a readonly database): the file and its folder must "
                                             "be writable to promote, roll back or register")
     assert calls == ["tlops.lock"] and time.monotonic() - t0 < 30 and not out
@@ -639,7 +581,7 @@ def test_unreadable_entries_and_a_read_only_store_as_an_unprivileged_user(tiny_d
                         (top / "secret.csv", 0o600), (top / "secret.yaml", 0o600), (top / "private", 0o700)):
             os.chown(p, 0, 0)
             p.chmod(mode)
-        before = _snapshot(top)
+        before = snapshot(top)
         cases = [
             ["validate", "--data", "d", "--output", "out"],
             ["validate", "--data", "noroot"],
@@ -653,7 +595,7 @@ def test_unreadable_entries_and_a_read_only_store_as_an_unprivileged_user(tiny_d
         for argv, r in zip(cases, results, strict=True):
             assert r["code"] != "raised" and "Traceback" not in r["err"], (argv, r["err"])
             if argv[-1] != "secret.yaml":  # typer's own check of --config: its usage box, exit 2
-                _one_line(r["err"])
+                one_line(r["err"])
         folder, root, csv, config, promote, history = results
         assert folder["code"] == 1 and "decodable" in folder["err"]
         reasons = _quarantine(top / "out")
@@ -667,9 +609,9 @@ def test_unreadable_entries_and_a_read_only_store_as_an_unprivileged_user(tiny_d
         assert promote["code"] == 2 and promote["s"] < 30, promote
         assert f"the MLflow store sqlite:///{store} is read-only for this user" in promote["err"]
         assert history["code"] == 2 and "Permission denied" in history["err"]
-        after = _snapshot(top)
+        after = snapshot(top)
         assert {k: v for k, v in after.items() if not k.startswith((f"{top}/out", f"{top}/.tlops"))} == before
-        assert not _partials(top) and not (store.parent / "mlflow.db.tlops-lock").exists()
+        assert not partials(top) and not (store.parent / "mlflow.db.tlops-lock").exists()
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
@@ -777,7 +719,7 @@ def test_random_hostile_trees(seed: int, tmp_path: Path, outside: Path, thin_png
     validation never raises, never hangs, opens nothing outside the root and no hostile special file, and
     quarantines exactly the hostile entries."""
     root, bad, ok = _random_tree(seed, tmp_path / "trees", outside, thin_png)
-    before = _snapshot(root, outside)
+    before = snapshot(root, outside)
     done: list[pd.DataFrame] = []
     failed: list[BaseException] = []
 
@@ -800,7 +742,7 @@ def test_random_hostile_trees(seed: int, tmp_path: Path, outside: Path, thin_png
              or p.endswith(("pipe.png", "sock.png", "huge.png"))]
     assert not never, f"seed {seed}: opened {never}"
     # The whole command: exit 1, one line, the same quarantine.
-    code, _, err = _run(capsys, "validate", "--data", str(root), "--output", str(tmp_path / "out"))
-    assert code == 1 and "decodable" in _one_line(err)
+    code, _, err = run_inline(capsys, "validate", "--data", str(root), "--output", str(tmp_path / "out"))
+    assert code == 1 and "decodable" in one_line(err)
     assert set(_quarantine(tmp_path / "out")) == bad
-    assert _snapshot(root, outside) == before and not _partials(tmp_path)
+    assert snapshot(root, outside) == before and not partials(tmp_path)
