@@ -173,15 +173,22 @@ def check_work(data: bytes, index: int, spec: PreprocessSpec, max_aspect_ratio: 
 
 
 class Predictor:
-    """Batched prediction from raw image bytes, with the model's own preprocessing."""
+    """Batched prediction from raw image bytes, with the model's own preprocessing.
+
+    Each image is held to the server's limits before it is decoded (:func:`check_work`: the formats the pipeline
+    decodes, ``max_pixels``, the aspect ratio ``TLOPS_MAX_ASPECT_RATIO``), wherever the model runs: ``tlops
+    serve``, ``mlflow models serve``, a notebook. A hostile image is an :class:`ImageInputError`, never a hang."""
 
     def __init__(self, model: ImageClassifier, spec: PreprocessSpec, classes: list[str],
                  batch_size: int = 32) -> None:
+        from tlops.data import max_aspect_ratio
+
         self.model, self.spec, self.classes, self.batch_size = model, spec, classes, batch_size
         self.transform = build_transform(spec)
+        self.max_aspect_ratio = max_aspect_ratio()
 
     def _tensor(self, data: bytes, index: int) -> torch.Tensor:
-        check_header(data, index)
+        check_work(data, index, self.spec, self.max_aspect_ratio)
         img = _open(data, index)
         try:
             # Decoded here, then transformed as the bytes would be (the transform takes a loaded image as is):
@@ -195,22 +202,36 @@ class Predictor:
         finally:
             img.close()
 
-    @torch.no_grad()
-    def predict_proba(self, images: list[bytes]) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            x = torch.stack([self._tensor(b, i) for i, b in enumerate(images[start : start + self.batch_size], start)])
-            out.append(torch.softmax(self.model(x), dim=1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+    def tensors(self, images: list[bytes], first: int = 0) -> torch.Tensor:
+        """The images decoded and preprocessed, stacked: the model's input, ``len(images)`` rows (errors name
+        instance ``first + i``)."""
+        if not images:
+            return torch.zeros((0, 3, self.spec.crop_size, self.spec.crop_size))
+        return torch.stack([self._tensor(b, i) for i, b in enumerate(images, first)])
 
-    def predict_frame(self, images: list[bytes]) -> pd.DataFrame:
-        proba = self.predict_proba(images)
+    @torch.no_grad()
+    def proba(self, x: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities of preprocessed input, ``batch_size`` rows per forward pass."""
+        step = batch_size or self.batch_size
+        out = [torch.softmax(self.model(x[start : start + step]), dim=1).numpy() for start in range(0, len(x), step)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def predict_proba(self, images: list[bytes]) -> np.ndarray:
+        out = [self.proba(self.tensors(images[start : start + self.batch_size], start))
+               for start in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def frame(self, proba: np.ndarray) -> pd.DataFrame:
+        """The pyfunc's answer for these probabilities: label, score and probabilities per image."""
         idx = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=int)
         return pd.DataFrame({
             "label": [self.classes[i] for i in idx],
             "score": [float(proba[r, i]) for r, i in enumerate(idx)],
             "probabilities": [row.tolist() for row in proba],
         })
+
+    def predict_frame(self, images: list[bytes]) -> pd.DataFrame:
+        return self.frame(self.predict_proba(images))
 
 
 try:
