@@ -256,5 +256,63 @@ class ImageClassifierPyfunc(_PythonModel):
             model_input = pd.DataFrame({k: list(np.atleast_1d(v)) for k, v in model_input.items()})
         if "image" not in model_input.columns:
             raise ValueError("input needs a column named 'image' holding the image file bytes")
-        images = [image_bytes(v, i) for i, v in enumerate(model_input["image"])]
-        return self.predictor.predict_frame(images)
+        try:
+            images = [image_bytes(v, i) for i, v in enumerate(model_input["image"])]
+            return self.predictor.predict_frame(images)
+        except ImageInputError as exc:
+            # The client's mistake, in MLflow's terms: ``mlflow models serve`` answers 400 with this one line.
+            from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+
+
+# What the logged model needs where it runs (``mlflow models serve``, ``build-docker``, KServe's MLflow runtime):
+# the distributions the bundled code imports to load the model and predict (timm and torchvision to rebuild the
+# architecture and the transform), pinned to the versions it was logged with. Not tlops: its code travels with the
+# model (:func:`bundle_code`). MLflow adds its own pin.
+PYFUNC_DISTRIBUTIONS = ("torch", "torchvision", "timm", "pillow", "numpy", "pandas")
+
+
+def pyfunc_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    # A local version label (torch's "+cpu", "+cu130") names a wheel index, not a release: left out, as MLflow does.
+    return [f"{name}=={version(name).split('+')[0]}" for name in PYFUNC_DISTRIBUTIONS]
+
+
+def _tlops_imports(path: Path) -> set[str]:
+    """The tlops modules ``path`` imports, at its top or inside a function."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        for name in names:
+            if name.startswith("tlops."):
+                found.add(name.split(".")[1])
+            elif name == "tlops" and isinstance(node, ast.ImportFrom):
+                found |= {a.name for a in node.names if (path.parent / f"{a.name}.py").is_file()}
+    return found
+
+
+def bundle_code(dest: str | Path) -> Path:
+    """The tlops package as the logged model needs it: ``pyfunc_entry`` and every tlops module it reaches (through
+    imports at the top or inside functions), copied to ``dest/tlops``; returns that directory, for MLflow's
+    ``code_paths``. Loading the model puts it on ``sys.path``, so the model loads where tlops is not installed."""
+    import shutil
+
+    package = Path(__file__).resolve().parent
+    out = Path(dest) / "tlops"
+    out.mkdir(parents=True, exist_ok=False)
+    shutil.copy2(package / "__init__.py", out / "__init__.py")
+    seen: set[str] = set()
+    todo = ["pyfunc_entry"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        shutil.copy2(package / f"{name}.py", out / f"{name}.py")
+        todo.extend(_tlops_imports(package / f"{name}.py") - seen)
+    return out
