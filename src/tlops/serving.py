@@ -209,7 +209,7 @@ class Predictor:
             return torch.zeros((0, 3, self.spec.crop_size, self.spec.crop_size))
         return torch.stack([self._tensor(b, i) for i, b in enumerate(images, first)])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def proba(self, x: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities of preprocessed input, ``batch_size`` rows per forward pass."""
         step = batch_size or self.batch_size
@@ -221,14 +221,16 @@ class Predictor:
                for start in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
+    def records(self, proba: np.ndarray) -> list[dict[str, Any]]:
+        """The pyfunc's answer for these probabilities, one record per image: label, score and probabilities (the
+        rows of :meth:`frame`, as MLflow's scoring server writes them)."""
+        return [{"label": self.classes[i], "score": float(row[i]), "probabilities": row.tolist()}
+                for row, i in zip(proba, proba.argmax(axis=1) if len(proba) else [], strict=True)]
+
     def frame(self, proba: np.ndarray) -> pd.DataFrame:
         """The pyfunc's answer for these probabilities: label, score and probabilities per image."""
-        idx = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=int)
-        return pd.DataFrame({
-            "label": [self.classes[i] for i in idx],
-            "score": [float(proba[r, i]) for r, i in enumerate(idx)],
-            "probabilities": [row.tolist() for row in proba],
-        })
+        rows = self.records(proba)
+        return pd.DataFrame({key: [r[key] for r in rows] for key in ("label", "score", "probabilities")})
 
     def predict_frame(self, images: list[bytes]) -> pd.DataFrame:
         return self.frame(self.predict_proba(images))

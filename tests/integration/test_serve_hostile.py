@@ -437,7 +437,6 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
     gets 503 at once (with Retry-After); the others are served and the counts go back to zero."""
     import asyncio
 
-    import pandas as pd
     import torch
 
     from tlops.server import ScoringApp, ServedModel, ServeLimits
@@ -454,9 +453,8 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
             release.wait(30)
             return np.ones((len(x), 1))
 
-        def frame(self, proba: np.ndarray) -> pd.DataFrame:
-            return pd.DataFrame({"label": ["7"] * len(proba), "score": [1.0] * len(proba),
-                                 "probabilities": [[1.0]] * len(proba)})
+        def records(self, proba: np.ndarray) -> list[dict]:
+            return [{"label": "7", "score": 1.0, "probabilities": [1.0]}] * len(proba)
 
     busy_app = ScoringApp(ServedModel(None, predictor=SlowPredictor()), ServeLimits(max_pending=2))
     full_app = ScoringApp(ServedModel(None, predictor=SlowPredictor()),
