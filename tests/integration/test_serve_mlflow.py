@@ -127,7 +127,7 @@ def mlflow_serve(served: dict, no_tlops_env: dict[str, str], mlflow_server: str,
             time.sleep(0.5)
         yield port
     finally:
-        stop(proc, group=True)
+        stop(proc, group=True, abrupt=True)  # a throw-away server: no need for its graceful stop
 
 
 def test_the_logged_model_declares_what_it_imports_and_bundles_its_code(
