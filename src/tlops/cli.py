@@ -472,6 +472,12 @@ def serve_cmd(
     max_instances: Annotated[int, typer.Option("--max-instances", help="Most images in one request.")] = 64,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0: every core); at most the "
                                          "CPUs the server may use.")] = 1,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most images of concurrent requests in one forward "
+                                           "pass (1: no batching).")] = 32,
+    batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="How long a batch waits for requests "
+                                                   "already on their way, in ms (never when none is).")] = 5.0,
+    poll_s: Annotated[float, typer.Option("--poll-s", help="With models:/NAME@ALIAS: seconds between looks at the "
+                                          "alias; a new version is loaded, then swapped in (0: pinned).")] = 10.0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -479,7 +485,8 @@ def serve_cmd(
     from tlops.server import ServeLimits, serve
 
     _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait, one line
-    serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads)
+    serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads,
+          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s)
 
 
 @app.command("select")

@@ -16,6 +16,8 @@ image and request is bounded from the image headers before anything is decoded o
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import errno
 import http
@@ -75,19 +77,149 @@ class ServeLimits:
 
 @dataclass
 class ServedModel:
-    """The loaded pyfunc and what ``/version`` tells about it."""
+    """The loaded pyfunc, its predictor (what the batches run) and what ``/version`` tells about it."""
 
     pyfunc: Any
     info: dict[str, Any] = field(default_factory=dict)
     spec: Any = None  # its PreprocessSpec: the server bounds the work of each image by it before decoding
-    # One prediction at a time: torch already uses every core for one batch; two would only fight for them.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    predictor: Any = None  # its tlops.serving.Predictor: preprocessing per request, forward passes per batch
 
-    def predict(self, images: list[bytes]) -> Any:
-        import pandas as pd
+    def __post_init__(self) -> None:
+        if self.predictor is None and self.pyfunc is not None:
+            self.predictor = self.pyfunc.unwrap_python_model().predictor
 
-        with self.lock:
-            return self.pyfunc.predict(pd.DataFrame({"image": images}))
+    @property
+    def version(self) -> str | None:
+        return self.info.get("version")
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Which model answered: the registered name and version, on every prediction."""
+        out = []
+        if "name" in self.info:
+            out.append((b"x-model-name", str(self.info["name"]).encode("latin-1", "replace")))
+        if self.version is not None:
+            out.append((b"x-model-version", str(self.version).encode()))
+        return out
+
+
+class ModelHolder:
+    """The model served now. A request takes it once, at its start, and is answered by that model to its end;
+    a new version is swapped in by one assignment (:meth:`swap`), so no request sees half of each."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.current = model
+
+    def swap(self, model: ServedModel) -> ServedModel:
+        old, self.current = self.current, model
+        return old
+
+
+@dataclass
+class _Job:
+    model: ServedModel
+    x: Any  # torch.Tensor: the request's preprocessed images
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class Batcher:
+    """Dynamic batching: the preprocessed images of concurrent requests go through the model in one forward pass.
+
+    One thread runs the model (torch already uses every thread it is given for one batch; two passes at once would
+    only fight for the cores). It takes the oldest waiting request, then, while the batch holds fewer than
+    ``max_batch`` images, adds the waiting requests for the same model version, and waits up to ``window_s`` for
+    more only while other requests are on their way (past their body, being decoded): a lone client never waits.
+    A request is never split; one larger than ``max_batch`` runs alone. ``max_batch`` 1 turns batching off: one
+    request per forward pass, as a server with one lock. Each request gets its own rows back: a batched answer
+    is the answer the request would get alone."""
+
+    def __init__(self, max_batch: int = 32, window_s: float = 0.005) -> None:
+        self.max_batch, self.window_s = max(1, max_batch), max(0.0, window_s)
+        self._cv = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._upcoming = 0  # requests announced (expect) and not yet submitted or cancelled
+        self.batches = self.requests = self.images = 0
+        self._thread = threading.Thread(target=self._run, name="tlops-batcher", daemon=True)
+        self._thread.start()
+
+    def expect(self) -> None:
+        """A request is on its way: worth waiting a window for."""
+        with self._cv:
+            self._upcoming += 1
+
+    def cancel(self) -> None:
+        """An announced request will not come (refused, or failed while decoding)."""
+        with self._cv:
+            self._upcoming -= 1
+            self._cv.notify()
+
+    def submit(self, model: ServedModel, x: Any) -> concurrent.futures.Future:
+        """Queue an announced request's input; the future gets its probabilities (or the forward pass's error)."""
+        job = _Job(model, x)
+        with self._cv:
+            self._upcoming -= 1
+            self._queue.append(job)
+            self._cv.notify()
+        return job.future
+
+    def _next_batch(self) -> list[_Job]:
+        with self._cv:
+            while not self._queue:
+                self._cv.wait()
+            batch = [self._queue.popleft()]
+            size = len(batch[0].x)
+            deadline = time.monotonic() + self.window_s
+            while size < self.max_batch:
+                for job in list(self._queue):
+                    if job.model is batch[0].model and size + len(job.x) <= self.max_batch:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        size += len(job.x)
+                left = deadline - time.monotonic()
+                if size >= self.max_batch or left <= 0 or self._upcoming <= 0:
+                    break
+                self._cv.wait(left)
+            return batch
+
+    def _run(self) -> None:
+        import torch
+
+        while True:
+            batch = self._next_batch()
+            predictor = batch[0].model.predictor
+            try:
+                x = batch[0].x if len(batch) == 1 else torch.cat([job.x for job in batch])
+                proba = predictor.proba(x, max(self.max_batch, predictor.batch_size))
+            except Exception as exc:  # the requests get the error; the thread lives on
+                for job in batch:
+                    job.future.set_exception(exc)
+                continue
+            self.batches, self.requests, self.images = (self.batches + 1, self.requests + len(batch),
+                                                        self.images + len(proba))
+            start = 0
+            for job in batch:
+                job.future.set_result(proba[start : start + len(job.x)])
+                start += len(job.x)
+
+
+class ImageSlots:
+    """Images preprocessed and not yet answered, all requests together: their tensors are what a request holds
+    in memory past its body. A request waits for room before it decodes (one larger than the limit takes all)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = max(1, limit), 0
+        self._cond = asyncio.Condition()
+
+    async def take(self, n: int) -> int:
+        n = min(n, self.limit)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.held + n <= self.limit)
+            self.held += n
+        return n
+
+    async def give(self, n: int) -> None:
+        async with self._cond:
+            self.held -= n
+            self._cond.notify_all()
 
 
 class RequestError(Exception):
@@ -269,27 +401,36 @@ def _route(path: str) -> str | None:
 class ScoringApp:
     """The ASGI app: routes, limits, error bodies in MLflow's shape, one log line per request."""
 
-    def __init__(self, model: ServedModel, limits: ServeLimits) -> None:
+    def __init__(self, model: ServedModel | ModelHolder, limits: ServeLimits, batcher: Batcher | None = None) -> None:
         if limits.max_aspect_ratio is None:  # read once, at the start: a bad TLOPS_MAX_ASPECT_RATIO is one line
             limits = dataclasses.replace(limits, max_aspect_ratio=_data_aspect_ratio())
-        self.model, self.limits = model, limits
+        self.holder = model if isinstance(model, ModelHolder) else ModelHolder(model)
+        self.limits = limits
+        self.batcher = batcher or Batcher()
         self.budget = BodyBudget(max(limits.max_buffered_bytes, limits.max_bytes))  # one request always fits
-        self.pending = 0  # requests past their body: decoding, waiting for the model's lock or predicting
+        # Preprocessed images held at once: a few batches' worth, and one whole request always fits.
+        self.slots = ImageSlots(max(limits.max_instances, 4 * self.batcher.max_batch))
+        self.pending = 0  # requests past their body: decoding, waiting for the model or predicting
+
+    @property
+    def model(self) -> ServedModel:
+        return self.holder.current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # no lifespan (uvicorn runs with lifespan off) and no websockets
             return
         start = time.perf_counter()
         method, path = scope["method"], scope["path"]
+        extra: list[tuple[bytes, bytes]] = []
         try:
-            status, body = await self._handle(method, path, scope, receive)
+            status, body, extra = await self._handle(method, path, scope, receive)
         except RequestError as exc:
             status, body = exc.status, _error(exc.status, str(exc))
         except Exception:  # a fault of the server, not of the request: logged with its traceback, never the payload
             log.exception("%s %s failed", method, path)
             status, body = 500, _error(500, "internal error while predicting; see the server log")
         # Content-Length always, and close after an error: the rest of a refused body is never read.
-        headers = [(b"content-type", JSON_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+        headers = [(b"content-type", JSON_TYPE.encode()), (b"content-length", str(len(body)).encode()), *extra]
         if status >= 400:
             headers.append((b"connection", b"close"))
         if status == 503:
@@ -298,7 +439,8 @@ class ScoringApp:
         await send({"type": "http.response.body", "body": body})
         log.info("%s %s %d %.1f ms", method, path, status, (time.perf_counter() - start) * 1000)
 
-    async def _handle(self, method: str, path: str, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+    async def _handle(self, method: str, path: str, scope: Scope,
+                      receive: Receive) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         route = _route(path)
         if route is None:
             raise RequestError(404, f"no such path {path!r:.80}; POST /invocations (or /v1/models/NAME:predict), "
@@ -306,11 +448,12 @@ class ScoringApp:
         if method != ROUTES[route] and not (method == "HEAD" and ROUTES[route] == "GET"):
             raise RequestError(405, f"{path} takes {ROUTES[route]}, not {method}")
         if route in ("/ping", "/health"):
-            return 200, b"\n"
+            return 200, b"\n", []
+        model = self.holder.current  # this request's model, to its end, whatever is swapped in meanwhile
         if route == "/version":
-            return 200, json.dumps(self.model.info).encode()
+            return 200, json.dumps(model.info).encode(), model.headers()
         if route == "/v1/models":
-            return 200, json.dumps({"name": path.rsplit("/", 1)[1], "ready": True}).encode()
+            return 200, json.dumps({"name": path.rsplit("/", 1)[1], "ready": True}).encode(), []
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         _json_type(headers)
         self._not_busy()  # before reading a body that could not be served
@@ -318,34 +461,43 @@ class ScoringApp:
         try:
             self._not_busy()
             self.pending += 1
+            self.batcher.expect()
+            submitted = [False]
             try:
-                # JSON, base64 and the image headers off the event loop, and before the model's lock.
-                images = await asyncio.to_thread(decode_request, body, self.limits, self.model.spec)
-                from tlops.serving import ImageInputError
-
-                try:
-                    frame = await asyncio.to_thread(self.model.predict, images)
-                except ImageInputError as exc:
-                    raise RequestError(422, str(exc)) from None
+                proba = await self._predict(model, body, submitted)
             finally:
+                if not submitted[0]:
+                    self.batcher.cancel()
                 self.pending -= 1
         finally:
             self.budget.give(len(body))
-        return 200, _predictions_json(frame)
+        # MLflow's response shape, {"predictions": [records]}, written directly: pandas per request cost more than
+        # the forward pass of its image in a batch.
+        return 200, json.dumps({"predictions": model.predictor.records(proba)}).encode(), model.headers()
+
+    async def _predict(self, model: ServedModel, body: bytes, submitted: list[bool]) -> Any:
+        from tlops.serving import ImageInputError
+
+        # JSON, base64, the image headers and the preprocessing off the event loop, each request on its own;
+        # only the forward pass waits for the batch.
+        images = await asyncio.to_thread(decode_request, body, self.limits, model.spec)
+        held = await self.slots.take(len(images))
+        try:
+            try:
+                x = await asyncio.to_thread(model.predictor.tensors, images)
+            except ImageInputError as exc:
+                raise RequestError(422, str(exc)) from None
+            future = self.batcher.submit(model, x)
+            submitted[0] = True
+            return await asyncio.wrap_future(future)
+        finally:
+            await self.slots.give(held)
 
     def _not_busy(self) -> None:
         # Requests still sending their body do not count: a slow upload holds a socket, never the model.
         if self.pending >= self.limits.max_pending:
             raise RequestError(503, f"the server is busy: {self.pending} requests are waiting for the model, its "
                                     "limit; retry shortly")
-
-
-def _predictions_json(frame: Any) -> bytes:
-    from mlflow.pyfunc.scoring_server import predictions_to_json
-
-    out = io.StringIO()
-    predictions_to_json(frame, out)  # MLflow's own response shape: {"predictions": [records]}
-    return out.getvalue().encode()
 
 
 def _error(status: int, message: str) -> bytes:
@@ -558,8 +710,9 @@ def _unreachable(model_uri: str) -> TlopsError:
                       "MLFLOW_TRACKING_URI at a running one")
 
 
-def load_served_model(model_uri: str) -> ServedModel:
-    """Load the pyfunc; a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now."""
+def load_served_model(model_uri: str, version: str | None = None) -> ServedModel:
+    """Load the pyfunc; a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now (or to
+    ``version``, already resolved)."""
     import mlflow
 
     from tlops import __version__, tracking
@@ -570,7 +723,7 @@ def load_served_model(model_uri: str) -> ServedModel:
     uri = model_uri
     try:
         if model_uri.startswith("models:/"):
-            name, version = parse_model_uri(model_uri)
+            name, version = (alias_name(model_uri), version) if version is not None else parse_model_uri(model_uri)
             info.update(name=name, version=version)
             uri = f"models:/{name}/{version}"
         pyfunc = mlflow.pyfunc.load_model(uri)
@@ -586,9 +739,65 @@ def load_served_model(model_uri: str) -> ServedModel:
         raise TlopsError(f"--model {model_uri}: cannot load it ({first:.200}); check the URI with "
                          "'tlops audit --model NAME' and MLFLOW_TRACKING_URI") from None
     info["classes"] = model_classes(pyfunc)  # also refuses a pyfunc that is not a tlops image classifier
-    spec = pyfunc.unwrap_python_model().predictor.spec
-    info["preprocess_fingerprint"] = spec.fingerprint
-    return ServedModel(pyfunc, info, spec=spec)
+    predictor = pyfunc.unwrap_python_model().predictor
+    info["preprocess_fingerprint"] = predictor.spec.fingerprint
+    return ServedModel(pyfunc, info, spec=predictor.spec, predictor=predictor)
+
+
+def alias_name(model_uri: str) -> str:
+    """NAME of ``models:/NAME@ALIAS`` (or of ``models:/NAME/VERSION``)."""
+    rest = model_uri[len("models:/") :]
+    return rest.split("@", 1)[0] if "@" in rest else rest.partition("/")[0]
+
+
+class AliasFollower:
+    """Follows ``models:/NAME@ALIAS``: every ``poll_s`` seconds it asks the registry which version the alias names;
+    when that changed (a promotion or a rollback), it loads that version in the background, then swaps it in
+    (:meth:`ModelHolder.swap`). Requests in progress finish on the model they started with; none waits for the
+    load and none is refused. A registry that does not answer, or a version that cannot be loaded, leaves the
+    current version serving; the next poll tries again (one warning per distinct problem)."""
+
+    def __init__(self, holder: ModelHolder, model_uri: str, poll_s: float) -> None:
+        self.holder, self.model_uri, self.poll_s = holder, model_uri, poll_s
+        self._stop = threading.Event()
+        self._last_problem = ""
+        self._thread = threading.Thread(target=self._run, name="tlops-alias-follower", daemon=True)
+
+    def start(self) -> AliasFollower:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def poll(self) -> bool:
+        """One look at the alias; True when another version was swapped in."""
+        from tlops.audit import parse_model_uri
+
+        current = self.holder.current
+        try:
+            _name, version = parse_model_uri(self.model_uri)
+            if version == current.version:
+                self._last_problem = ""
+                return False
+            started = time.perf_counter()
+            model = load_served_model(self.model_uri, version)
+        except Exception as exc:  # TlopsError or whatever else: the served version stays
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if problem != self._last_problem:
+                log.warning("following %s: %s; still serving version %s, trying again every %g s", self.model_uri,
+                            problem[:300], current.version, self.poll_s)
+                self._last_problem = problem
+            return False
+        self.holder.swap(model)
+        self._last_problem = ""
+        log.info("%s now names version %s: serving it (loaded in %.1f s), was version %s", self.model_uri,
+                 version, time.perf_counter() - started, current.version)
+        return True
 
 
 def _log_to_stderr() -> None:
@@ -602,11 +811,14 @@ def _log_to_stderr() -> None:
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: ServeLimits | None = None,
-          threads: int = 1, graceful_s: int = 10) -> None:
+          threads: int = 1, graceful_s: int = 10, max_batch: int = 32, batch_window_ms: float = 5.0,
+          poll_s: float = 10.0) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``graceful_s`` seconds to finish.
 
     ``threads``: torch CPU threads (0: torch's default, every core of the machine). One is the default, as the
-    gate measures latency: torch does not see a container's CPU limit, and more threads than cores stall."""
+    gate measures latency: torch does not see a container's CPU limit, and more threads than cores stall.
+    ``max_batch``, ``batch_window_ms``: dynamic batching (:class:`Batcher`; 1 turns it off). ``poll_s``: for a
+    ``models:/NAME@ALIAS`` URI, how often the alias is looked up, a new version swapped in (0: never)."""
     import uvicorn
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a server log
@@ -616,17 +828,28 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
         raise TlopsError("--max-bytes and --max-instances must be at least 1")
     if threads < 0:
         raise TlopsError(f"--threads {threads}: expected 0 (torch's default) or a number of threads")
+    if max_batch < 1:
+        raise TlopsError(f"--max-batch {max_batch}: expected a number of images, at least 1 (1: no batching)")
+    if not 0 <= batch_window_ms <= 1000:
+        raise TlopsError(f"--batch-window-ms {batch_window_ms:g}: expected milliseconds from 0 to 1000")
+    if poll_s < 0:
+        raise TlopsError(f"--poll-s {poll_s:g}: expected seconds between looks at the alias (0: never)")
     sock = bind(host, port)
-    model = load_served_model(model_uri)
+    holder = ModelHolder(load_served_model(model_uri))
+    model = holder.current
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    follower = None
+    if poll_s and model_uri.startswith("models:/") and "@" in model_uri:
+        follower = AliasFollower(holder, model_uri, poll_s).start()
+    batcher = Batcher(max_batch, batch_window_ms / 1000)
     # No uvicorn limit_concurrency: it counts idle connections, so 64 silent sockets made every client get 503.
     # The guard bounds connections, the app the requests past their body and the bytes held.
     max_connections = _connection_limit(limits.max_connections)
     guard = ConnectionGuard(max_connections, min(limits.max_connections_per_client, max_connections))
-    config = uvicorn.Config(ScoringApp(model, limits), http=guarded_protocol(guard, limits), ws="none",
+    config = uvicorn.Config(ScoringApp(holder, limits, batcher), http=guarded_protocol(guard, limits), ws="none",
                             log_config=None, access_log=False, log_level="warning",
                             timeout_graceful_shutdown=graceful_s, limit_concurrency=None,
                             timeout_keep_alive=limits.keep_alive_s, lifespan="off")
@@ -639,9 +862,16 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "every client that can reach it"
     log.info("serving %s%s on http://%s:%d (%s): POST /invocations, GET /ping /health /version; "
              "limits %d bytes, %d instances, %d pixels per request; %d connections, %d per client, request heads "
-             "within %g s; %d torch threads", model_uri,
+             "within %g s; %d torch threads; batches of up to %d images within %g ms; %s", model_uri,
              f" (version {model.info['version']})" if "version" in model.info else "", host, port, where,
              limits.max_bytes, limits.max_instances, limits.max_request_pixels, guard.max_connections,
-             guard.max_per_client, limits.header_timeout_s, torch.get_num_threads())
-    server.run(sockets=[sock])
+             guard.max_per_client, limits.header_timeout_s, torch.get_num_threads(), batcher.max_batch,
+             batch_window_ms, f"following the alias every {poll_s:g} s" if follower else "version pinned")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if follower is not None:
+            follower.stop()
+    log.info("answered %d requests in %d forward passes (%.1f images per pass)", batcher.requests, batcher.batches,
+             batcher.images / max(1, batcher.batches))
     log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")

@@ -173,15 +173,22 @@ def check_work(data: bytes, index: int, spec: PreprocessSpec, max_aspect_ratio: 
 
 
 class Predictor:
-    """Batched prediction from raw image bytes, with the model's own preprocessing."""
+    """Batched prediction from raw image bytes, with the model's own preprocessing.
+
+    Each image is held to the server's limits before it is decoded (:func:`check_work`: the formats the pipeline
+    decodes, ``max_pixels``, the aspect ratio ``TLOPS_MAX_ASPECT_RATIO``), wherever the model runs: ``tlops
+    serve``, ``mlflow models serve``, a notebook. A hostile image is an :class:`ImageInputError`, never a hang."""
 
     def __init__(self, model: ImageClassifier, spec: PreprocessSpec, classes: list[str],
                  batch_size: int = 32) -> None:
+        from tlops.data import max_aspect_ratio
+
         self.model, self.spec, self.classes, self.batch_size = model, spec, classes, batch_size
         self.transform = build_transform(spec)
+        self.max_aspect_ratio = max_aspect_ratio()
 
     def _tensor(self, data: bytes, index: int) -> torch.Tensor:
-        check_header(data, index)
+        check_work(data, index, self.spec, self.max_aspect_ratio)
         img = _open(data, index)
         try:
             # Decoded here, then transformed as the bytes would be (the transform takes a loaded image as is):
@@ -195,22 +202,38 @@ class Predictor:
         finally:
             img.close()
 
-    @torch.no_grad()
+    def tensors(self, images: list[bytes], first: int = 0) -> torch.Tensor:
+        """The images decoded and preprocessed, stacked: the model's input, ``len(images)`` rows (errors name
+        instance ``first + i``)."""
+        if not images:
+            return torch.zeros((0, 3, self.spec.crop_size, self.spec.crop_size))
+        return torch.stack([self._tensor(b, i) for i, b in enumerate(images, first)])
+
+    @torch.inference_mode()
+    def proba(self, x: torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities of preprocessed input, ``batch_size`` rows per forward pass."""
+        step = batch_size or self.batch_size
+        out = [torch.softmax(self.model(x[start : start + step]), dim=1).numpy() for start in range(0, len(x), step)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
     def predict_proba(self, images: list[bytes]) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            x = torch.stack([self._tensor(b, i) for i, b in enumerate(images[start : start + self.batch_size], start)])
-            out.append(torch.softmax(self.model(x), dim=1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+        out = [self.proba(self.tensors(images[start : start + self.batch_size], start))
+               for start in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def records(self, proba: np.ndarray) -> list[dict[str, Any]]:
+        """The pyfunc's answer for these probabilities, one record per image: label, score and probabilities (the
+        rows of :meth:`frame`, as MLflow's scoring server writes them)."""
+        return [{"label": self.classes[i], "score": float(row[i]), "probabilities": row.tolist()}
+                for row, i in zip(proba, proba.argmax(axis=1) if len(proba) else [], strict=True)]
+
+    def frame(self, proba: np.ndarray) -> pd.DataFrame:
+        """The pyfunc's answer for these probabilities: label, score and probabilities per image."""
+        rows = self.records(proba)
+        return pd.DataFrame({key: [r[key] for r in rows] for key in ("label", "score", "probabilities")})
 
     def predict_frame(self, images: list[bytes]) -> pd.DataFrame:
-        proba = self.predict_proba(images)
-        idx = proba.argmax(axis=1) if len(proba) else np.zeros(0, dtype=int)
-        return pd.DataFrame({
-            "label": [self.classes[i] for i in idx],
-            "score": [float(proba[r, i]) for r, i in enumerate(idx)],
-            "probabilities": [row.tolist() for row in proba],
-        })
+        return self.frame(self.predict_proba(images))
 
 
 try:
@@ -235,5 +258,63 @@ class ImageClassifierPyfunc(_PythonModel):
             model_input = pd.DataFrame({k: list(np.atleast_1d(v)) for k, v in model_input.items()})
         if "image" not in model_input.columns:
             raise ValueError("input needs a column named 'image' holding the image file bytes")
-        images = [image_bytes(v, i) for i, v in enumerate(model_input["image"])]
-        return self.predictor.predict_frame(images)
+        try:
+            images = [image_bytes(v, i) for i, v in enumerate(model_input["image"])]
+            return self.predictor.predict_frame(images)
+        except ImageInputError as exc:
+            # The client's mistake, in MLflow's terms: ``mlflow models serve`` answers 400 with this one line.
+            from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+
+
+# What the logged model needs where it runs (``mlflow models serve``, ``build-docker``, KServe's MLflow runtime):
+# the distributions the bundled code imports to load the model and predict (timm and torchvision to rebuild the
+# architecture and the transform), pinned to the versions it was logged with. Not tlops: its code travels with the
+# model (:func:`bundle_code`). MLflow adds its own pin.
+PYFUNC_DISTRIBUTIONS = ("torch", "torchvision", "timm", "pillow", "numpy", "pandas")
+
+
+def pyfunc_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    # A local version label (torch's "+cpu", "+cu130") names a wheel index, not a release: left out, as MLflow does.
+    return [f"{name}=={version(name).split('+')[0]}" for name in PYFUNC_DISTRIBUTIONS]
+
+
+def _tlops_imports(path: Path) -> set[str]:
+    """The tlops modules ``path`` imports, at its top or inside a function."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        for name in names:
+            if name.startswith("tlops."):
+                found.add(name.split(".")[1])
+            elif name == "tlops" and isinstance(node, ast.ImportFrom):
+                found |= {a.name for a in node.names if (path.parent / f"{a.name}.py").is_file()}
+    return found
+
+
+def bundle_code(dest: str | Path) -> Path:
+    """The tlops package as the logged model needs it: ``pyfunc_entry`` and every tlops module it reaches (through
+    imports at the top or inside functions), copied to ``dest/tlops``; returns that directory, for MLflow's
+    ``code_paths``. Loading the model puts it on ``sys.path``, so the model loads where tlops is not installed."""
+    import shutil
+
+    package = Path(__file__).resolve().parent
+    out = Path(dest) / "tlops"
+    out.mkdir(parents=True, exist_ok=False)
+    shutil.copy2(package / "__init__.py", out / "__init__.py")
+    seen: set[str] = set()
+    todo = ["pyfunc_entry"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        shutil.copy2(package / f"{name}.py", out / f"{name}.py")
+        todo.extend(_tlops_imports(package / f"{name}.py") - seen)
+    return out

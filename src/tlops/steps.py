@@ -312,24 +312,31 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
 
 
 def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None) -> Any:
-    """Log the model as an MLflow pyfunc from code (no pickle) with its files as artifacts."""
+    """Log the model as an MLflow pyfunc from code (no pickle), self-contained: its files as artifacts, the tlops
+    code it runs (``code_paths``) and the pinned requirements of what that code imports (not tlops), so it loads
+    wherever MLflow models load (``mlflow models serve``, ``build-docker``, KServe's MLflow runtime)."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+
+    from tlops.serving import bundle_code, pyfunc_requirements
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
     )
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-        artifacts={"model_dir": model_dir},
-        signature=signature,
-        input_example=input_example,
-        # Explicit requirements: MLflow would otherwise import the model to infer them.
-        pip_requirements=[f"tlops=={version}"],
-    )
+    with tempfile.TemporaryDirectory(prefix="tlops-code-") as tmp:
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts={"model_dir": model_dir},
+            code_paths=[str(bundle_code(tmp))],
+            signature=signature,
+            input_example=input_example,
+            # Explicit requirements: MLflow would otherwise import the model to infer them.
+            pip_requirements=pyfunc_requirements(),
+            metadata={"tlops_version": version},
+        )
 
 
 @step

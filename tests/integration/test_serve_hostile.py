@@ -437,20 +437,28 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
     gets 503 at once (with Retry-After); the others are served and the counts go back to zero."""
     import asyncio
 
-    import pandas as pd
+    import torch
 
     from tlops.server import ScoringApp, ServedModel, ServeLimits
 
     release = threading.Event()
 
-    class SlowModel:
-        def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-            release.wait(30)
-            return pd.DataFrame({"label": ["7"] * len(frame), "score": [1.0] * len(frame),
-                                 "probabilities": [[1.0]] * len(frame)})
+    class SlowPredictor:
+        batch_size = 32
 
-    busy_app = ScoringApp(ServedModel(SlowModel()), ServeLimits(max_pending=2))
-    full_app = ScoringApp(ServedModel(SlowModel()), ServeLimits(max_bytes=1000, max_buffered_bytes=1500))
+        def tensors(self, images: list[bytes]) -> torch.Tensor:
+            return torch.zeros((len(images), 1))
+
+        def proba(self, x: torch.Tensor, batch_size: int) -> np.ndarray:
+            release.wait(30)
+            return np.ones((len(x), 1))
+
+        def records(self, proba: np.ndarray) -> list[dict]:
+            return [{"label": "7", "score": 1.0, "probabilities": [1.0]}] * len(proba)
+
+    busy_app = ScoringApp(ServedModel(None, predictor=SlowPredictor()), ServeLimits(max_pending=2))
+    full_app = ScoringApp(ServedModel(None, predictor=SlowPredictor()),
+                          ServeLimits(max_bytes=1000, max_buffered_bytes=1500))
     small, large = _payload(b"image bytes"), _payload(b"i" * 480)  # 43 and 667 bytes
 
     async def scenario() -> list[tuple[int, dict]]:

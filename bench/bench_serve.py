@@ -1,0 +1,207 @@
+"""``tlops serve`` throughput and latency at 1, 4 and 20 concurrent clients, dynamic batching on against off.
+
+    .venv/bin/python -m bench.bench_serve [--duration 8] [--repeats 3] [--clients 1,4,20] [--model URI]
+
+The real demo model: EfficientNet-Lite0 (ImageNet weights) with a linear probe on the demo digits at 96 px, as
+``configs/demo.yaml`` trains it (built here into a temporary MLflow store unless ``--model`` names a registered
+one on MLFLOW_TRACKING_URI). Two real ``tlops serve`` processes on 127.0.0.1 serve it, one with the defaults
+(batching on) and one with ``--max-batch 1`` (batching off: one request per forward pass, as a server with one
+lock); both use one torch thread (the default). In each repeat, for each number of clients, the two servers are
+measured one after the other (side by side, so machine noise hits both): every client is a coroutine with its
+own keep-alive connection sending one test digit per request (MLflow's ``inputs`` format) for ``--duration`` seconds
+after a one-second warm-up. It prints each measurement, then per number of clients the medians over repeats of
+requests/s, p50 and p99, and the ratios on/off. Every answer is checked (status 200, one prediction). Bounded:
+about ``2 x len(clients) x repeats x (duration + 1)`` seconds plus the set-up. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import digits_manifest, machine
+
+NAME = "bench-serve-digits"
+
+
+def build_demo_model(work: Path) -> tuple[str, str, list[bytes]]:
+    """The demo model registered as NAME@champion in a SQLite store under ``work``: (tracking URI, model URI, the
+    test split's image files)."""
+    import mlflow
+
+    from tlops import __version__, registry
+    from tlops.backbones import reference_spec
+    from tlops.config import TrainConfig
+    from tlops.data import class_names
+    from tlops.preprocessing import with_resolution
+    from tlops.serving import save_model_dir
+    from tlops.steps import log_pyfunc_model
+    from tlops.training import linear_probe
+
+    manifest = digits_manifest()
+    classes = class_names(manifest)
+    spec = with_resolution(reference_spec("efficientnet_lite0"), 96)
+    started = time.perf_counter()
+    result = linear_probe("efficientnet_lite0", manifest, classes, spec, TrainConfig(num_threads=1))
+    model_dir = save_model_dir(work / "model", result.model, "efficientnet_lite0", classes, spec)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("bench-serve", artifact_location=(work / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_pyfunc_model(str(model_dir), __version__)
+    version = mlflow.register_model(str(info.model_uri), NAME).version
+    registry.client().set_registered_model_alias(NAME, "champion", str(version))
+    print(f"demo model built and registered in {time.perf_counter() - started:.0f} s "
+          f"(test split {len(manifest[manifest['split'] == 'test'])} images)")
+    test = manifest[manifest["split"] == "test"]
+    return uri, f"models:/{NAME}@champion", [Path(p).read_bytes() for p in test["path"]]
+
+
+def start_server(model_uri: str, env: dict[str, str], log_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    from tests.conftest import free_port
+
+    port = free_port()
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
+    proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", model_uri, "--port", str(port),
+                             "--poll-s", "0", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/ping")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"tlops serve did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+def measure(port: int, bodies: list[bytes], clients: int, duration: float) -> dict[str, Any]:
+    """``clients`` concurrent clients, each on its own keep-alive connection, for ``duration`` seconds after a 1 s
+    warm-up. The clients are coroutines of one event loop on raw HTTP/1.1, so that the load generator costs far
+    less CPU than the server (20 threads of http.client would contend for the GIL)."""
+    return asyncio.run(_measure(port, bodies, clients, duration))
+
+
+async def _measure(port: int, bodies: list[bytes], clients: int, duration: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    start_at = time.monotonic() + 1.0
+    stop_at = start_at + duration
+
+    async def client(i: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        n = i
+        try:
+            while (now := time.monotonic()) < stop_at:
+                body = bodies[n % len(bodies)]
+                n += clients
+                t0 = time.perf_counter()
+                writer.write(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                raw = await reader.readexactly(int(found.group(1)) if found else 0)
+                took = time.perf_counter() - t0
+                if status != 200 or len(json.loads(raw)["predictions"]) != 1:
+                    errors.append(f"HTTP {status}: {raw[:200]!r}")
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                elif now >= start_at:
+                    latencies.append(took)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*[client(i) for i in range(clients)])
+    flat = sorted(latencies)
+    if not flat:
+        raise SystemExit(f"no request answered: {errors[:3]}")
+    return {"requests_per_s": len(flat) / duration, "p50_ms": 1000 * flat[len(flat) // 2],
+            "p99_ms": 1000 * flat[min(len(flat) - 1, int(0.99 * len(flat)))], "requests": len(flat),
+            "errors": len(errors), "first_error": errors[0] if errors else ""}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", default="1,4,20")
+    parser.add_argument("--model", help="a registered model on MLFLOW_TRACKING_URI (default: build the demo one)")
+    parser.add_argument("--output", help="write the measurements as JSON here")
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+    print(machine())
+    work = Path(tempfile.mkdtemp(prefix="tlops-bench-serve-"))
+    if args.model:
+        tracking, model_uri = os.environ.get("MLFLOW_TRACKING_URI", ""), args.model
+        manifest = digits_manifest()
+        images = [Path(p).read_bytes() for p in manifest[manifest["split"] == "test"]["path"]]
+    else:
+        tracking, model_uri, images = build_demo_model(work)
+    bodies = [json.dumps({"inputs": {"image": [base64.b64encode(im).decode()]}}).encode() for im in images]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    modes = {"off": ("--max-batch", "1"), "on": ()}
+    servers = {mode: start_server(model_uri, env, work / f"serve-{mode}.log", *extra)
+               for mode, extra in modes.items()}
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {m: {c: [] for c in levels} for m in modes}
+    try:
+        for rep in range(args.repeats):
+            for clients in levels:
+                for mode in (("off", "on") if rep % 2 == 0 else ("on", "off")):
+                    got = measure(servers[mode][1], bodies, clients, args.duration)
+                    results[mode][clients].append(got)
+                    print(f"repeat {rep + 1} clients {clients:2d} batching {mode:3s}: "
+                          f"{got['requests_per_s']:6.1f} req/s, p50 {got['p50_ms']:6.1f} ms, "
+                          f"p99 {got['p99_ms']:6.1f} ms, errors {got['errors']} {got['first_error']}", flush=True)
+    finally:
+        for proc, _port in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}; medians of {args.repeats} repeats")
+    print("| clients | batching off: req/s, p50, p99 | batching on: req/s, p50, p99 | throughput on/off | "
+          "p99 on/off |")
+    print("|---|---|---|---|---|")
+    summary = {}
+    for clients in levels:
+        row = {}
+        for mode in modes:
+            runs = results[mode][clients]
+            row[mode] = {k: statistics.median(r[k] for r in runs) for k in ("requests_per_s", "p50_ms", "p99_ms")}
+        ratios = [on["requests_per_s"] / off["requests_per_s"]
+                  for on, off in zip(results["on"][clients], results["off"][clients], strict=True)]
+        p99s = [on["p99_ms"] / off["p99_ms"] for on, off in zip(results["on"][clients], results["off"][clients],
+                                                                strict=True)]
+        row["throughput_ratio"], row["p99_ratio"] = statistics.median(ratios), statistics.median(p99s)
+        summary[clients] = row
+        off, on = row["off"], row["on"]
+        print(f"| {clients} | {off['requests_per_s']:.1f}, {off['p50_ms']:.1f} ms, {off['p99_ms']:.1f} ms | "
+              f"{on['requests_per_s']:.1f}, {on['p50_ms']:.1f} ms, {on['p99_ms']:.1f} ms | "
+              f"**{row['throughput_ratio']:.2f}×** | {row['p99_ratio']:.2f}× |")
+    errors = sum(r["errors"] for m in results.values() for runs in m.values() for r in runs)
+    print(f"failed requests: {errors}")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"runs": results, "summary": summary}, indent=1))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
