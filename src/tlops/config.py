@@ -627,6 +627,41 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at ``loc`` (a dict's key steps into its values), or none."""
+    import typing
+
+    model: Any = Config
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) \
+            else None
+        if field is None:
+            return []
+        model = field.annotation
+        if typing.get_origin(model) is dict:  # e.g. cluster.steps.<name>: the next part is the key
+            model = typing.get_args(model)[1]
+            if parts:
+                parts.pop(0)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def did_you_mean(loc: tuple[Any, ...]) -> str:
+    """``; did you mean 'train.epochs'?`` for a mistyped field at ``loc`` (difflib's closest names), or ``''``;
+    with no close name, the section's fields."""
+    import difflib
+
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    known = _section_fields(tuple(loc[:-1]))
+    if not known:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+    if close:
+        return "; did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    return f"; fields of {prefix.rstrip('.') or 'the config'}: " + ", ".join(known)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
@@ -662,4 +697,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = ".".join(str(x) for x in err["loc"]) or "config"
         src = f"config file {path}" if path else "config"
         msg = " ".join(str(err["msg"]).split())  # one line, whatever the validator said
+        if err["type"] == "extra_forbidden":
+            msg = "no such field" + did_you_mean(err["loc"])
         raise TlopsError(f"{src}: field {_shown(where, 120)[1:-1]}: {msg[:300]}") from None
