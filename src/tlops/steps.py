@@ -84,10 +84,13 @@ def step(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tlops import progress
+
         _configure_logging()
+        name = fn.__name__.removesuffix("_step").replace("_", "-")
         try:
             try:
-                with _private_workdir(fn.__name__.removesuffix("_step")):
+                with _private_workdir(fn.__name__.removesuffix("_step")), progress.heartbeat(name):
                     return fn(*args, **kwargs)
             except TlopsError:
                 raise
@@ -255,7 +258,7 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     import pandas as pd
     from mlflow.entities import Metric
 
-    from tlops import __version__
+    from tlops import __version__, progress
     from tlops.curves import plot_history
     from tlops.data import class_names, read_manifest
     from tlops.manifest import golden_rows, usable
@@ -271,6 +274,7 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
     classes = class_names(manifest)
+    progress.phase(f"{cfg.train.strategy}: loading {cfg.backbone} with its pre-trained weights")
     result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir, state_uri=cfg.state_uri)
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
     golden_paths = list(golden_rows(manifest)["path"])
@@ -293,9 +297,11 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
         curves.write_bytes(plot_history(result.history, result.strategy))
         mlflow.log_artifact(str(curves), "train")
         example = pd.DataFrame({"image": [Path(golden_paths[0]).read_bytes()]}) if golden_paths else None
+        progress.phase("logging the model to MLflow")
         info = log_pyfunc_model(model_dir, __version__, input_example=example)
         # Serving parity: the model as it will be served (loaded back from the store, raw bytes in)
         # against the in-memory model on the training eval transform.
+        progress.phase("serving parity: the logged model loaded back, on the golden images")
         golden = golden_set(golden_paths)
         serving = serving_check(result.model, spec, mlflow.pyfunc.load_model(info.model_uri), golden)
         mlflow.log_dict(serving, "preprocess/serving_parity.json")
@@ -342,7 +348,7 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     """
     import mlflow
 
-    from tlops import evaluation
+    from tlops import evaluation, progress
     from tlops.data import read_manifest
     from tlops.manifest import split_rows
     from tlops.plan import RunPlan
@@ -354,11 +360,15 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
     rows = _pixels(cfg, rows)
+    progress.phase(f"reading {len(rows)} test images")
     images = evaluation.read_images(list(rows["path"]))
+    progress.phase("opening the MLflow run")
     with _mlflow_run(cfg, plan.run_id), tempfile.TemporaryDirectory(prefix="tlops-evaluate-") as tmp:
+        progress.phase(f"looking up the champion of {cfg.registry.model_name}")
         champ = champion_version(cfg.registry.model_name)
         champion = None if champ is None else (cfg.registry.model_name, str(champ.version))
         result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion)
+        progress.phase("drawing the figures and writing the report")
         pngs = evaluation.figures(result)
         page = evaluation.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
         for name, data in pngs.items():
@@ -413,7 +423,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     report, the serving check and the evaluation."""
     import mlflow
 
-    from tlops import registry, tracking
+    from tlops import progress, registry, tracking
     from tlops.plan import RunPlan
 
     plan = RunPlan.read(plan_path)
@@ -429,8 +439,10 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
                                    preprocess=registry.PreprocessEvidence.from_tags(evidence_in),
                                    comparison=metrics.get("comparison"))
         evidence = registry.evidence_tags(evidence_in, metrics, cfg.backbone, run.info.run_id, cfg.config_hash())
+        progress.phase(f"registering the candidate as a version of {name}")
         mv = registry.register(model_uri, name, evidence)
         version = str(mv.version)
+        progress.phase(f"gate: {decision.decision} version {version}; moving the aliases")
         decision = registry.apply_decision(name, version, decision, via=f"pipeline {plan.pipeline_run}".strip())
         mlflow.set_tags({"gate.decision": decision.decision, "gate.stale": str(decision.stale).lower(),
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
