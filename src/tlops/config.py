@@ -577,6 +577,45 @@ class Config(_Section):
         return cls.model_validate_json(text)
 
 
+# The pipeline's typed parameters (a KFP run form's fields) and the config field each one sets. A parameter at its
+# unset value ("" for text, 0 for epochs, a negative floor) leaves the field as the config says.
+PIPELINE_PARAMETERS = {"backbone": "backbone", "strategy": "train.strategy", "epochs": "train.epochs",
+                       "model_name": "registry.model_name", "min_accuracy": "gate.min_accuracy"}
+
+
+def with_parameters(config_json: str, backbone: str = "", strategy: str = "", epochs: int = 0, model_name: str = "",
+                    min_accuracy: float = -1.0) -> Config:
+    """The run's config: ``config_json`` (the full config; empty: the defaults) with the pipeline's typed
+    parameters over it. Precedence: a parameter that is set > the config's field > the default.
+
+    A ``strategy`` parameter without ``epochs`` takes the new strategy's default epochs when the config's epochs
+    were its own strategy's default (200 L-BFGS iterations are no count of full fine-tuning epochs)."""
+    cfg = Config.from_json(config_json) if config_json.strip() else Config()
+    data = cfg.model_dump(mode="json")
+    given = {"backbone": backbone, "strategy": strategy, "epochs": epochs, "model_name": model_name,
+             "min_accuracy": min_accuracy}
+    unset = {"backbone": "", "strategy": "", "epochs": 0, "model_name": ""}
+    for key, value in given.items():
+        if (value >= 0) if key == "min_accuracy" else value != unset[key]:  # type: ignore[operator]
+            *sections, leaf = PIPELINE_PARAMETERS[key].split(".")
+            node = data
+            for section in sections:
+                node = node[section]
+            node[leaf] = value  # as typed: a model name "1e3" stays text
+    if strategy and strategy != cfg.train.strategy and not epochs:
+        family = "linear-probe" if cfg.train.strategy == "linear-probe" else "gradient"
+        if cfg.train.epochs == DEFAULT_EPOCHS[family] or cfg.train.epochs_unset:
+            data["train"]["epochs"] = None  # the strategy's own default (TrainConfig._epochs_by_strategy)
+            data["train"].pop("epochs_unset", None)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        name = next((k for k, v in PIPELINE_PARAMETERS.items() if v == where), where)
+        raise TlopsError(f"pipeline parameter {name}: {' '.join(str(err['msg']).split())[:300]}") from None
+
+
 def _yaml_problem(exc: Exception) -> str:
     """The one line of a YAML (or integer) error that says what is wrong."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:

@@ -134,21 +134,30 @@ def _pixels(cfg: Config, rows: Any) -> Any:
 
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
-                  pipeline_run: str = "", html_path: str = "", plan_path: str = "") -> str:
+                  pipeline_run: str = "", html_path: str = "", plan_path: str = "",
+                  parameters: dict[str, Any] | None = None, kfp_run: dict[str, str] | None = None,
+                  links_path: str = "") -> str:
     """Build the image manifest, run the GX suite, open the MLflow run, decide what the run does.
 
     Writes the manifest training uses (``manifest_path``; with ``validation.exclude_quarantined`` without the
     quarantined files, the full one is logged to MLflow beside it), the report, and the run plan
     (``plan_path``: the resolved config, train or skip and why, the MLflow run id), which every later step
     takes as its input. Returns the plan's decision, ``train`` or ``skip``.
+
+    ``parameters`` are the pipeline's typed parameters (``tlops.config.with_parameters``: over ``config_json``);
+    an empty ``data_uri`` means the config's ``data.uri``. ``kfp_run`` (``id``, ``name``) names the KFP run,
+    recorded as MLflow tags with a link to it when ``cluster.host`` is known; ``links_path`` receives a
+    Markdown page with the link to the MLflow run.
     """
     import mlflow
 
     from tlops import data, tracking
+    from tlops.config import with_parameters
     from tlops.plan import RunPlan
     from tlops.validation import training_manifest, validate_data, write_outputs
 
-    cfg = Config.from_json(config_json)
+    cfg = with_parameters(config_json, **(parameters or {}))
+    data_uri = data_uri or cfg.data.uri
     work = own_disk(cfg)
     with tempfile.TemporaryDirectory(prefix="tlops-validate-") as tmp:
         docs_dir = Path(tmp) / "data_docs"
@@ -168,6 +177,10 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             split_counts = used["split"].value_counts().to_dict()
             verdict = {"status": "pass" if report.success else "fail",
                        "failed": [c.name for c in report.failures()], "warnings": [c.name for c in report.warnings()]}
+            links = kfp_links(cfg, kfp_run or {}, run.info.experiment_id, run.info.run_id)
+            mlflow.set_tags(links["tags"])
+            if links_path:
+                write_text(links_path, links["markdown"])
             mlflow.set_tags({
                 "tlops.pipeline_run": pipeline_run, "data.manifest_hash": mhash,
                 "validation": verdict["status"], "config.hash": cfg.config_hash(),
@@ -203,6 +216,30 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             if plan_path:
                 plan.write(plan_path)
             return plan.decision
+
+
+def kfp_links(cfg: Config, kfp_run: dict[str, str], experiment_id: str, run_id: str) -> dict[str, Any]:
+    """The KFP run and the MLflow run naming each other: MLflow tags (``kfp.run_id``, ``kfp.run_name``,
+    ``kfp.run_url`` when ``cluster.host`` names the KFP UI) and a Markdown page for KFP with the MLflow run's
+    link (or, for a store that is no server, where to find the run)."""
+    from tlops import tracking
+
+    tags: dict[str, str] = {}
+    kfp_id, kfp_name = kfp_run.get("id", ""), kfp_run.get("name", "")
+    if kfp_id:
+        tags["kfp.run_id"] = kfp_id
+        if cfg.cluster.host:
+            tags["kfp.run_url"] = f"{cfg.cluster.host.rstrip('/')}/#/runs/details/{kfp_id}"
+    if kfp_name:
+        tags["kfp.run_name"] = kfp_name
+    uri = tracking.resolve_tracking_uri(cfg)
+    url = tracking.run_url(uri, experiment_id, run_id)
+    where = f"[{run_id}]({url})" if url else f"`{run_id}` in `{tracking.redact(uri)}` (`mlflow ui`)"
+    lines = ["# MLflow", "", f"- run: {where}", f"- experiment: `{cfg.tracking.experiment}` ({experiment_id})",
+             f"- registered model: `{cfg.registry.model_name}`"]
+    if tags.get("kfp.run_url"):
+        lines.append(f"- this KFP run, as MLflow records it: {tags['kfp.run_url']}")
+    return {"tags": tags, "url": url, "markdown": "\n".join(lines) + "\n"}
 
 
 @step
