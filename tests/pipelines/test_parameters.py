@@ -24,7 +24,7 @@ def ir(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
     compile_config(load_config(None, []), str(path))
-    return yaml.safe_load(path.read_text())
+    return next(yaml.safe_load_all(path.read_text()))  # the pipeline spec; the platform spec follows
 
 
 def test_the_run_form_has_typed_parameters_with_unset_defaults_and_descriptions(ir: dict) -> None:
@@ -92,7 +92,7 @@ def test_parameters_override_the_config_in_a_kfp_local_run(tmp_path: Path, tiny_
     task = validate(data_uri=str(tiny_digits), config_json=config.to_json(), pipeline_run="form-run",
                     model_name="from-form", epochs=3, strategy="full", kfp_run_id="1234-abcd",
                     kfp_run_name="retrain-from-the-form")
-    assert task.output == "train"
+    assert task.outputs["Output"] == "train"
     plan = RunPlan.read(task.outputs["run_plan"].path)
     assert (plan.config.registry.model_name, plan.config.train.epochs, plan.config.train.strategy) == (
         "from-form", 3, "full")
