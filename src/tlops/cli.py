@@ -538,8 +538,9 @@ def serve_cmd(
 def select_cmd(
     data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
     candidates: Annotated[str | None, typer.Option(
-        help="Comma-separated backbones, e.g. efficientnet_lite0,resnet18 (NAME:random and NAME:shuffled are "
-        "controls). Default: selection.candidates.")] = None,
+        help="Comma-separated backbones among " + ", ".join(BACKBONES) + " and checkpoint:DIR, e.g. "
+        "efficientnet_lite0,resnet18 (NAME:random and NAME:shuffled are controls). Default: selection.candidates.",
+        autocompletion=_choices(BACKBONES))] = None,
     sample: Annotated[int | None, typer.Option(help="Images of the train split, stratified by class.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -32,7 +32,7 @@ def test_backbone_choices_are_the_catalogue() -> None:
     (["run"], ["[linear-probe|partial|full|gradual|scratch|auto]",
                "[efficientnet_lite0|resnet18|resnet50|auto|checkpoint:DIR]", "--fail-on-reject"]),
     (["history"], ["[table|json]"]), (["audit"], ["[table|json]"]), (["parity"], ["[table|json]"]),
-    (["select"], ["[table|json]"]),
+    (["select"], ["[table|json]", "among efficientnet_lite0, resnet18, resnet50 and checkpoint:DIR"]),
 ])
 def test_help_shows_every_closed_set(command: list[str], shown: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
