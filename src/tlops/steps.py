@@ -248,6 +248,7 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     """Compare the eval preprocessing with the backbone's reference; returns the spec fingerprint."""
     import mlflow
 
+    from tlops import progress
     from tlops.data import read_manifest
     from tlops.manifest import golden_rows
     from tlops.parity import check_parity, eval_spec, golden_set, report_html
@@ -256,6 +257,7 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
     golden = golden_set(list(_pixels(cfg, golden_rows(read_manifest(manifest_path)))["path"]))
+    progress.phase(f"{len(golden)} golden images through our transform and {cfg.backbone}'s own")
     report = check_parity(cfg.backbone, cfg.preprocess, golden)
     spec = eval_spec(cfg.backbone, cfg.preprocess)
     record = report.to_dict()
