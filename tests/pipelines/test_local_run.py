@@ -113,7 +113,7 @@ def test_progress_reaches_the_terminal_with_no_silent_minute(two_runs: dict) -> 
 
 
 def test_the_live_view_draws_a_real_run(two_runs: dict) -> None:
-    """The second run's own log (what its steps streamed) replayed through the live display of a terminal."""
+    """The first run's own log (what its steps streamed) replayed through the live display of a terminal."""
     import io
     import re
 
@@ -122,7 +122,7 @@ def test_the_live_view_draws_a_real_run(two_runs: dict) -> None:
     from pipelines.local import _Tee
     from pipelines.view import LiveView
 
-    log = Path(two_runs["second"].stdout.rsplit("log            ", 1)[1].strip())
+    log = Path(two_runs["first"].stdout.rsplit("log            ", 1)[1].strip())
     screen = io.StringIO()
     view = LiveView(screen, console=Console(file=screen, force_terminal=True, width=160))
     tee = _Tee(io.StringIO(), view, verbose=False)
@@ -132,7 +132,7 @@ def test_the_live_view_draws_a_real_run(two_runs: dict) -> None:
     view.close()
     drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
     for expected in ("step 1/5 validate", "step 3/5 fine-tune", "step 5/5 gate", "fine-tune: features train",
-                     "evaluate: loading champion tiny-digits version 1", "done: evaluate in"):
+                     "evaluate: loading the candidate", "done: evaluate in"):
         assert expected in drawn, expected
     assert re.search(r"\d+/\d+ images · [\d.]+ images/s", drawn)
     assert list(tee.seconds) == ["validate", "parity", "fine-tune", "evaluate", "gate"]
