@@ -5,18 +5,22 @@ cluster config (``pipelines.transfer_learning.apply_cluster``).
 """
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.image import DEFAULT_IMAGE
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def validate(data_uri: str, config_json: str, pipeline_run: str, manifest: Output[Dataset],
-             report: Output[Artifact], report_html: Output[HTML], run_plan: Output[Artifact]) -> str:
+             report: Output[Artifact], report_html: Output[HTML], run_plan: Output[Artifact],
+             mlflow_run: Output[Markdown], backbone: str = "", strategy: str = "", epochs: int = 0,
+             model_name: str = "", min_accuracy: float = -1.0, kfp_run_id: str = "", kfp_run_name: str = "") -> str:
     from tlops.steps import validate_step
 
     return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run, report_html.path,
-                         run_plan.path)
+                         run_plan.path, parameters={"backbone": backbone, "strategy": strategy, "epochs": epochs,
+                                                    "model_name": model_name, "min_accuracy": min_accuracy},
+                         kfp_run={"id": kfp_run_id, "name": kfp_run_name}, links_path=mlflow_run.path)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)

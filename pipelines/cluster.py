@@ -80,7 +80,12 @@ def check_cron(cron: str) -> str:
     return " ".join(fields)
 
 
-def pipeline_arguments(cfg: Config, pipeline_run: str) -> dict[str, str]:
+def pipeline_arguments(cfg: Config, pipeline_run: str, host: str | None = None) -> dict[str, str]:
+    """The run's arguments: the full config (with ``cluster.host`` set to ``host``, so that the MLflow run can
+    link back to the KFP run), its data URI and the run's name; the typed parameters stay unset, so the config
+    decides."""
+    if host:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"host": host})})
     return {"data_uri": cfg.data.uri, "config_json": cfg.to_json(), "pipeline_run": pipeline_run}
 
 
@@ -174,7 +179,7 @@ def submit(package: str, cfg: Config, host: str, experiment: str | None = None, 
     client = connect(host, cfg)
     with _bounded_calls(host, cfg.cluster.timeout_s):
         result = client.create_run_from_pipeline_package(
-            package, arguments=pipeline_arguments(cfg, run_name), run_name=run_name,
+            package, arguments=pipeline_arguments(cfg, run_name, host), run_name=run_name,
             experiment_name=experiment or cfg.cluster.experiment, namespace=cfg.cluster.namespace,
             # False turns the cache off for every step; None keeps the compiled per-step choice. Never True:
             # that would let evaluate and gate be answered from the cache.
@@ -219,7 +224,7 @@ def create_schedule(package: str, cfg: Config, host: str, name: str, cron: str,
         exp = client.create_experiment(experiment or cfg.cluster.experiment, namespace=cfg.cluster.namespace)
         run = client.create_recurring_run(
             experiment_id=exp.experiment_id, job_name=name, cron_expression=cron, max_concurrency=1,
-            no_catchup=True, params=pipeline_arguments(cfg, name + SCHEDULED_RUN_SUFFIX),
+            no_catchup=True, params=pipeline_arguments(cfg, name + SCHEDULED_RUN_SUFFIX, host),
             pipeline_package_path=package, enabled=True, service_account=cfg.cluster.service_account)
     return Schedule(recurring_run_id=run.recurring_run_id, name=name, enabled=True, cron=cron, max_concurrency="1",
                     no_catchup=True, created_at="")

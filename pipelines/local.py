@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipelines.view import LiveView, PlainView, make_view, parse_event
+from tlops import progress
 from tlops.config import Config
 from tlops.errors import GateFailed, TlopsError
 from tlops.steps import ERROR_FILE_ENV
@@ -22,18 +24,21 @@ from tlops.steps import ERROR_FILE_ENV
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Lines worth a person's attention while the full log goes to a file.
 ECHO = re.compile(r"Executing task|finished with status|^\s*\[tlops\] ")
+KFP_LINE = re.compile(r"Executing task|finished with status")
 
 
 STEP_EVENT = re.compile(r"(Executing task|Task) '([\w-]+)'")
 
 
 class _Tee:
-    """Everything to the log file; the progress lines also to the terminal; each step's wall time."""
+    """Everything to the log file; to the view (a live display on a terminal, else plain lines) the lines worth a
+    person's attention and the steps' progress events; each step's wall time."""
 
-    def __init__(self, log: TextIO, terminal: TextIO, verbose: bool) -> None:
-        self.log, self.terminal, self.verbose, self.buf = log, terminal, verbose, ""
+    def __init__(self, log: TextIO, view: PlainView | LiveView, verbose: bool) -> None:
+        self.log, self.view, self.verbose, self.buf = log, view, verbose, ""
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
+        self.current = "pipeline"
 
     def _timing(self, plain: str) -> None:
         import time
@@ -44,8 +49,11 @@ class _Tee:
         kind, name = event.groups()
         if kind == "Executing task":
             self.started[name] = time.perf_counter()
+            self.current = name
+            self.view.step_started(name)
         elif name in self.started and "finished with status" in plain:
             self.seconds[name] = round(time.perf_counter() - self.started.pop(name), 1)
+            self.view.step_finished(name, self.seconds[name], "SUCCESS" in plain)
 
     def write(self, text: str) -> int:
         self.log.write(text)
@@ -53,10 +61,15 @@ class _Tee:
         while "\n" in self.buf:
             line, self.buf = self.buf.split("\n", 1)
             plain = ANSI.sub("", line)
+            event = parse_event(plain)
+            if event is not None:
+                self.view.event(self.current, event)
+                continue
             self._timing(plain)
+            if KFP_LINE.search(plain) and not self.view.kfp_lines:
+                continue  # the view says when a step starts and ends in its own way
             if self.verbose or ECHO.search(plain):
-                self.terminal.write(plain.strip() + "\n")
-                self.terminal.flush()
+                self.view.line(plain.strip())
         return len(text)
 
     def flush(self) -> None:
@@ -69,7 +82,7 @@ PASSED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
               "MLFLOW_HTTP_REQUEST_TIMEOUT", "TLOPS_S3_MAX_ATTEMPTS", "TLOPS_S3_CONNECT_TIMEOUT",
-              "TLOPS_S3_READ_TIMEOUT")
+              "TLOPS_S3_READ_TIMEOUT", progress.ENV)
 CONTAINER_WORKDIR = "/home/tlops/.tlops"  # each step's own work directory, a tmpfs gone with its container
 CONTAINER_USER = "10001:10001"  # the image's unprivileged user
 
@@ -174,15 +187,29 @@ def _failure(error_file: str, log_path: Path) -> TlopsError | None:
 def run_local(data_uri: str, cfg: Config, verbose: bool = False,
               containers: Containers | None = None) -> dict[str, Any]:
     """Run the whole pipeline; returns the gate's summary, or raises TlopsError naming the failed step."""
-    from kfp import local
-
-    from pipelines.transfer_learning import transfer_learning_pipeline
-
     workdir = Path(cfg.workdir).resolve()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log_path = workdir / "logs" / f"run-{stamp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pipeline_root = workdir / "pipeline_root"
+    # The steps say how far they are as structured lines, which the view draws (tlops.progress).
+    old_progress = os.environ.get(progress.ENV)
+    os.environ[progress.ENV] = "json"
+    try:
+        return _run(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
+    finally:
+        if old_progress is None:
+            os.environ.pop(progress.ENV, None)
+        else:
+            os.environ[progress.ENV] = old_progress
+
+
+def _run(data_uri: str, cfg: Config, verbose: bool, containers: Containers | None, workdir: Path, stamp: str,
+         log_path: Path, pipeline_root: Path) -> dict[str, Any]:
+    from kfp import local
+
+    from pipelines.transfer_learning import transfer_learning_pipeline
+
     # Resource requests and limits are the cluster's business; kfp.local says so once per step.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     if containers is None:
@@ -205,12 +232,17 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
     old = os.environ.get(ERROR_FILE_ENV)
     os.environ[ERROR_FILE_ENV] = error_file
     terminal = sys.stdout
+    view = make_view(terminal)
     try:
         with open(log_path, "w", encoding="utf-8") as log:
-            tee = _Tee(log, terminal, verbose)
+            tee = _Tee(log, view, verbose)
             try:
                 with contextlib.redirect_stdout(tee):
-                    task = pipeline(data_uri=data_uri, config_json=config_json, pipeline_run=f"tlops-{stamp}")
+                    try:
+                        task = pipeline(data_uri=data_uri, config_json=config_json,
+                                        pipeline_run=f"tlops-{stamp}")
+                    finally:
+                        view.close()
             # kfp's DockerRunner can call a failed container a success (removed before its exit code was read);
             # the next step then fails on the missing outputs, so any failure is checked against the error file.
             except Exception as exc:

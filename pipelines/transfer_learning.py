@@ -82,10 +82,29 @@ def _step(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-def transfer_learning_pipeline(data_uri: str, config_json: str, pipeline_run: str = "") -> str:
-    # Only the validate step reads the config as given: it resolves it (auto choices) into the run plan, which
-    # every later step takes as an input. What crosses between steps is in this DAG, nothing else.
-    checked = _step(validate(data_uri=data_uri, config_json=config_json, pipeline_run=pipeline_run), "validate")
+def transfer_learning_pipeline(data_uri: str = "", config_json: str = "", backbone: str = "", strategy: str = "",
+                               epochs: int = 0, model_name: str = "", min_accuracy: float = -1.0,
+                               pipeline_run: str = "") -> str:
+    """Validate data, prove preprocessing parity, fine-tune a pre-trained backbone, evaluate it against the
+    champion, and gate its promotion. A parameter left at its unset value keeps the config's field.
+
+    Args:
+        data_uri: s3://bucket/prefix (local runs: a directory or CSV manifest too). Empty: the config's data.uri.
+        config_json: The full tlops config as JSON (tlops compile/submit fill it). Empty: the defaults.
+        backbone: efficientnet_lite0, resnet18, resnet50, auto or checkpoint:DIR. Empty: the config's backbone.
+        strategy: linear-probe, partial, full, gradual, scratch or auto. Empty: the config's train.strategy.
+        epochs: Epochs (L-BFGS iterations for linear-probe). 0: the config's train.epochs.
+        model_name: Registered model name in MLflow. Empty: the config's registry.model_name.
+        min_accuracy: The gate's accuracy floor, 0 to 1. Negative: the config's gate.min_accuracy.
+        pipeline_run: A name for this run in MLflow's tags (scheduled runs get one each).
+    """
+    # Only the validate step reads the config as given, with the typed parameters over it (precedence: a set
+    # parameter > config_json > the defaults): it resolves it (auto choices) into the run plan, which every later
+    # step takes as an input. What crosses between steps is in this DAG, nothing else.
+    checked = _step(validate(data_uri=data_uri, config_json=config_json, pipeline_run=pipeline_run,
+                             backbone=backbone, strategy=strategy, epochs=epochs, model_name=model_name,
+                             min_accuracy=min_accuracy, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                             kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "validate")
     plan, manifest = checked.outputs["run_plan"], checked.outputs["manifest"]
     proved = _step(parity(run_plan=plan, manifest=manifest), "parity")
     # The plan's decision: "train", or "skip" when selection.skip_when found no new data or no drift.

@@ -6,17 +6,51 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
+from tlops.config import StrategyChoice
 from tlops.errors import TlopsError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer-learning MLOps: validate, parity, fine-tune, evaluate, gate.")
 
+FORMATS = ("table", "json")
+STRATEGIES = get_args(StrategyChoice)
+# The catalogue of tlops.backbones (a test keeps them equal), named here so that --help and completion need no
+# torch import; checkpoint:DIR names a backbone of your own, auto lets the validate step choose.
+BACKBONES = ("efficientnet_lite0", "resnet18", "resnet50")
+
+
+def _choices(values: tuple[str, ...]) -> Any:
+    """Shell completion of a closed set: the values that start with what is typed."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.startswith(incomplete)]
+
+    return complete
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tlops import __version__
+
+        typer.echo(f"tlops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Transfer-learning MLOps: validate, parity, fine-tune, evaluate, gate."""
+
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="table or json")]
+# A closed set as text, checked by the command itself: a wrong value is one `error:` line (exit 2), while the
+# choices show in --help and complete in the shell.
+FormatOpt = Annotated[str, typer.Option("--format", metavar="[table|json]", help="Output format: table or json.",
+                                        autocompletion=_choices(FORMATS))]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config field, e.g. --set train.epochs=10 or "
     "--set preprocess.mean=0.485,0.456,0.406 (repeatable; applied after --config).")]
@@ -140,10 +174,22 @@ def _steps_line(s: dict[str, Any]) -> list[str]:
 def run(
     data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
     backbone: Annotated[str | None, typer.Option(
-        help="Backbone: efficientnet_lite0, resnet18, resnet50, or checkpoint:DIR for your own.")] = None,
+        metavar="[" + "|".join((*BACKBONES, "auto", "checkpoint:DIR")) + "]",
+        help="Backbone: one of the catalogue, auto (chosen by the validate step among selection.candidates), "
+        "or checkpoint:DIR for your own.", autocompletion=_choices((*BACKBONES, "auto", "checkpoint:")))] = None,
+    strategy: Annotated[str | None, typer.Option(
+        metavar="[" + "|".join(STRATEGIES) + "]", help="Fine-tuning strategy (train.strategy).",
+        autocompletion=_choices(STRATEGIES))] = None,
+    epochs: Annotated[int | None, typer.Option(
+        help="Epochs (train.epochs; L-BFGS iterations for linear-probe).")] = None,
+    min_accuracy: Annotated[float | None, typer.Option(
+        help="The gate's accuracy floor (gate.min_accuracy), 0 to 1.")] = None,
     model_name: Annotated[str | None, typer.Option(help="Registered model name in MLflow.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    fail_on_reject: Annotated[bool, typer.Option(
+        "--fail-on-reject", help="Exit 1 when the gate rejects the candidate (for CI); by default a finished "
+        "run exits 0 whatever the gate decided.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every step's full log.")] = False,
     image: Annotated[str | None, typer.Option(
         help="Run the compiled pipeline with every step in its own container of this image (kfp's DockerRunner "
@@ -162,7 +208,9 @@ def run(
     from pipelines.local import Containers, run_local
     from tlops import tracking
 
-    cfg = _config(config, set_, **{"data.uri": data, "backbone": backbone, "registry.model_name": model_name})
+    cfg = _config(config, set_, **{"data.uri": data, "backbone": backbone, "registry.model_name": model_name,
+                                   "train.strategy": strategy, "train.epochs": epochs,
+                                   "gate.min_accuracy": min_accuracy})
     _writable_dir(Path(cfg.workdir), "workdir")
     found = preflight(cfg.data.uri, cfg.backbone)
     if image and not (tracking.env_uri_set() or cfg.tracking.uri):
@@ -181,6 +229,10 @@ def run(
                                 env=_pairs(step_env, "=", "--step-env", "KEY=VALUE"))
     summary = run_local(data_uri, cfg, verbose=verbose, containers=containers)
     typer.echo(format_summary(summary, time.perf_counter() - t0))
+    if fail_on_reject and summary.get("decision") == "reject":
+        typer.echo(f"error: gate: {summary['model_name']} version {summary['model_version']} rejected "
+                   "(--fail-on-reject)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -493,8 +545,9 @@ def serve_cmd(
 def select_cmd(
     data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
     candidates: Annotated[str | None, typer.Option(
-        help="Comma-separated backbones, e.g. efficientnet_lite0,resnet18 (NAME:random and NAME:shuffled are "
-        "controls). Default: selection.candidates.")] = None,
+        help="Comma-separated backbones among " + ", ".join(BACKBONES) + " and checkpoint:DIR, e.g. "
+        "efficientnet_lite0,resnet18 (NAME:random and NAME:shuffled are controls). Default: selection.candidates.",
+        autocompletion=_choices(BACKBONES))] = None,
     sample: Annotated[int | None, typer.Option(help="Images of the train split, stratified by class.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

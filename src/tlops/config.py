@@ -578,6 +578,45 @@ class Config(_Section):
         return cls.model_validate_json(text)
 
 
+# The pipeline's typed parameters (a KFP run form's fields) and the config field each one sets. A parameter at its
+# unset value ("" for text, 0 for epochs, a negative floor) leaves the field as the config says.
+PIPELINE_PARAMETERS = {"backbone": "backbone", "strategy": "train.strategy", "epochs": "train.epochs",
+                       "model_name": "registry.model_name", "min_accuracy": "gate.min_accuracy"}
+
+
+def with_parameters(config_json: str, backbone: str = "", strategy: str = "", epochs: int = 0, model_name: str = "",
+                    min_accuracy: float = -1.0) -> Config:
+    """The run's config: ``config_json`` (the full config; empty: the defaults) with the pipeline's typed
+    parameters over it. Precedence: a parameter that is set > the config's field > the default.
+
+    A ``strategy`` parameter without ``epochs`` takes the new strategy's default epochs when the config's epochs
+    were its own strategy's default (200 L-BFGS iterations are no count of full fine-tuning epochs)."""
+    cfg = Config.from_json(config_json) if config_json.strip() else Config()
+    data = cfg.model_dump(mode="json")
+    given = {"backbone": backbone, "strategy": strategy, "epochs": epochs, "model_name": model_name,
+             "min_accuracy": min_accuracy}
+    unset = {"backbone": "", "strategy": "", "epochs": 0, "model_name": ""}
+    for key, value in given.items():
+        if (value >= 0) if key == "min_accuracy" else value != unset[key]:  # type: ignore[operator]
+            *sections, leaf = PIPELINE_PARAMETERS[key].split(".")
+            node = data
+            for section in sections:
+                node = node[section]
+            node[leaf] = value  # as typed: a model name "1e3" stays text
+    if strategy and strategy != cfg.train.strategy and not epochs:
+        family = "linear-probe" if cfg.train.strategy == "linear-probe" else "gradient"
+        if cfg.train.epochs == DEFAULT_EPOCHS[family] or cfg.train.epochs_unset:
+            data["train"]["epochs"] = None  # the strategy's own default (TrainConfig._epochs_by_strategy)
+            data["train"].pop("epochs_unset", None)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        name = next((k for k, v in PIPELINE_PARAMETERS.items() if v == where), where)
+        raise TlopsError(f"pipeline parameter {name}: {' '.join(str(err['msg']).split())[:300]}") from None
+
+
 def _yaml_problem(exc: Exception) -> str:
     """The one line of a YAML (or integer) error that says what is wrong."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
@@ -628,6 +667,41 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at ``loc`` (a dict's key steps into its values), or none."""
+    import typing
+
+    model: Any = Config
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) \
+            else None
+        if field is None:
+            return []
+        model = field.annotation
+        if typing.get_origin(model) is dict:  # e.g. cluster.steps.<name>: the next part is the key
+            model = typing.get_args(model)[1]
+            if parts:
+                parts.pop(0)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def did_you_mean(loc: tuple[Any, ...]) -> str:
+    """``; did you mean 'train.epochs'?`` for a mistyped field at ``loc`` (difflib's closest names), or ``''``;
+    with no close name, the section's fields."""
+    import difflib
+
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    known = _section_fields(tuple(loc[:-1]))
+    if not known:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), known, n=3, cutoff=0.6)
+    if close:
+        return "; did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    return f"; fields of {prefix.rstrip('.') or 'the config'}: " + ", ".join(known)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict[str, Any] = {}
     if path is not None:
@@ -654,4 +728,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = ".".join(str(x) for x in err["loc"]) or "config"
         src = f"config file {path}" if path else "config"
         msg = " ".join(str(err["msg"]).split())  # one line, whatever the validator said
+        if err["type"] == "extra_forbidden":
+            msg = "no such field" + did_you_mean(err["loc"])
         raise TlopsError(f"{src}: field {_shown(where, 120)[1:-1]}: {msg[:300]}") from None

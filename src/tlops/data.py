@@ -572,27 +572,27 @@ class Progress:
     few seconds, and the last one always."""
 
     def __init__(self, total: int, what: str, every_s: float = 2.0) -> None:
-        self.total, self.what, self.every_s = total, what, every_s
-        self.done, self.t0 = 0, time.perf_counter()
-        self.last = self.t0
+        from tlops import progress
+
+        self.total, self.what = total, what
+        self.done = 0
         self.bar: Any = None
-        if total and sys.stderr.isatty():
+        self.counter: Any = None
+        if total and sys.stderr.isatty() and not progress.structured():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=what, unit="file", file=sys.stderr, leave=False)
+        elif total:
+            self.counter = progress.Counter(what, total, "files", every_s=None if progress.structured() else every_s)
 
     def advance(self, n: int) -> None:
         self.done += n
-        now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(n)
             if self.done == self.total:
                 self.bar.close()
-        elif now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            log.info("%s: %d/%d files (%.0f%%), %.0f files/s", self.what, self.done, self.total,
-                     100.0 * self.done / max(self.total, 1), rate)
+        elif self.counter is not None:
+            self.counter.advance(n)
 
 
 def inspect_files(paths: Sequence[str | Path], cache: InspectCache | None, max_pixels: int = DEFAULT_MAX_PIXELS,

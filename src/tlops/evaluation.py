@@ -233,14 +233,17 @@ def weights_bytes(model: Any) -> int:
 
 def predict(model: Any, images: list[bytes], batch: int = 64, name: str = "model") -> Predictions:
     """Raw image bytes through the pyfunc model, as serving does: labels and class probabilities."""
+    from tlops.progress import Counter
+
     classes = model_classes(model)
     labels: list[str] = []
     proba: list[np.ndarray] = []
+    counter = Counter(f"predicting with the {name}", len(images), "images")
     for start in range(0, len(images), batch):
         out = model.predict(pd.DataFrame({"image": images[start : start + batch]}))
         labels.extend(str(x) for x in out["label"])
         proba.append(np.asarray([np.asarray(p, dtype=np.float64) for p in out["probabilities"]]))
-        log.info("evaluate %s: %d/%d images", name, min(start + batch, len(images)), len(images))
+        counter.advance(len(out))
     matrix = np.concatenate(proba) if proba else np.zeros((0, len(classes)))
     if matrix.shape[1] != len(classes):
         raise TlopsError(f"{name}: {matrix.shape[1]} probabilities per image but {len(classes)} class names")
@@ -254,19 +257,24 @@ def measure_latency(model: Any, images: list[bytes], count: int, warmup: int, th
 
     if count <= 0 or not images:
         return {"n": 0, "p50_ms": None, "p95_ms": None, "mean_ms": None, "threads": threads}
+    from tlops.progress import Counter
+
     sample = [images[i % len(images)] for i in range(count)]
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         # Warm-up calls are not counted: the first call at a new batch shape builds kernels.
+        counter = Counter("measuring latency at batch size 1", warmup + len(sample), "images")
         for b in sample[:warmup]:
             model.predict(pd.DataFrame({"image": [b]}))
+            counter.advance()
         times = []
         for b in sample:
             t0 = time.perf_counter()
             model.predict(pd.DataFrame({"image": [b]}))
             times.append((time.perf_counter() - t0) * 1000.0)
+            counter.advance()
     finally:
         torch.set_num_threads(before)
     return {"n": len(times), "p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
@@ -305,15 +313,19 @@ def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: E
 
     The champion is loaded first: a champion that cannot be loaded stops the evaluation before any work.
     """
+    from tlops.progress import phase
+
     labels = [str(x) for x in rows["label"]]
     champ_model = None
     if champion is not None:
         name, version = champion
+        phase(f"loading champion {name} version {version}")
         try:
             champ_model = load_model(f"models:/{name}/{version}")
             model_classes(champ_model)
         except Exception as exc:  # any failure to load means the same thing: no comparison possible
             raise champion_load_error(name, version, exc) from None
+    phase("loading the candidate")
     model = load_model(candidate_uri)
     pred = predict(model, images, cfg.batch_size, "candidate")
     cand = score(pred, labels, cfg)
@@ -338,6 +350,7 @@ def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: E
         champ["version"] = champion[1]
         champ["model_size_bytes"] = weights_bytes(champ_model)
         champ_correct = [p == t for p, t in zip(champ_pred.labels, labels, strict=True)]
+        phase(f"comparing with the champion ({cfg.bootstrap_resamples} paired bootstrap resamples, McNemar)")
         comparison = paired_bootstrap(correct, champ_correct, cfg.bootstrap_resamples, cfg.confidence, cfg.seed)
         comparison["mcnemar_p"] = mcnemar_p(correct, champ_correct)
         comparison["only_candidate_right"] = int(sum(a and not b for a, b in zip(correct, champ_correct,
@@ -347,6 +360,7 @@ def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: E
         result["champion"] = champ
         result["comparison"] = comparison
         result["mcnemar_p"] = comparison["mcnemar_p"]
+    phase("scoring slices by image size")
     result["slices"] = slice_metrics(rows, correct, champ_correct, cfg.size_buckets)
     return result
 

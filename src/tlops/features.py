@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -47,19 +46,16 @@ def feature_key(backbone_name: str, spec: PreprocessSpec, image_sha256: list[str
 def extract_features(backbone: nn.Module, paths: list[str], spec: PreprocessSpec, batch_size: int,
                      device: torch.device, desc: str = "features") -> torch.Tensor:
     """Pooled backbone features for each image, in order, with a progress line every few seconds."""
+    from tlops.progress import Counter
+
     transform = build_transform(spec)
     backbone.eval().to(device)
     out = []
-    t0 = last = time.perf_counter()
+    counter = Counter(f"features {desc}", len(paths), "images")
     for start in range(0, len(paths), batch_size):
         batch = torch.stack([transform(p) for p in paths[start : start + batch_size]]).to(device)
         out.append(backbone(batch).float().cpu())
-        now = time.perf_counter()
-        if now - last > 5 or start + batch_size >= len(paths):
-            last = now
-            done = min(start + batch_size, len(paths))
-            log.info("%s: %d/%d images (%.1f images/s)", desc, done, len(paths),
-                     done / max(time.perf_counter() - t0, 1e-9))
+        counter.advance(len(batch))
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -138,9 +138,18 @@ def localize(rows: pd.DataFrame, cache_root: str | Path, strict: bool = True, wo
                 raise
             return None
 
+    from tlops.progress import Counter
+
+    counter = Counter("fetching and checking files against the manifest", len(rows), "files")
+
+    def counted(i: int) -> str | None:
+        path = one(i)
+        counter.advance()
+        return path
+
     n = max(1, min(workers, len(rows), (os.cpu_count() or 1) * 4))
     with ThreadPoolExecutor(max_workers=n) as pool:
-        paths = list(pool.map(one, range(len(rows))))
+        paths = list(pool.map(counted, range(len(rows))))
     out = rows.assign(path=paths)
     if not strict and out["path"].isna().any():
         log.warning("localize: %d of %d files are gone or changed since their manifest was written; left out",

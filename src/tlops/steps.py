@@ -84,10 +84,13 @@ def step(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tlops import progress
+
         _configure_logging()
+        name = fn.__name__.removesuffix("_step").replace("_", "-")
         try:
             try:
-                with _private_workdir(fn.__name__.removesuffix("_step")):
+                with _private_workdir(fn.__name__.removesuffix("_step")), progress.heartbeat(name):
                     return fn(*args, **kwargs)
             except TlopsError:
                 raise
@@ -131,21 +134,30 @@ def _pixels(cfg: Config, rows: Any) -> Any:
 
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
-                  pipeline_run: str = "", html_path: str = "", plan_path: str = "") -> str:
+                  pipeline_run: str = "", html_path: str = "", plan_path: str = "",
+                  parameters: dict[str, Any] | None = None, kfp_run: dict[str, str] | None = None,
+                  links_path: str = "") -> str:
     """Build the image manifest, run the GX suite, open the MLflow run, decide what the run does.
 
     Writes the manifest training uses (``manifest_path``; with ``validation.exclude_quarantined`` without the
     quarantined files, the full one is logged to MLflow beside it), the report, and the run plan
     (``plan_path``: the resolved config, train or skip and why, the MLflow run id), which every later step
     takes as its input. Returns the plan's decision, ``train`` or ``skip``.
+
+    ``parameters`` are the pipeline's typed parameters (``tlops.config.with_parameters``: over ``config_json``);
+    an empty ``data_uri`` means the config's ``data.uri``. ``kfp_run`` (``id``, ``name``) names the KFP run,
+    recorded as MLflow tags with a link to it when ``cluster.host`` is known; ``links_path`` receives a
+    Markdown page with the link to the MLflow run.
     """
     import mlflow
 
     from tlops import data, tracking
+    from tlops.config import with_parameters
     from tlops.plan import RunPlan
     from tlops.validation import training_manifest, validate_data, write_outputs
 
-    cfg = Config.from_json(config_json)
+    cfg = with_parameters(config_json, **(parameters or {}))
+    data_uri = data_uri or cfg.data.uri
     work = own_disk(cfg)
     with tempfile.TemporaryDirectory(prefix="tlops-validate-") as tmp:
         docs_dir = Path(tmp) / "data_docs"
@@ -165,6 +177,10 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             split_counts = used["split"].value_counts().to_dict()
             verdict = {"status": "pass" if report.success else "fail",
                        "failed": [c.name for c in report.failures()], "warnings": [c.name for c in report.warnings()]}
+            links = kfp_links(cfg, kfp_run or {}, run.info.experiment_id, run.info.run_id)
+            mlflow.set_tags(links["tags"])
+            if links_path:
+                write_text(links_path, links["markdown"])
             mlflow.set_tags({
                 "tlops.pipeline_run": pipeline_run, "data.manifest_hash": mhash,
                 "validation": verdict["status"], "config.hash": cfg.config_hash(),
@@ -202,12 +218,37 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             return plan.decision
 
 
+def kfp_links(cfg: Config, kfp_run: dict[str, str], experiment_id: str, run_id: str) -> dict[str, Any]:
+    """The KFP run and the MLflow run naming each other: MLflow tags (``kfp.run_id``, ``kfp.run_name``,
+    ``kfp.run_url`` when ``cluster.host`` names the KFP UI) and a Markdown page for KFP with the MLflow run's
+    link (or, for a store that is no server, where to find the run)."""
+    from tlops import tracking
+
+    tags: dict[str, str] = {}
+    kfp_id, kfp_name = kfp_run.get("id", ""), kfp_run.get("name", "")
+    if kfp_id:
+        tags["kfp.run_id"] = kfp_id
+        if cfg.cluster.host:
+            tags["kfp.run_url"] = f"{cfg.cluster.host.rstrip('/')}/#/runs/details/{kfp_id}"
+    if kfp_name:
+        tags["kfp.run_name"] = kfp_name
+    uri = tracking.resolve_tracking_uri(cfg)
+    url = tracking.run_url(uri, experiment_id, run_id)
+    where = f"[{run_id}]({url})" if url else f"`{run_id}` in `{tracking.redact(uri)}` (`mlflow ui`)"
+    lines = ["# MLflow", "", f"- run: {where}", f"- experiment: `{cfg.tracking.experiment}` ({experiment_id})",
+             f"- registered model: `{cfg.registry.model_name}`"]
+    if tags.get("kfp.run_url"):
+        lines.append(f"- this KFP run, as MLflow records it: {tags['kfp.run_url']}")
+    return {"tags": tags, "url": url, "markdown": "\n".join(lines) + "\n"}
+
+
 @step
 def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path: str,
                 html_path: str = "") -> str:
     """Compare the eval preprocessing with the backbone's reference; returns the spec fingerprint."""
     import mlflow
 
+    from tlops import progress
     from tlops.data import read_manifest
     from tlops.manifest import golden_rows
     from tlops.parity import check_parity, eval_spec, golden_set, report_html
@@ -216,6 +257,7 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
     golden = golden_set(list(_pixels(cfg, golden_rows(read_manifest(manifest_path)))["path"]))
+    progress.phase(f"{len(golden)} golden images through our transform and {cfg.backbone}'s own")
     report = check_parity(cfg.backbone, cfg.preprocess, golden)
     spec = eval_spec(cfg.backbone, cfg.preprocess)
     record = report.to_dict()
@@ -255,7 +297,7 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     import pandas as pd
     from mlflow.entities import Metric
 
-    from tlops import __version__
+    from tlops import __version__, progress
     from tlops.curves import plot_history
     from tlops.data import class_names, read_manifest
     from tlops.manifest import golden_rows, usable
@@ -271,6 +313,7 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
     classes = class_names(manifest)
+    progress.phase(f"{cfg.train.strategy}: loading {cfg.backbone} with its pre-trained weights")
     result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir, state_uri=cfg.state_uri)
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
     golden_paths = list(golden_rows(manifest)["path"])
@@ -293,9 +336,11 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
         curves.write_bytes(plot_history(result.history, result.strategy))
         mlflow.log_artifact(str(curves), "train")
         example = pd.DataFrame({"image": [Path(golden_paths[0]).read_bytes()]}) if golden_paths else None
+        progress.phase("logging the model to MLflow")
         info = log_pyfunc_model(model_dir, __version__, input_example=example)
         # Serving parity: the model as it will be served (loaded back from the store, raw bytes in)
         # against the in-memory model on the training eval transform.
+        progress.phase("serving parity: the logged model loaded back, on the golden images")
         golden = golden_set(golden_paths)
         serving = serving_check(result.model, spec, mlflow.pyfunc.load_model(info.model_uri), golden)
         mlflow.log_dict(serving, "preprocess/serving_parity.json")
@@ -349,7 +394,7 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     """
     import mlflow
 
-    from tlops import evaluation
+    from tlops import evaluation, progress
     from tlops.data import read_manifest
     from tlops.manifest import split_rows
     from tlops.plan import RunPlan
@@ -361,11 +406,15 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
     rows = _pixels(cfg, rows)
+    progress.phase(f"reading {len(rows)} test images")
     images = evaluation.read_images(list(rows["path"]))
+    progress.phase("opening the MLflow run")
     with _mlflow_run(cfg, plan.run_id), tempfile.TemporaryDirectory(prefix="tlops-evaluate-") as tmp:
+        progress.phase(f"looking up the champion of {cfg.registry.model_name}")
         champ = champion_version(cfg.registry.model_name)
         champion = None if champ is None else (cfg.registry.model_name, str(champ.version))
         result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion)
+        progress.phase("drawing the figures and writing the report")
         pngs = evaluation.figures(result)
         page = evaluation.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
         for name, data in pngs.items():
@@ -420,7 +469,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     report, the serving check and the evaluation."""
     import mlflow
 
-    from tlops import registry, tracking
+    from tlops import progress, registry, tracking
     from tlops.plan import RunPlan
 
     plan = RunPlan.read(plan_path)
@@ -436,8 +485,10 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
                                    preprocess=registry.PreprocessEvidence.from_tags(evidence_in),
                                    comparison=metrics.get("comparison"))
         evidence = registry.evidence_tags(evidence_in, metrics, cfg.backbone, run.info.run_id, cfg.config_hash())
+        progress.phase(f"registering the candidate as a version of {name}")
         mv = registry.register(model_uri, name, evidence)
         version = str(mv.version)
+        progress.phase(f"gate: {decision.decision} version {version}; moving the aliases")
         decision = registry.apply_decision(name, version, decision, via=f"pipeline {plan.pipeline_run}".strip())
         mlflow.set_tags({"gate.decision": decision.decision, "gate.stale": str(decision.stale).lower(),
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})

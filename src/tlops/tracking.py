@@ -35,6 +35,14 @@ def redact(uri: str) -> str:
     return re.sub(r"(//[^:/@]+):[^@/]+@", r"\1:***@", uri)
 
 
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI when the store is a server (``http(s)://``), without credentials."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    bare = re.sub(r"//[^/@]+@", "//", uri).rstrip("/")
+    return f"{bare}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 PROXY_MULTIPART_ENV = ("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD")
 
 

@@ -125,9 +125,13 @@ def _fit_head(head: nn.Linear, x_train: torch.Tensor, y_train: torch.Tensor, x_v
     """Sweep the L2 strength on the validation split (the usual linear-probe protocol); keep the best."""
     history: list[dict[str, float]] = []
     best: tuple[float, int, nn.Linear | None] = (-1.0, 0, None)
+    from tlops.progress import Counter
+
     loss_fn = nn.CrossEntropyLoss()
+    fits = Counter(f"linear probe: L2 sweep on {len(x_train)} feature vectors", len(cfg.l2_grid), "fits")
     for i, l2 in enumerate(cfg.l2_grid):
         lin = _fit_logistic(x_train, y_train, head.out_features, l2, cfg.epochs)
+        fits.advance()
         with torch.no_grad():
             train_loss = float(loss_fn(lin(x_train), y_train))
             train_acc = float((lin(x_train).argmax(1) == y_train).float().mean())
@@ -398,31 +402,28 @@ def checkpoint_location(cfg: TrainConfig, workdir: str | Path, key: str, state_u
 
 
 class _Progress:
-    """Batch progress: a tqdm bar on a terminal, else a plain log line every ``every`` seconds."""
+    """Batch progress: a tqdm bar on a terminal, else ``tlops.progress`` (a line for the launcher's live bar,
+    or a log line every ``every`` seconds)."""
 
     def __init__(self, total: int, desc: str, enabled: bool, every: float = 10.0) -> None:
-        self.total, self.desc, self.every = total, desc, every
+        from tlops import progress
+
         self.bar = None
-        self.done = 0
-        self.t0 = self.last = time.perf_counter()
+        self.counter: progress.Counter | None = None
         self.enabled = enabled
-        if enabled and sys.stderr.isatty():
+        if enabled and sys.stderr.isatty() and not progress.structured():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        elif enabled:
+            self.counter = progress.Counter(desc, total, "batches",
+                                            every_s=None if progress.structured() else every)
 
     def step(self, n_images: int) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
         if self.bar is not None:
             self.bar.update(1)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every and self.done < self.total:
-            self.last = now
-            log.info("%s: step %d/%d (%.1f images/s)", self.desc, self.done, self.total,
-                     self.done * n_images / max(now - self.t0, 1e-9))
+        elif self.counter is not None:
+            self.counter.advance(1)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -556,9 +556,12 @@ def validate_data(data_uri: str, cfg: Config, docs_dir: str | Path | None = None
                               workers=cfg.data.manifest_workers, use_cache=cfg.data.manifest_cache)
     if manifest.empty:  # nothing to check is no pass
         raise TlopsError(f"no files to validate in {data_uri}")
+    from tlops.progress import phase
+
     reference, source = load_reference(cfg)
     if source:
         log.info("validate: drift measured against %s", source)
+    phase(f"running the data checks (Great Expectations) on {len(manifest)} files")
     return manifest, validate_manifest(manifest, cfg.validation, reference, docs_dir)
 
 

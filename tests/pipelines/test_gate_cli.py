@@ -21,7 +21,9 @@ def store(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path) -> dict:
     cfg = write_config(cwd / "c.yaml", cwd / ".tlops", registry__model_name=NAME)
     first = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd)
     assert first.returncode == 0, first.stderr[-2000:] + first.stdout[-2000:]
-    second = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), "--set", "gate.mode=manual", cwd=cwd)
+    # --fail-on-reject: a candidate waiting for approval is no reject, the run exits 0.
+    second = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), "--set", "gate.mode=manual",
+                     "--fail-on-reject", cwd=cwd)
     return {"cwd": cwd, "cfg": cfg, "data": tiny_digits, "first": first, "second": second,
             "uri": f"sqlite:///{cwd / '.tlops' / 'mlflow.db'}"}
 

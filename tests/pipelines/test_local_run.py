@@ -88,3 +88,67 @@ def test_no_credential_reaches_the_store_artifacts_or_logs(two_runs: dict) -> No
     assert leaked == []
     for run in (two_runs["first"], two_runs["second"]):
         assert CANARY not in run.stdout + run.stderr
+
+
+def test_progress_reaches_the_terminal_with_no_silent_minute(two_runs: dict) -> None:
+    """Piped (not a terminal): each step's progress as plain lines, the evaluate step's phases included, and
+    never a minute without a line."""
+    import re
+
+    first, second = two_runs["first"].stdout, two_runs["second"].stdout
+    # The first run computes the features (the second finds them in the feature cache).
+    assert re.search(r"fine-tune: features train: \d+/\d+ images \([\d.]+ images/s", first)
+    for expected in ("fine-tune: linear probe: L2 sweep", "evaluate: loading champion tiny-digits version 1",
+                     "evaluate: loading the candidate", "evaluate: predicting with the candidate: ",
+                     "evaluate: measuring latency at batch size 1", "gate: registering the candidate"):
+        assert expected in second, expected
+    assert re.search(r"evaluate: predicting with the champion version 1: \d+/\d+ images \([\d.]+ images/s", second)
+    for out in (first, second):
+        assert "[tlops-progress]" not in out
+        stamps = [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in
+                  re.findall(r"^(?:\[tlops\] )?(\d\d):(\d\d):(\d\d(?:\.\d+)?) ", out, re.M)]
+        assert len(stamps) > 20
+        gaps = [(b - a) % 86400 for a, b in zip(stamps, stamps[1:], strict=False)]
+        assert max(gaps) < 60, max(gaps)
+
+
+def test_the_live_view_draws_a_real_run(two_runs: dict) -> None:
+    """The first run's own log (what its steps streamed) replayed through the live display of a terminal."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from pipelines.local import _Tee
+    from pipelines.view import LiveView
+
+    log = Path(two_runs["first"].stdout.rsplit("log            ", 1)[1].strip())
+    screen = io.StringIO()
+    view = LiveView(screen, console=Console(file=screen, force_terminal=True, width=160))
+    tee = _Tee(io.StringIO(), view, verbose=False)
+    for line in log.read_text(encoding="utf-8").splitlines(keepends=True):
+        tee.write(line)
+        view.progress.refresh()
+    view.close()
+    drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    for expected in ("step 1/5 validate", "step 3/5 fine-tune", "step 5/5 gate", "fine-tune: features train",
+                     "evaluate: loading the candidate", "done: evaluate in"):
+        assert expected in drawn, expected
+    assert re.search(r"\d+/\d+ images · [\d.]+ images/s", drawn)
+    assert list(tee.seconds) == ["validate", "parity", "fine-tune", "evaluate", "gate"]
+
+
+@pytest.mark.slow
+def test_fail_on_reject_exits_1_when_the_gate_rejects(two_runs: dict, tiny_digits: Path) -> None:
+    """For CI: a run whose candidate the gate rejects (weights over a 1 MB budget) exits 1 with one line; the
+    champion stays. Runs after the tests above, which count the versions."""
+    import mlflow
+
+    cfg = two_runs["cwd"] / "tlops.yaml"
+    result = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), "--set", "gate.max_model_size_mb=1",
+                     "--fail-on-reject", cwd=two_runs["cwd"])
+    assert result.returncode == 1, result.stderr[-2000:] + result.stdout[-2000:]
+    assert "gate           REJECT" in result.stdout and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: gate: tiny-digits version 3 rejected (--fail-on-reject)"
+    client = mlflow.MlflowClient(f"sqlite:///{two_runs['cwd'] / '.tlops' / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("tiny-digits", "champion").version) == "2"

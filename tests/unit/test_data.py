@@ -321,14 +321,15 @@ def test_hex_hashes_stay_text_in_the_csv(tmp_path: Path) -> None:
 def test_manifest_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys) -> None:
     import sys
 
-    from tlops import data
+    from tlops import progress
     from tlops.data import Progress
 
     lines: list[str] = []
-    monkeypatch.setattr(data.log, "info", lambda fmt, *args: lines.append(fmt % args))
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.setattr(progress.log, "info", lambda fmt, *args: lines.append(fmt % args))
     plain = Progress(3, "manifest")
     plain.advance(3)
-    assert plain.bar is None and "manifest: 3/3 files (100%)" in lines[-1]
+    assert plain.bar is None and lines[-1].startswith("manifest: 3/3 files (")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = Progress(4, "manifest")
     assert bar.bar is not None

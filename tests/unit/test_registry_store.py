@@ -330,3 +330,17 @@ def test_two_pipelines_promoting_at_once_move_the_champion_once(store: dict, nam
     tags = registry.client().get_model_version(name, loser).tags
     assert tags["gate.decision"] == "reject" and tags["gate.stale"] == "true"
     assert f"from version {v1} to {winner}" in tags["gate.reasons"]
+
+
+def test_an_unknown_alias_is_named_as_an_alias_with_the_ones_there(store: dict, name: str) -> None:
+    from tlops.audit import parse_model_uri
+
+    v1 = new_version(store["model_uri"], name)
+    registry.apply_decision(name, v1, _promote(None), lock=FAST)
+    assert parse_model_uri(f"models:/{name}@champion") == (name, v1)
+    with pytest.raises(TlopsError) as err:
+        parse_model_uri(f"models:/{name}@champoin")
+    assert str(err.value) == (f"--model models:/{name}@champoin: no alias 'champoin' on model {name}; "
+                              "aliases: champion; did you mean @champion?")
+    with pytest.raises(TlopsError, match="registered model 'no-such-model' does not exist"):
+        parse_model_uri("models:/no-such-model@champion")
