@@ -573,6 +573,13 @@ def load_served_model(model_uri: str) -> ServedModel:
             name, version = parse_model_uri(model_uri)
             info.update(name=name, version=version)
             uri = f"models:/{name}/{version}"
+            from tlops.compress.step import serving_variant_dir  # a compressed variant: served without torch
+
+            variant = serving_variant_dir(name, version)
+            if variant is not None:
+                from tlops.compress.runtime import served_model
+
+                return served_model(variant, info)
         pyfunc = mlflow.pyfunc.load_model(uri)
     except TlopsError as exc:
         # parse_model_uri says "no such model version" for any registry error: tell an unreachable server apart.
@@ -618,10 +625,11 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
         raise TlopsError(f"--threads {threads}: expected 0 (torch's default) or a number of threads")
     sock = bind(host, port)
     model = load_served_model(model_uri)
-    import torch
+    if model.info.get("runtime") != "onnxruntime":  # an ONNX variant runs on its own threads, without torch
+        import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
     # No uvicorn limit_concurrency: it counts idle connections, so 64 silent sockets made every client get 503.
     # The guard bounds connections, the app the requests past their body and the bytes held.
     max_connections = _connection_limit(limits.max_connections)
@@ -639,9 +647,9 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "every client that can reach it"
     log.info("serving %s%s on http://%s:%d (%s): POST /invocations, GET /ping /health /version; "
              "limits %d bytes, %d instances, %d pixels per request; %d connections, %d per client, request heads "
-             "within %g s; %d torch threads", model_uri,
+             "within %g s; %d threads", model_uri,
              f" (version {model.info['version']})" if "version" in model.info else "", host, port, where,
              limits.max_bytes, limits.max_instances, limits.max_request_pixels, guard.max_connections,
-             guard.max_per_client, limits.header_timeout_s, torch.get_num_threads())
+             guard.max_per_client, limits.header_timeout_s, threads)
     server.run(sockets=[sock])
     log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")
