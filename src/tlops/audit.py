@@ -98,7 +98,12 @@ def parity_for_version(name: str, version: str) -> dict[str, Any]:
                for g in numbers if not g["ok"]]
     serving = serving_check(model, spec, mlflow.pyfunc.load_model(f"models:/{name}/{version}"), golden)
     errors += serving["errors"]
+    from tlops.compress.step import variant_parity
+
+    variant = variant_parity(name, version, model, spec, golden)  # the serving variant, when the version has one
+    errors += variant["errors"] if variant else []
     return {"model": name, "version": version, "backbone": backbone, "status": "fail" if errors else "pass",
+            "serving_variant": variant,
             "reference_origin": reference_origin,
             "fingerprint": spec.fingerprint, "reference_fingerprint": reference.fingerprint, "declared": declared,
             "errors": errors, "golden": numbers, "serving": serving}
@@ -118,6 +123,7 @@ class VersionAudit:
     validation: str
     gate: str
     problems: list[str]
+    serving_variant: str = "none"
 
     @property
     def consistent(self) -> bool:
@@ -160,13 +166,19 @@ def audit_model(name: str) -> list[VersionAudit]:
             problems.append(f"parity {tags.get('parity', 'not recorded')}")
         if tags.get("parity.serving") != "pass":
             problems.append(f"serving parity {tags.get('parity.serving', 'not recorded')}")
+        variant = tags.get("serving.variant", "none")
+        if variant != "none" and tags.get("serving.fingerprint") != fingerprint:
+            problems.append(f"serving variant {variant}: its fingerprint {tags.get('serving.fingerprint', '')[:12]} "
+                            f"is not the version's")
+        if variant != "none" and tags.get("serving.parity") != "pass":
+            problems.append(f"serving variant {variant}: parity {tags.get('serving.parity', 'not recorded')}")
         created = dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=dt.UTC).isoformat(timespec="seconds")
         out.append(VersionAudit(
             version=str(mv.version), created=created, aliases=sorted(by_version.get(str(mv.version), [])),
             fingerprint=fingerprint, stored_fingerprint=stored, reference_fingerprint=recorded_ref,
             current_reference=current_ref, declared=tags.get("preprocess.declared", "none"),
             parity=tags.get("parity", "unknown"), validation=tags.get("validation", "unknown"),
-            gate=tags.get("gate.decision", "unknown"), problems=problems,
+            gate=tags.get("gate.decision", "unknown"), problems=problems, serving_variant=variant,
         ))
     return out
 
@@ -176,10 +188,11 @@ def format_audit(name: str, rows: list[VersionAudit], fmt: str) -> str:
         return json.dumps({"model": name, "versions": [{**asdict(r), "consistent": r.consistent} for r in rows]},
                           indent=2)
     header = f"{'version':>7}  {'created (UTC)':<25} {'aliases':<20} {'fingerprint':<12}  {'reference':<12}  " \
-             f"{'parity':<6} {'data':<6} {'gate':<8} status"
+             f"{'parity':<6} {'data':<6} {'gate':<8} {'serving':<8} status"
     lines = [f"model {name}", header]
     for r in rows:
         lines.append(f"{r.version:>7}  {r.created:<25} {','.join(r.aliases) or '-':<20} {r.fingerprint[:12]:<12}  "
                      f"{r.reference_fingerprint[:12]:<12}  {r.parity:<6} {r.validation:<6} {r.gate:<8} "
+                     f"{r.serving_variant:<8} "
                      + ("ok" if r.consistent else "INCONSISTENT: " + "; ".join(r.problems)))
     return "\n".join(lines)

@@ -378,6 +378,8 @@ def parity_cmd(
         typer.echo(f"  golden images: {len(result['golden'])}, worst difference {worst['max_abs_diff']:.2e} "
                    f"({worst['image']})")
         typer.echo(f"  serving path: {result['serving']['status']}")
+        if result.get("serving_variant"):
+            typer.echo(f"  serving variant {result['serving_variant']['name']}: {result['serving_variant']['status']}")
         for err in result["errors"]:
             typer.echo(f"  FAIL {err}")
     if result["status"] != "pass":

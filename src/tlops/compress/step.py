@@ -213,3 +213,24 @@ def serving_variant_dir(name: str, version: str) -> Path | None:
     if not uri or tags.get("serving.variant", "none") == "none":
         return None
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
+def variant_parity(name: str, version: str, model: Any, spec: Any,
+                   golden: list[tuple[str, bytes]]) -> dict[str, Any] | None:
+    """``tlops parity`` on a version's serving variant: its files against the version's PyTorch model on the
+    golden images, and its spec against the version's. None when the version has no serving variant. A pruned
+    variant is checked for its spec only (its graph is not the version's weights)."""
+    from tlops.registry import client
+
+    found = serving_variant_dir(name, version)
+    if found is None:
+        return None
+    variant = client().get_model_version(name, version).tags.get("serving.variant", "onnx")
+    if variant == "pruned":
+        from tlops.compress.runtime import SPEC, SpecView
+        from tlops.fileio import read_json
+
+        fp = SpecView.from_record(read_json(found / SPEC)).fingerprint
+        errors = [] if fp == spec.fingerprint else [f"pruned: its spec {fp[:12]} is not the version's"]
+        return {"name": variant, "status": "fail" if errors else "pass", "fingerprint": fp, "errors": errors}
+    return {"name": variant, **V.parity(found, model, spec, golden, variant)}
