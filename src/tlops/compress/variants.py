@@ -162,28 +162,38 @@ def _weights_bytes(model: Any) -> int:
     return int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
 
 
-def prune(model: Any, crop_size: int, target_bytes: int, max_ratio: float = 0.9, step: float = 0.05) -> Any:
+def prune(model: Any, crop_size: int, target_bytes: int, max_ratio: float = 0.9, step: float = 0.1) -> Any:
     """Channel pruning with torch-pruning to at most ``target_bytes`` of weights: the smallest pruning ratio (in
-    steps of ``step``) that reaches it, the head's outputs untouched. Returns the pruned copy."""
-    import copy
+    steps of ``step``, up to ``max_ratio``) that reaches it, the head's outputs untouched. Returns the pruned
+    copy; a target that even ``max_ratio`` misses is refused at once."""
 
-    import torch
-    import torch_pruning as tp
+    def pruned_at(ratio: float) -> Any:
+        import copy
 
-    ratio = step
-    while ratio <= max_ratio + 1e-9:
+        import torch
+        import torch_pruning as tp
+
         pruned = copy.deepcopy(model).eval()
         example = torch.zeros(1, 3, crop_size, crop_size)
-        pruner = tp.pruner.MetaPruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=[pruned.head], round_to=8)
-        pruner.step()
-        size = _weights_bytes(pruned)
-        if size <= target_bytes:
-            log.info("pruned: ratio %.2f gives %d bytes of weights (target %d)", ratio, size, target_bytes)
-            return pruned
+        tp.pruner.MetaPruner(pruned, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                             pruning_ratio=ratio, ignored_layers=[pruned.head], round_to=8).step()
+        return pruned
+
+    smallest = _weights_bytes(pruned_at(max_ratio))
+    if smallest > target_bytes:
+        raise CompressError(f"deploy.prune_target_mb {target_bytes / 1e6:g}: cannot be reached by channel pruning "
+                            f"(at a ratio of {max_ratio:g} the weights are still {smallest / 1e6:.2f} MB); raise "
+                            "the target")
+    ratio = step
+    while ratio < max_ratio - 1e-9:
+        pruned = pruned_at(ratio)
+        if _weights_bytes(pruned) <= target_bytes:
+            break
         ratio = round(ratio + step, 6)
-    raise CompressError(f"deploy.prune_target_mb {target_bytes / 1e6:g}: cannot be reached by channel pruning "
-                        f"(at a ratio of {max_ratio:g} the weights are still {size / 1e6:.2f} MB); raise the target")
+    else:
+        ratio, pruned = max_ratio, pruned_at(max_ratio)
+    log.info("pruned: ratio %.2f gives %d bytes of weights (target %d)", ratio, _weights_bytes(pruned), target_bytes)
+    return pruned
 
 
 def recover(student: Any, teacher: Any, tensors: Any, epochs: int, lr: float = 1e-3, batch: int = 64,
