@@ -220,7 +220,7 @@ def recover(student: Any, teacher: Any, tensors: Any, epochs: int, lr: float = 1
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         losses.append(total / len(order))
         log.info("pruned: recovery epoch %d/%d, distillation loss %.4f", epoch + 1, epochs, losses[-1])
     student.eval()
