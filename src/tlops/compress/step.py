@@ -90,6 +90,10 @@ def compress(cfg: Config, model_uri: str, test_rows: pd.DataFrame, train_rows: p
         except V.CompressError as exc:
             log.warning("compress %s: %s", name, exc)
             record["variants"][name] = {"error": str(exc)}
+        except Exception as exc:  # a library's failure on one variant: recorded, the others and the gate go on
+            log.exception("compress %s: unexpected failure", name)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            record["variants"][name] = {"error": f"unexpected {type(exc).__name__}: {first[:300]}"}
     return record
 
 
