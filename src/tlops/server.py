@@ -625,11 +625,13 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
         raise TlopsError(f"--threads {threads}: expected 0 (torch's default) or a number of threads")
     sock = bind(host, port)
     model = load_served_model(model_uri)
-    if model.info.get("runtime") != "onnxruntime":  # an ONNX variant runs on its own threads, without torch
+    used_threads = 1  # an ONNX variant (tlops.compress.runtime) runs on one thread of its own, without torch
+    if model.info.get("runtime") != "onnxruntime":
         import torch
 
         if threads:
             torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
     # No uvicorn limit_concurrency: it counts idle connections, so 64 silent sockets made every client get 503.
     # The guard bounds connections, the app the requests past their body and the bytes held.
     max_connections = _connection_limit(limits.max_connections)
@@ -650,6 +652,6 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
              "within %g s; %d threads", model_uri,
              f" (version {model.info['version']})" if "version" in model.info else "", host, port, where,
              limits.max_bytes, limits.max_instances, limits.max_request_pixels, guard.max_connections,
-             guard.max_per_client, limits.header_timeout_s, threads)
+             guard.max_per_client, limits.header_timeout_s, used_threads)
     server.run(sockets=[sock])
     log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")

@@ -28,7 +28,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path) -> dict:
     cfg = write_config(cwd / "c.yaml", cwd / ".tlops", registry__model_name=NAME,
                        deploy__variants=["onnx", "int8"], deploy__calibration_images=24,
                        evaluation__latency_images=5, evaluation__bootstrap_resamples=200)
-    run = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd)
+    run = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd, timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     return {"cwd": cwd, "cfg": cfg, "run": run, "uri": f"sqlite:///{cwd / '.tlops' / 'mlflow.db'}"}
 
@@ -92,7 +92,7 @@ def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Pat
 def test_an_unreachable_pruning_target_is_one_line_and_the_candidate_is_registered(store: dict,
                                                                                    tiny_digits: Path) -> None:
     run = run_cli("run", "--config", str(store["cfg"]), "--data", str(tiny_digits), "--set",
-                  "deploy.variants=[pruned]", "--set", "deploy.prune_target_mb=0.001", cwd=store["cwd"])
+                  "deploy.variants=[pruned]", "--set", "deploy.prune_target_mb=0.001", cwd=store["cwd"], timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
     tags = _tags(store, "2")
     assert tags["serving.variant"] == "none"
