@@ -400,8 +400,12 @@ def compress_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
-    record = run_step(cfg, plan.run_id, model_uri, read_manifest(manifest_path), lambda rows: _pixels(cfg, rows),
-                      read_json(metrics_path))
+    if not cfg.deploy.variants:
+        record = run_step(cfg, plan.run_id, model_uri, read_manifest(manifest_path), None, {})
+    else:
+        with _mlflow_run(cfg, plan.run_id):
+            record = run_step(cfg, plan.run_id, model_uri, read_manifest(manifest_path),
+                              lambda rows: _pixels(cfg, rows), read_json(metrics_path))
     write_json(compression_path, record)
     return ",".join(n for n, r in record["variants"].items() if "error" not in r)
 

@@ -134,11 +134,10 @@ def log_to_run(record: dict[str, Any], out: Path) -> None:
 
 def run_step(cfg: Config, run_id: str, model_uri: str, manifest: pd.DataFrame, pixels: Any,
              evaluation: dict[str, Any]) -> dict[str, Any]:
-    """The step: nothing to do without ``deploy.variants``; else build, measure, log."""
+    """The step, inside the pipeline's active MLflow run: nothing to do without ``deploy.variants``; else build,
+    measure, log."""
     if not cfg.deploy.variants:
         return {"format": RECORD, "requested": [], "variants": {}}
-    import mlflow
-
     from tlops.manifest import golden_rows, split_rows, usable
     from tlops.parity import golden_set
 
@@ -148,8 +147,7 @@ def run_step(cfg: Config, run_id: str, model_uri: str, manifest: pd.DataFrame, p
     with tempfile.TemporaryDirectory(prefix="tlops-compress-") as tmp:
         record = compress(cfg, model_uri, test_rows, train_rows, golden, evaluation, Path(tmp))
         record["run_id"] = run_id
-        with mlflow.start_run(run_id=run_id):
-            log_to_run(record, Path(tmp))
+        log_to_run(record, Path(tmp))
     return record
 
 
