@@ -48,6 +48,8 @@ def test_the_gate_registers_the_accepted_variant_as_the_serving_artifact(store: 
     assert tags["serving.fingerprint"] == tags["preprocess.fingerprint"]
     assert tags["serving.parity"] == "pass"
     assert "variant.int8" in tags
+    assert f"serving        variant {tags['serving.variant']}" in store["run"].stdout
+    assert "onnx: parity passed" in store["run"].stdout
     audit = run_cli("audit", "--model", NAME, "--config", str(store["cfg"]), cwd=store["cwd"])
     assert audit.returncode == 0, audit.stderr
     assert tags["serving.variant"] in audit.stdout.splitlines()[-1]
