@@ -6,11 +6,13 @@ import datetime as dt
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
-from tlops.preprocessing import PreprocessSpec
+
+if TYPE_CHECKING:  # imported where used: `tlops serve` reads model URIs here, and an ONNX variant needs no torch
+    from tlops.preprocessing import PreprocessSpec
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:
@@ -57,6 +59,7 @@ def reference_for(files: Path) -> tuple[PreprocessSpec, str]:
     Returns the spec and where it came from ("current" or "stored").
     """
     from tlops.backbones import reference_spec
+    from tlops.preprocessing import PreprocessSpec
 
     meta = read_json(files / "model.json")
     try:
@@ -149,6 +152,8 @@ def audit_model(name: str) -> list[VersionAudit]:
         current_ref = ""
         try:
             files = model_files(name, str(mv.version))
+            from tlops.preprocessing import PreprocessSpec
+
             stored = PreprocessSpec.from_record(read_json(files / "preprocess.json")).fingerprint
             current_ref = reference_for(files)[0].fingerprint
         except TlopsError as exc:

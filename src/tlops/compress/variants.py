@@ -38,7 +38,7 @@ INPUT, OUTPUT = "input", "logits"
 # against torchvision), and the class probabilities of the graph against the PyTorch model. A float graph
 # matches to rounding; an int8 graph moves probabilities by its quantisation error, hence its own tolerance.
 TENSOR_ATOL = 1e-4
-PROB_ATOL = {"onnx": 1e-4, "pruned": 1e-4, "int8": 0.1}
+PROB_ATOL = {"onnx": 1e-4, "pruned": 1e-4, "int8": 0.25}
 
 
 class CompressError(TlopsError):
@@ -267,9 +267,9 @@ def parity(variant_dir: Path, source_model: Any, spec: Any, golden: list[tuple[s
     if bad:
         worst = max(bad, key=lambda r: float(r["max_abs_prob_diff"]))
         errors.append(f"{name}: {len(bad)} of {len(rows)} golden images differ from the PyTorch model (worst "
-                      f"{Path(str(worst['image'])).name}: probabilities {worst['max_abs_prob_diff']:.2e} > "
-                      f"{tolerance:g}, "
-                      f"tensor {worst['max_abs_tensor_diff']:.2e} > {TENSOR_ATOL:g} allowed)")
+                      f"{Path(str(worst['image'])).name}: probabilities by {worst['max_abs_prob_diff']:.2e}, "
+                      f"{tolerance:g} allowed; input tensor by {worst['max_abs_tensor_diff']:.2e}, "
+                      f"{TENSOR_ATOL:g} allowed)")
     return {"status": "fail" if errors else "pass", "tolerance": {"tensor": TENSOR_ATOL, "probability": tolerance},
             "fingerprint": predictor.spec.fingerprint, "errors": errors, "images": rows}
 
