@@ -36,7 +36,8 @@ OPSET = 17
 INPUT, OUTPUT = "input", "logits"
 # Parity of a variant with the model it came from, on the golden images: the preprocessing tensor (PIL+numpy
 # against torchvision), and the class probabilities of the graph against the PyTorch model. A float graph
-# matches to rounding; an int8 graph moves probabilities by its quantisation error, hence its own tolerance.
+# matches to rounding; an int8 graph moves probabilities by its quantisation error, hence its own tolerance
+# (up to 0.10 measured on the synthetic edge-case images through a 32 px probe; its accuracy is the paired test's).
 TENSOR_ATOL = 1e-4
 PROB_ATOL = {"onnx": 1e-4, "pruned": 1e-4, "int8": 0.25}
 
