@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tlops-installed
 DATA   := .tlops/data/digits
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck compile scenario clean test-containers
+.PHONY: setup run test lint typecheck compile scenario clean test-containers test-compress
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-containers: setup
 	export TLOPS_IMAGE=$${TLOPS_IMAGE:-localhost/tlops:0.1.0}; \
 	infra/containers/base-image.sh && infra/containers/build-image.sh && \
 	$(BIN)/python -m pytest -m containers tests/containers $(PYTEST_ARGS)
+
+# The compress step in whole pipeline runs (deploy.variants: onnx, int8, an unreachable pruning target) and
+# `tlops serve` on the ONNX variant; a slow test, several minutes.
+test-compress: setup
+	$(BIN)/python -m pytest tests/pipelines/test_compress_run.py tests/unit/test_compress.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src components pipelines tests

@@ -52,12 +52,20 @@ def evaluate(run_plan: Input[Artifact], model_uri: str, manifest: Input[Dataset]
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
+def compress(run_plan: Input[Artifact], model_uri: str, manifest: Input[Dataset], evaluation: Input[Artifact],
+             compression: Output[Artifact]) -> str:
+    from tlops.steps import compress_step
+
+    return compress_step(run_plan.path, manifest.path, model_uri, evaluation.path, compression.path)
+
+
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def gate(run_plan: Input[Artifact], model_uri: str, evaluation: Input[Artifact], parity_report: Input[Artifact],
-         serving_parity: Input[Artifact], decision: Output[Artifact]) -> str:
+         serving_parity: Input[Artifact], compression: Input[Artifact], decision: Output[Artifact]) -> str:
     from tlops.steps import gate_step
 
     return gate_step(run_plan.path, model_uri, evaluation.path, parity_report.path, serving_parity.path,
-                     decision.path)
+                     decision.path, compression.path)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 from kfp import compiler, dsl, kubernetes
 
-from components import evaluate, fine_tune, gate, parity, skip, validate
+from components import compress, evaluate, fine_tune, gate, parity, skip, validate
 from components.image import resolve_image
 from tlops.config import AcceleratorConfig, ClusterConfig, Config
 
 PIPELINE_NAME = "tlops-transfer-learning"
 DESCRIPTION = ("Validate data, prove preprocessing parity, fine-tune a pre-trained backbone, evaluate it against "
                "the champion, and gate its promotion.")
-TASKS = ("validate", "parity", "fine-tune", "evaluate", "gate")
+TASKS = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate")
 # Steps whose outputs KFP may take from its cache when the same inputs come again: validate (its inputs name the
 # data, the config and the pipeline run, so a new run looks at the data afresh while a clone or retry of a run
 # reuses it) and parity (a pure function of the spec, the config and the manifest). The others must run: fine-tune
@@ -112,9 +112,13 @@ def transfer_learning_pipeline(data_uri: str = "", config_json: str = "", backbo
     with dsl.If(checked.outputs["Output"] == "train", name="train"):
         trained = _step(fine_tune(run_plan=plan, manifest=manifest, spec=proved.outputs["spec"]), "fine-tune")
         scored = _step(evaluate(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest), "evaluate")
+        # Compressed serving variants (deploy.variants); with none the step only writes an empty record.
+        shrunk = _step(compress(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest,
+                                evaluation=scored.outputs["evaluation"]), "compress")
         decided = _step(gate(run_plan=plan, model_uri=trained.outputs["Output"],
                              evaluation=scored.outputs["evaluation"], parity_report=proved.outputs["report"],
-                             serving_parity=trained.outputs["serving_parity"]), "gate")
+                             serving_parity=trained.outputs["serving_parity"],
+                             compression=shrunk.outputs["compression"]), "gate")
     with dsl.Else(name="skip-training"):
         skipped = _step(skip(run_plan=plan), "skip")
     return dsl.OneOf(decided.outputs["Output"], skipped.outputs["Output"])

@@ -6,11 +6,13 @@ import datetime as dt
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
-from tlops.preprocessing import PreprocessSpec
+
+if TYPE_CHECKING:  # imported where used: `tlops serve` reads model URIs here, and an ONNX variant needs no torch
+    from tlops.preprocessing import PreprocessSpec
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:
@@ -86,6 +88,7 @@ def reference_for(files: Path) -> tuple[PreprocessSpec, str]:
     Returns the spec and where it came from ("current" or "stored").
     """
     from tlops.backbones import reference_spec
+    from tlops.preprocessing import PreprocessSpec
 
     meta = read_json(files / "model.json")
     try:
@@ -127,7 +130,12 @@ def parity_for_version(name: str, version: str) -> dict[str, Any]:
                for g in numbers if not g["ok"]]
     serving = serving_check(model, spec, mlflow.pyfunc.load_model(f"models:/{name}/{version}"), golden)
     errors += serving["errors"]
+    from tlops.compress.step import variant_parity
+
+    variant = variant_parity(name, version, model, spec, golden)  # the serving variant, when the version has one
+    errors += variant["errors"] if variant else []
     return {"model": name, "version": version, "backbone": backbone, "status": "fail" if errors else "pass",
+            "serving_variant": variant,
             "reference_origin": reference_origin,
             "fingerprint": spec.fingerprint, "reference_fingerprint": reference.fingerprint, "declared": declared,
             "errors": errors, "golden": numbers, "serving": serving}
@@ -147,6 +155,7 @@ class VersionAudit:
     validation: str
     gate: str
     problems: list[str]
+    serving_variant: str = "none"
 
     @property
     def consistent(self) -> bool:
@@ -172,6 +181,8 @@ def audit_model(name: str) -> list[VersionAudit]:
         current_ref = ""
         try:
             files = model_files(name, str(mv.version))
+            from tlops.preprocessing import PreprocessSpec
+
             stored = PreprocessSpec.from_record(read_json(files / "preprocess.json")).fingerprint
             current_ref = reference_for(files)[0].fingerprint
         except TlopsError as exc:
@@ -189,13 +200,19 @@ def audit_model(name: str) -> list[VersionAudit]:
             problems.append(f"parity {tags.get('parity', 'not recorded')}")
         if tags.get("parity.serving") != "pass":
             problems.append(f"serving parity {tags.get('parity.serving', 'not recorded')}")
+        variant = tags.get("serving.variant", "none")
+        if variant != "none" and tags.get("serving.fingerprint") != fingerprint:
+            problems.append(f"serving variant {variant}: its fingerprint {tags.get('serving.fingerprint', '')[:12]} "
+                            f"is not the version's")
+        if variant != "none" and tags.get("serving.parity") != "pass":
+            problems.append(f"serving variant {variant}: parity {tags.get('serving.parity', 'not recorded')}")
         created = dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=dt.UTC).isoformat(timespec="seconds")
         out.append(VersionAudit(
             version=str(mv.version), created=created, aliases=sorted(by_version.get(str(mv.version), [])),
             fingerprint=fingerprint, stored_fingerprint=stored, reference_fingerprint=recorded_ref,
             current_reference=current_ref, declared=tags.get("preprocess.declared", "none"),
             parity=tags.get("parity", "unknown"), validation=tags.get("validation", "unknown"),
-            gate=tags.get("gate.decision", "unknown"), problems=problems,
+            gate=tags.get("gate.decision", "unknown"), problems=problems, serving_variant=variant,
         ))
     return out
 
@@ -205,10 +222,11 @@ def format_audit(name: str, rows: list[VersionAudit], fmt: str) -> str:
         return json.dumps({"model": name, "versions": [{**asdict(r), "consistent": r.consistent} for r in rows]},
                           indent=2)
     header = f"{'version':>7}  {'created (UTC)':<25} {'aliases':<20} {'fingerprint':<12}  {'reference':<12}  " \
-             f"{'parity':<6} {'data':<6} {'gate':<8} status"
+             f"{'parity':<6} {'data':<6} {'gate':<8} {'serving':<8} status"
     lines = [f"model {name}", header]
     for r in rows:
         lines.append(f"{r.version:>7}  {r.created:<25} {','.join(r.aliases) or '-':<20} {r.fingerprint[:12]:<12}  "
                      f"{r.reference_fingerprint[:12]:<12}  {r.parity:<6} {r.validation:<6} {r.gate:<8} "
+                     f"{r.serving_variant:<8} "
                      + ("ok" if r.consistent else "INCONSISTENT: " + "; ".join(r.problems)))
     return "\n".join(lines)

@@ -151,6 +151,9 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
         + (f" (compared with champion version {s['compared_with']})" if s["compared_with"] else ""),
         *[f"                 - {r}" for r in s["reasons"]],
     ]
+    if s.get("variant_reasons"):  # compressed variants (deploy.variants): the serving one, each verdict
+        lines.append(f"  serving        variant {s.get('serving_variant') or 'none (the PyTorch model)'}")
+        lines += [f"                 - {r}" for reasons in s["variant_reasons"].values() for r in reasons]
     if "champion_now" in s:
         lines.append(f"  aliases        champion version {s['champion_now'] or 'none'}, challenger version "
                      f"{s.get('challenger_now') or 'none'}")
@@ -430,6 +433,8 @@ def parity_cmd(
         typer.echo(f"  golden images: {len(result['golden'])}, worst difference {worst['max_abs_diff']:.2e} "
                    f"({worst['image']})")
         typer.echo(f"  serving path: {result['serving']['status']}")
+        if result.get("serving_variant"):
+            typer.echo(f"  serving variant {result['serving_variant']['name']}: {result['serving_variant']['status']}")
         for err in result["errors"]:
             typer.echo(f"  FAIL {err}")
     if result["status"] != "pass":

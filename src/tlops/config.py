@@ -266,6 +266,11 @@ class GateConfig(_Section):
     # Serving limits: p95 latency per image at batch size 1 on CPU, and the bytes of the weights.
     max_latency_p95_ms: float | None = Field(None, gt=0.0)
     max_model_size_mb: float | None = Field(None, gt=0.0)
+    # Compressed serving variants (deploy.variants): the largest accuracy drop against the uncompressed
+    # candidate on the same test split, and the budgets of the variant that becomes the serving artifact.
+    max_compression_drop: float = Field(0.005, ge=0.0, le=1.0)
+    variant_max_latency_p95_ms: float | None = Field(None, gt=0.0)
+    variant_max_size_mb: float | None = Field(None, gt=0.0)
     policy_file: str | None = None
     policy_source: str = "config"
 
@@ -320,6 +325,29 @@ class EvaluationConfig(_Section):
         if self.size_buckets != sorted(set(self.size_buckets)) or self.size_buckets[0] < 1:
             raise ValueError("size_buckets must be increasing positive pixel sizes")
         return self
+
+
+class DeployConfig(_Section):
+    """Compressed serving variants built after evaluation (tlops.compress): none by default."""
+
+    variants: list[Literal["onnx", "int8", "pruned"]] = Field(default_factory=list)
+    # int8: training images its static quantisation is calibrated on.
+    calibration_images: int = Field(200, ge=1, le=10_000)
+    # pruned: the weights' size to reach, in MB, or else this share of the candidate's; recovery epochs.
+    prune_target_mb: float | None = Field(None, gt=0.0)
+    prune_target_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    prune_epochs: int = Field(2, ge=0, le=100)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _known(cls, value: Any) -> Any:
+        known = ("onnx", "int8", "pruned")
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list):
+            bad = [v for v in items if v not in known]
+            if bad:
+                raise ValueError(f"unknown variant {bad[0]!r}; choose from {', '.join(known)}")
+        return items
 
 
 class SelectionConfig(_Section):
@@ -378,13 +406,14 @@ _MEMORY_FACTORS = {"": 1, **{s: 1000 ** (i + 1) for i, s in enumerate("KMGTPE")}
 # The pipeline's steps, by task name. Per-step defaults: validate and parity read every image once, fine-tune
 # trains (16Gi also holds the feature cache and the input cache), gate only talks to MLflow.
 # skip: runs instead of fine-tune, evaluate and gate when the validate step decided to train nothing.
-CLUSTER_STEPS = ("validate", "parity", "fine-tune", "evaluate", "gate", "skip")
+CLUSTER_STEPS = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate", "skip")
 DEFAULT_STEP_SETTINGS: dict[str, dict[str, Any]] = {
     "validate": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi", "retries": 2},
     "parity": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "4Gi", "retries": 2},
     "fine-tune": {"cpu_request": "4", "cpu_limit": "8", "memory_request": "16Gi", "memory_limit": "16Gi",
                   "retries": 2},
     "evaluate": {"cpu_request": "2", "cpu_limit": "4", "memory_request": "4Gi", "memory_limit": "8Gi", "retries": 2},
+    "compress": {"cpu_request": "2", "cpu_limit": "4", "memory_request": "4Gi", "memory_limit": "8Gi", "retries": 2},
     # A retried gate would register a second model version for the same candidate: no retries by default.
     "gate": {"cpu_request": "500m", "cpu_limit": "1", "memory_request": "1Gi", "memory_limit": "2Gi", "retries": 0},
     "skip": {"cpu_request": "250m", "cpu_limit": "1", "memory_request": "512Mi", "memory_limit": "1Gi", "retries": 2},
@@ -566,6 +595,7 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
     selection: SelectionConfig = SelectionConfig()
+    deploy: DeployConfig = DeployConfig()
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

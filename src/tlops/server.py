@@ -181,13 +181,11 @@ class Batcher:
             return batch
 
     def _run(self) -> None:
-        import torch
-
         while True:
             batch = self._next_batch()
             predictor = batch[0].model.predictor
             try:
-                x = batch[0].x if len(batch) == 1 else torch.cat([job.x for job in batch])
+                x = batch[0].x if len(batch) == 1 else predictor.concat([job.x for job in batch])
                 proba = predictor.proba(x, max(self.max_batch, predictor.batch_size))
             except Exception as exc:  # the requests get the error; the thread lives on
                 for job in batch:
@@ -278,8 +276,7 @@ def decode_request(body: bytes, limits: ServeLimits, spec: Any = None) -> list[b
 
     With the model's preprocessing ``spec``, every image's header is read and the work it asks for bounded
     (see :class:`ServeLimits`) before any of them is decoded: a refused request never takes the model's lock."""
-    # Imported here, not at the top: `tlops serve` on a port in use fails before torch has loaded.
-    from tlops.serving import ImageInputError, check_work, image_bytes
+    from tlops.images import ImageInputError, check_work, image_bytes
 
     try:
         payload = json.loads(body)
@@ -476,7 +473,7 @@ class ScoringApp:
         return 200, json.dumps({"predictions": model.predictor.records(proba)}).encode(), model.headers()
 
     async def _predict(self, model: ServedModel, body: bytes, submitted: list[bool]) -> Any:
-        from tlops.serving import ImageInputError
+        from tlops.images import ImageInputError
 
         # JSON, base64, the image headers and the preprocessing off the event loop, each request on its own;
         # only the forward pass waits for the batch.
@@ -726,6 +723,13 @@ def load_served_model(model_uri: str, version: str | None = None) -> ServedModel
             name, version = (alias_name(model_uri), version) if version is not None else parse_model_uri(model_uri)
             info.update(name=name, version=version)
             uri = f"models:/{name}/{version}"
+            from tlops.compress.step import serving_variant_dir  # a compressed variant: served without torch
+
+            variant = serving_variant_dir(name, version)
+            if variant is not None:
+                from tlops.compress.runtime import served_model
+
+                return served_model(variant, info)
         pyfunc = mlflow.pyfunc.load_model(uri)
     except TlopsError as exc:
         # parse_model_uri says "no such model version" for any registry error: tell an unreachable server apart.
@@ -837,10 +841,13 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     sock = bind(host, port)
     holder = ModelHolder(load_served_model(model_uri))
     model = holder.current
-    import torch
+    used_threads = 1  # an ONNX variant (tlops.compress.runtime) runs on one thread of its own, without torch
+    if model.info.get("runtime") != "onnxruntime":
+        import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
     follower = None
     if poll_s and model_uri.startswith("models:/") and "@" in model_uri:
         follower = AliasFollower(holder, model_uri, poll_s).start()
@@ -862,10 +869,10 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     where = "loopback only" if host in ("127.0.0.1", "localhost", "::1") else "every client that can reach it"
     log.info("serving %s%s on http://%s:%d (%s): POST /invocations, GET /ping /health /version; "
              "limits %d bytes, %d instances, %d pixels per request; %d connections, %d per client, request heads "
-             "within %g s; %d torch threads; batches of up to %d images within %g ms; %s", model_uri,
+             "within %g s; %d threads; batches of up to %d images within %g ms; %s", model_uri,
              f" (version {model.info['version']})" if "version" in model.info else "", host, port, where,
              limits.max_bytes, limits.max_instances, limits.max_request_pixels, guard.max_connections,
-             guard.max_per_client, limits.header_timeout_s, torch.get_num_threads(), batcher.max_batch,
+             guard.max_per_client, limits.header_timeout_s, used_threads, batcher.max_batch,
              batch_window_ms, f"following the alias every {poll_s:g} s" if follower else "version pinned")
     try:
         server.run(sockets=[sock])

@@ -444,6 +444,28 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     return {"metrics": numbers, "categories": cm["categories"], "matrix": cm["matrix"]}
 
 
+@step
+def compress_step(plan_path: str, manifest_path: str, model_uri: str, metrics_path: str,
+                  compression_path: str) -> str:
+    """Build the compressed serving variants of ``deploy.variants`` (none: nothing to do), check their parity,
+    measure them on the test split against the uncompressed candidate; the gate decides on them. Returns the
+    variants built, comma-separated."""
+    from tlops.compress.step import run_step
+    from tlops.data import read_manifest
+    from tlops.plan import RunPlan
+
+    plan = RunPlan.read(plan_path)
+    cfg = own_disk(plan.config)
+    if not cfg.deploy.variants:
+        record = run_step(cfg, plan.run_id, model_uri, read_manifest(manifest_path), None, {})
+    else:
+        with _mlflow_run(cfg, plan.run_id):
+            record = run_step(cfg, plan.run_id, model_uri, read_manifest(manifest_path),
+                              lambda rows: _pixels(cfg, rows), read_json(metrics_path))
+    write_json(compression_path, record)
+    return ",".join(n for n, r in record["variants"].items() if "error" not in r)
+
+
 def gate_evidence(plan: Any, parity_report: dict[str, Any], serving: dict[str, Any]) -> dict[str, str]:
     """What the gate decides on and records, from its declared inputs: the run plan (validation verdict,
     data hash), the parity step's report and the fine-tune step's serving check."""
@@ -462,7 +484,7 @@ def gate_evidence(plan: Any, parity_report: dict[str, Any], serving: dict[str, A
 
 @step
 def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: str, serving_path: str,
-              decision_path: str) -> str:
+              decision_path: str, compression_path: str = "") -> str:
     """Register the candidate with its evidence, decide, move the aliases. Returns the run summary as JSON.
 
     Everything the decision rests on is a declared input: the run plan (validation verdict), the parity
@@ -492,6 +514,11 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
         decision = registry.apply_decision(name, version, decision, via=f"pipeline {plan.pipeline_run}".strip())
         mlflow.set_tags({"gate.decision": decision.decision, "gate.stale": str(decision.stale).lower(),
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
+        variants = None
+        if compression_path:  # compressed variants: the chosen one becomes the version's serving artifact
+            from tlops.compress.step import record_on_version
+
+            variants = record_on_version(name, version, read_json(compression_path), cfg.gate)
         summary = {
             "run_id": run.info.run_id,
             "tracking_uri": tracking.redact(tracking.resolve_tracking_uri(cfg)),
@@ -513,6 +540,9 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
             "backbone": cfg.backbone, "backbone_reason": tags.get("backbone.selection_reason"),
             "strategy": cfg.train.strategy, "strategy_reason": tags.get("similarity.why"),
         }
+        if variants and variants["variants"]:
+            summary["serving_variant"] = variants["serving_variant"]
+            summary["variant_reasons"] = {n: r["reasons"] for n, r in variants["variants"].items()}
         mlflow.log_dict(summary, "gate/decision.json")
     write_json(decision_path, summary)
     return json.dumps(summary)

@@ -9,7 +9,7 @@ import pytest
 from kfp import dsl, local
 from kfp.dsl import Artifact, Dataset
 
-from components import evaluate, fine_tune, gate, parity, validate
+from components import compress, evaluate, fine_tune, gate, parity, validate
 from tests.conftest import write_config
 from tlops.config import load_config
 from tlops.fileio import read_json
@@ -105,13 +105,27 @@ def test_evaluate_scores_the_test_split(scored) -> None:
     assert "champion" not in evaluation
 
 
-def test_gate_registers_and_promotes_the_first_version(env: dict, validated, checked, trained, scored) -> None:
+@pytest.fixture(scope="module")
+def compressed(env: dict, validated, trained, scored):
+    return StepRun(env["root"], compress, str, {**plan_input(validated),
+                                                "evaluation": (scored.path("evaluation"), Artifact)},
+                   model_uri=trained.output)
+
+
+def test_compress_without_variants_writes_an_empty_record(compressed) -> None:
+    assert compressed.output == ""
+    assert read_json(compressed.path("compression"))["variants"] == {}
+
+
+def test_gate_registers_and_promotes_the_first_version(env: dict, validated, checked, trained, scored,
+                                                       compressed) -> None:
     import mlflow
 
     decided = StepRun(env["root"], gate, str, {
         "run_plan": (validated.path("run_plan"), Artifact), "evaluation": (scored.path("evaluation"), Artifact),
         "parity_report": (checked.path("report"), Artifact),
-        "serving_parity": (trained.path("serving_parity"), Artifact)}, model_uri=trained.output)
+        "serving_parity": (trained.path("serving_parity"), Artifact),
+        "compression": (compressed.path("compression"), Artifact)}, model_uri=trained.output)
     summary = json.loads(decided.output)
     assert read_json(decided.path("decision"))["decision"] == "promote"
     assert summary["decision"] == "promote" and summary["model_version"] == "1"

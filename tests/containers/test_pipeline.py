@@ -31,7 +31,7 @@ PREFIX = "digits"
 TRAIN = {"train__strategy": "partial", "train__epochs": 2, "train__batch_size": 8, "train__checkpoint_every_steps": 1,
          "train__lr": 0.003, "preprocess__image_size": 48, "evaluation__latency_images": 5,
          "evaluation__bootstrap_resamples": 200}
-STEPS = ("validate", "parity", "fine-tune", "evaluate", "gate")
+STEPS = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate")
 
 
 @pytest.fixture(scope="module")

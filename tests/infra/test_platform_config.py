@@ -22,7 +22,7 @@ from tests.infra.conftest import (
     validate_manifest,
 )
 
-TASKS = ("validate", "parity", "fine-tune", "evaluate", "gate", "skip")
+TASKS = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate", "skip")
 # What kfp-kubernetes writes for this pipeline; anything else set in a step's config is a surprise.
 EXPECTED_FIELDS = {"secret_as_env", "node_selector", "tolerations"}
 TOLERATION_OPERATORS = {"Exists", "Equal"}

@@ -158,7 +158,7 @@ def test_submit_starts_a_run_with_the_compiled_pipeline(api: KfpApi, tmp_path: P
     assert json.loads(params["config_json"])["cluster"]["image"] == "registry.example/tlops:7"
     ir = pipeline_doc(body)
     assert ir["pipelineInfo"]["name"] == "tlops-transfer-learning"
-    assert set(ir_tasks(ir)) == {"validate", "parity", "fine-tune", "evaluate", "gate", "skip"}
+    assert set(ir_tasks(ir)) == {"validate", "parity", "fine-tune", "evaluate", "compress", "gate", "skip"}
     images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example/tlops:7"}
     # The platform spec (secrets) travels with it, and the compiled caching choice is kept.

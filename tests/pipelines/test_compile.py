@@ -16,7 +16,7 @@ def test_compiled_ir_loads_back_and_names_every_task(tmp_path: Path) -> None:
     assert loaded.name == "tlops-transfer-learning"
     ir = next(yaml.safe_load_all(out.read_text()))  # then the platform spec (secrets, placement)
     tasks = ir_tasks(ir)
-    assert set(tasks) == {"validate", "parity", "fine-tune", "evaluate", "gate", "skip"}
+    assert set(tasks) == {"validate", "parity", "fine-tune", "evaluate", "compress", "gate", "skip"}
     # The DAG order: each step depends on the one before it.
     assert "validate" in tasks["parity"]["dependentTasks"]
     assert "fine-tune" in tasks["evaluate"]["dependentTasks"]
@@ -28,7 +28,7 @@ def test_compiled_ir_loads_back_and_names_every_task(tmp_path: Path) -> None:
     assert "validate-Output" in train
     # What crosses between steps is declared: every later step takes the validate step's run plan as an input
     # artifact, and the gate takes the parity report and the serving check (so it depends on parity).
-    for name in ("parity", "fine-tune", "evaluate", "gate", "skip"):
+    for name in ("parity", "fine-tune", "evaluate", "compress", "gate", "skip"):
         plan = tasks[name]["inputs"]["artifacts"]["run_plan"]
         assert plan.get("taskOutputArtifact", {}).get("producerTask") == "validate" or \
             plan.get("componentInputArtifact") == "pipelinechannel--validate-run_plan", (name, plan)
@@ -51,7 +51,7 @@ def test_compile_into_a_missing_directory_is_a_clear_error(tmp_path: Path) -> No
 # ------------------------------------------------------------------ the cluster settings in the compiled YAML
 
 CLUSTER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "cluster.yaml"
-TASKS = ("validate", "parity", "fine-tune", "evaluate", "gate", "skip")
+TASKS = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate", "skip")
 
 
 def load_compiled(path: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:

@@ -1,0 +1,103 @@
+"""The compress step in the whole pipeline (`tlops run` with deploy.variants): the gate registers the candidate
+and the variant it accepts as the version's serving artifact; `tlops audit` and `tlops parity` show it; `tlops
+serve` serves it without torch and answers as the offline evaluation; a pruning target that cannot be reached
+is one line and the candidate is still registered."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, run_cli, stop, wait_until_up, write_config
+
+pytestmark = pytest.mark.slow
+NAME = "compress-digits"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path) -> dict:
+    cwd = tmp_path_factory.mktemp("compress-run")
+    cfg = write_config(cwd / "c.yaml", cwd / ".tlops", registry__model_name=NAME,
+                       deploy__variants=["onnx", "int8"], deploy__calibration_images=24,
+                       evaluation__latency_images=5, evaluation__bootstrap_resamples=200)
+    run = run_cli("run", "--config", str(cfg), "--data", str(tiny_digits), cwd=cwd, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    return {"cwd": cwd, "cfg": cfg, "run": run, "uri": f"sqlite:///{cwd / '.tlops' / 'mlflow.db'}"}
+
+
+def _tags(store: dict, version: str = "1") -> dict[str, str]:
+    import mlflow
+
+    c = mlflow.MlflowClient(tracking_uri=store["uri"], registry_uri=store["uri"])
+    return dict(c.get_model_version(NAME, version).tags)
+
+
+def test_the_gate_registers_the_accepted_variant_as_the_serving_artifact(store: dict) -> None:
+    tags = _tags(store)
+    assert tags["variant.onnx"] == "accepted"  # the float graph: the candidate's predictions exactly
+    assert tags["serving.variant"] in ("onnx", "int8")
+    assert tags["serving.artifact"].endswith(f"/variants/{tags['serving.variant']}")
+    assert tags["serving.fingerprint"] == tags["preprocess.fingerprint"]
+    assert tags["serving.parity"] == "pass"
+    assert "variant.int8" in tags
+    assert f"serving        variant {tags['serving.variant']}" in store["run"].stdout
+    assert "onnx: parity passed" in store["run"].stdout
+    audit = run_cli("audit", "--model", NAME, "--config", str(store["cfg"]), cwd=store["cwd"])
+    assert audit.returncode == 0, audit.stderr
+    assert tags["serving.variant"] in audit.stdout.splitlines()[-1]
+    parity = run_cli("parity", "--model", f"models:/{NAME}/1", "--config", str(store["cfg"]), cwd=store["cwd"])
+    assert parity.returncode == 0, parity.stdout + parity.stderr
+    assert f"serving variant {tags['serving.variant']}: pass" in parity.stdout
+
+
+def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Path) -> None:
+    from tests.registry_fixtures import restored_mlflow_uris, use_store
+    from tlops.compress.runtime import OnnxPredictor
+    from tlops.compress.step import serving_variant_dir
+
+    images = [p.read_bytes() for p in sorted(tiny_digits.glob("*/*.png"))[:6]]
+    with restored_mlflow_uris():
+        use_store(store["uri"])
+        offline = list(OnnxPredictor(serving_variant_dir(NAME, "1")).predict_frame(images)["label"])
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = store["uri"]
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", f"models:/{NAME}@champion",
+                             "--port", str(port)], cwd=store["cwd"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 120)
+        ready_s = time.monotonic() - started
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=30) as resp:
+            info = json.loads(resp.read())
+        assert info["runtime"] == "onnxruntime" and info["version"] == "1"
+        body = json.dumps({"instances": [{"image": base64.b64encode(b).decode()} for b in images]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        assert [p["label"] for p in answer["predictions"]] == offline
+        print(f"serve ready in {ready_s:.1f} s")
+    finally:
+        stop(proc, group=True)
+
+
+def test_an_unreachable_pruning_target_is_one_line_and_the_candidate_is_registered(store: dict,
+                                                                                   tiny_digits: Path) -> None:
+    run = run_cli("run", "--config", str(store["cfg"]), "--data", str(tiny_digits), "--set",
+                  "deploy.variants=[pruned]", "--set", "deploy.prune_target_mb=0.001", cwd=store["cwd"], timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tags = _tags(store, "2")
+    assert tags["serving.variant"] == "none"
+    assert tags["variant.pruned"] == "refused"
+    assert "deploy.prune_target_mb 0.001: cannot be reached" in tags["variant.pruned.reason"]
+    assert "\n" not in tags["variant.pruned.reason"]

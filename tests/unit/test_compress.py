@@ -1,0 +1,182 @@
+"""Compressed serving variants on a real linear probe (EfficientNet-Lite0, ImageNet weights, tiny digits at 32 px):
+ONNX round trip, int8, the gate's refusal, parity, the torch-free runtime, serving, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tlops.compress import variants as V
+from tlops.compress.runtime import OnnxPredictor, served_model
+from tlops.config import GateConfig, load_config
+from tlops.errors import TlopsError
+from tlops.fileio import read_json
+from tlops.serving import Predictor, load_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def images(tiny_digits: Path) -> tuple[list[bytes], list[str]]:
+    paths = sorted(tiny_digits.glob("*/*.png"))[::3]
+    return [p.read_bytes() for p in paths], [p.parent.name for p in paths]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, spec, _classes = load_model_dir(tiny_models["good"])
+    return V.build_onnx(model, spec, read_json(tiny_models["good"] / "model.json"),
+                        tmp_path_factory.mktemp("variants") / "onnx")
+
+
+def _golden(images: tuple[list[bytes], list[str]]) -> list[tuple[str, bytes]]:
+    from tlops.parity import edge_case_images
+
+    return [(f"digit-{i}.png", b) for i, b in enumerate(images[0][:4])] + edge_case_images()
+
+
+def test_onnx_round_trip_matches_pytorch(tiny_models: dict[str, Path], onnx_dir: Path,
+                                         images: tuple[list[bytes], list[str]]) -> None:
+    model, spec, classes = load_model_dir(tiny_models["good"])
+    expected = Predictor(model, spec, classes).predict_proba(images[0])
+    onnx = OnnxPredictor(onnx_dir)
+    got = onnx.predict_proba(images[0])
+    assert onnx.classes == classes and onnx.spec.fingerprint == spec.fingerprint
+    assert np.abs(expected - got).max() < 1e-4
+    assert (expected.argmax(1) == got.argmax(1)).all()
+    report = V.parity(onnx_dir, model, spec, _golden(images), "onnx")
+    assert report["status"] == "pass", report["errors"]
+    assert max(r["max_abs_tensor_diff"] for r in report["images"]) <= V.TENSOR_ATOL  # PIL+numpy == torchvision
+
+
+def test_parity_catches_a_graph_that_changed_the_preprocessing(tiny_models: dict[str, Path], tmp_path: Path,
+                                                               images: tuple[list[bytes], list[str]]) -> None:
+    model, spec, _classes = load_model_dir(tiny_models["good"])
+
+    class ChannelsSwapped(torch.nn.Module):  # BGR inside the graph: the spec on file still says RGB
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.head = inner, inner.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.flip(1) * 1.5)
+
+    target = V.build_onnx(ChannelsSwapped(model), spec, read_json(tiny_models["good"] / "model.json"), tmp_path / "v")
+    report = V.parity(target, model, spec, _golden(images), "onnx")
+    assert report["status"] == "fail"
+    assert "golden images differ from the PyTorch model" in report["errors"][0]
+
+
+def test_gate_refuses_a_variant_that_breaks_accuracy(tiny_models: dict[str, Path], onnx_dir: Path, tmp_path: Path,
+                                                     images: tuple[list[bytes], list[str]]) -> None:
+    from tlops.compress.step import gate_variants
+
+    model, spec, classes = load_model_dir(tiny_models["good"])
+    labels = [classes[i] for i in Predictor(model, spec, classes).predict_proba(images[0]).argmax(1)]
+    correct = [p == t for p, t in zip(labels, images[1], strict=True)]
+    candidate = {"accuracy": sum(correct) / len(correct)}
+    worse_model, _, _ = load_model_dir(tiny_models["worse"])  # two classes swapped in the head
+    broken = V.build_onnx(worse_model, spec, read_json(tiny_models["worse"] / "model.json"), tmp_path / "broken")
+    good, bad = (V.measure(d, images[0], images[1], correct, latency_images=3) for d in (onnx_dir, broken))
+    for rec, source in ((good, model), (bad, worse_model)):
+        rec["parity"] = V.parity(onnx_dir if rec is good else broken, source, spec, _golden(images), "onnx")
+    assert good["comparison"]["difference"] == 0.0 and good["size_bytes"] > 0
+    assert good["latency"]["p50_ms"] > 0 and good["latency"]["images_per_s"] > 0
+    decided = gate_variants({"candidate": candidate, "variants": {"onnx": good, "int8": bad}}, GateConfig())
+    assert decided["variants"]["onnx"]["accepted"]
+    assert not decided["variants"]["int8"]["accepted"]
+    assert any("over gate.max_compression_drop 0.005" in r for r in decided["variants"]["int8"]["reasons"])
+    assert decided["serving_variant"] == "onnx"
+    # A latency budget no variant meets: none is chosen, each says why.
+    strict = gate_variants({"candidate": candidate, "variants": {"onnx": good}},
+                           GateConfig(variant_max_latency_p95_ms=1e-6))
+    assert strict["serving_variant"] is None
+    assert any("gate.variant_max_latency_p95_ms" in r for r in strict["variants"]["onnx"]["reasons"])
+
+
+def test_int8_is_smaller_and_close(tiny_models: dict[str, Path], onnx_dir: Path, tmp_path: Path,
+                                   tiny_digits: Path, images: tuple[list[bytes], list[str]]) -> None:
+    model, spec, classes = load_model_dir(tiny_models["good"])
+    calibration = [p.read_bytes() for p in sorted(tiny_digits.glob("*/*.png"))[1::3][:24]]
+    int8 = V.build_int8(onnx_dir, calibration, tmp_path / "int8")
+    assert (int8 / "model.onnx").stat().st_size * 3 < (onnx_dir / "model.onnx").stat().st_size
+    assert read_json(int8 / "variant.json")["calibration_images"] == 24
+    expected = Predictor(model, spec, classes).predict_proba(images[0])
+    got = OnnxPredictor(int8).predict_proba(images[0])
+    assert (expected.argmax(1) == got.argmax(1)).mean() >= 0.9
+    report = V.parity(int8, model, spec, _golden(images), "int8")
+    assert report["fingerprint"] == spec.fingerprint
+    assert report["tolerance"]["probability"] == V.PROB_ATOL["int8"]
+
+
+def test_runtime_serves_without_importing_torch(onnx_dir: Path, images: tuple[list[bytes], list[str]],
+                                                tmp_path: Path) -> None:
+    sample = tmp_path / "x.png"
+    sample.write_bytes(images[0][0])
+    code = ("import sys, json; from tlops.compress.runtime import OnnxPredictor; "
+            f"p = OnnxPredictor({str(onnx_dir)!r}); f = p.predict_frame([open({str(sample)!r}, 'rb').read()]); "
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'label': f['label'][0]}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["torch"] is False
+    assert result["label"] == OnnxPredictor(onnx_dir).predict_frame([images[0][0]])["label"][0]
+
+
+def _post(app: Any, body: bytes) -> tuple[int, dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_served_variant_answers_as_offline_evaluation(onnx_dir: Path, images: tuple[list[bytes], list[str]],
+                                                      tiny_models: dict[str, Path]) -> None:
+    from tlops.server import ScoringApp, ServeLimits
+
+    model = served_model(onnx_dir, {"model": "test"})
+    assert model.info["runtime"] == "onnxruntime"
+    app = ScoringApp(model, ServeLimits())
+    sample = images[0][:6]
+    body = json.dumps({"instances": [{"image": base64.b64encode(b).decode()} for b in sample]}).encode()
+    status, answer = _post(app, body)
+    assert status == 200, answer
+    offline = V.measure(onnx_dir, sample, images[1][:6], [True] * 6, latency_images=1)
+    assert [p["label"] for p in answer["predictions"]] == offline["labels"]
+
+
+def test_bad_input_is_one_line(tiny_models: dict[str, Path]) -> None:
+    with pytest.raises(TlopsError, match=r"field deploy.variants: .*unknown variant 'tflite'; choose from onnx"):
+        load_config(None, ["deploy.variants=onnx,tflite"])
+    with pytest.raises(V.CompressError, match="unknown variant 'fp4'"):
+        V.check_names(["onnx", "fp4"])
+
+    class Svd(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.svdvals(x.mean(1))
+
+    with pytest.raises(V.CompressError) as err:
+        V.export_graph(Svd(), 8, "svdnet")
+    assert "backbone svdnet: the ONNX exporter cannot handle it" in str(err.value)
+    assert "\n" not in str(err.value)
+    model, spec, _classes = load_model_dir(tiny_models["good"])
+    with pytest.raises(V.CompressError, match=r"deploy.prune_target_mb 0.001: cannot be reached"):
+        V.prune(model, spec.crop_size, 1000, max_ratio=0.5, step=0.5)
