@@ -5,7 +5,7 @@ cluster config (``pipelines.transfer_learning.apply_cluster``).
 """
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.image import DEFAULT_IMAGE
 
@@ -49,11 +49,12 @@ def evaluate(run_plan: Input[Artifact], model_uri: str, manifest: Input[Dataset]
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def gate(run_plan: Input[Artifact], model_uri: str, evaluation: Input[Artifact], parity_report: Input[Artifact],
-         serving_parity: Input[Artifact], decision: Output[Artifact]) -> str:
+         serving_parity: Input[Artifact], decision: Output[Artifact], decision_markdown: Output[Markdown],
+         report_html: Output[HTML]) -> str:
     from tlops.steps import gate_step
 
     return gate_step(run_plan.path, model_uri, evaluation.path, parity_report.path, serving_parity.path,
-                     decision.path)
+                     decision.path, decision_markdown.path, report_html.path)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
