@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -254,8 +255,10 @@ def log_datasets(rows: Any, data_uri: str, manifest_hash: str) -> None:
         part = rows.loc[rows["split"] == split, columns].reset_index(drop=True)
         if part.empty:
             continue
-        dataset = from_pandas(part, source=data_uri, targets="label", name=f"{name}-{split}",
-                                          digest=manifest_hash[:12])
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all local artifacts
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = from_pandas(part, source=data_uri, targets="label", name=f"{name}-{split}",
+                                  digest=manifest_hash[:12])
         mlflow.log_input(dataset, context=split)
 
 
