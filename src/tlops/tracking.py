@@ -223,8 +223,17 @@ def run_params(cfg: Config) -> dict[str, str]:
     params.update({f"data.{k}": str(data[k]) for k in ("uri", "val_fraction", "test_fraction")})
     params.update(flatten({k: v for k, v in dumped["preprocess"].items() if v is not None}, "preprocess."))
     train = {k: v for k, v in dumped["train"].items() if k not in _TRAIN_OPERATIONAL and v is not None}
-    if not cfg.train.augment.random_resized_crop:
-        train["augment"] = {k: v for k, v in train["augment"].items() if k not in ("crop_scale", "crop_ratio")}
+    strategy = cfg.train.strategy
+    if strategy == "linear-probe":  # L-BFGS on cached features: the gradient settings do not apply
+        train = {k: v for k, v in train.items() if k in ("strategy", "epochs", "l2_grid", "batch_size", "seed")}
+    else:
+        train.pop("l2_grid", None)
+        if strategy != "partial":
+            train.pop("frozen_stages", None)
+        if strategy != "gradual":
+            train = {k: v for k, v in train.items() if not k.startswith("gradual_")}
+        if not cfg.train.augment.random_resized_crop:
+            train["augment"] = {k: v for k, v in train["augment"].items() if k not in ("crop_scale", "crop_ratio")}
     params.update(flatten(train, "train."))
     params.update({f"gate.{k}": str(dumped["gate"][k]) for k in _GATE_PARAMS if dumped["gate"][k] is not None})
     return params
