@@ -213,7 +213,8 @@ def test_mlflow_ui_shows_datasets_and_the_decision(two_runs: dict, tmp_path: Pat
     run = client.get_run(v2.run_id)
     shots = _shots(tmp_path)
     with running_mlflow_server(two_runs["cwd"] / ".tlops") as url:
-        run_page = f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        # MLflow 3.17's UI also has a per-browser "GenAI / Model training" switch (default GenAI): set it as a link can.
+        run_page = f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
         html = browser.dom(run_page, wait_ms=20000)
         assert run.info.run_name in html and "digits-train" in html and "digits-test" in html, html[-3000:]
         browser.screenshot(run_page, shots / "mlflow-run.png", height=1400, wait_ms=20000)
