@@ -110,7 +110,7 @@ def test_the_run_says_what_trained_it_in_mlflow(two_runs: dict, tiny_digits: Pat
     """Datasets per split (source, content hash as digest), a readable name, params a person can scan, the
     experiment's kind, the logged model named after the registered one, system metrics from the fine-tune step."""
     client = _store(two_runs)
-    v2 = client.get_model_version("tiny-digits", "2")
+    v2 = client.get_model_version_by_alias("tiny-digits", "champion")
     run = client.get_run(v2.run_id)
     digest = run.data.tags["data.manifest_hash"][:12]
     assert run.info.run_name == f"efficientnet_lite0 linear-probe on digits@{digest}"
@@ -129,7 +129,7 @@ def test_the_run_says_what_trained_it_in_mlflow(two_runs: dict, tiny_digits: Pat
     assert len(params) < 40 and not any(k.startswith(("cluster.", "tracking.", "selection.")) for k in params)
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert client.get_logged_model(v2.model_id).name == "tiny-digits"
+    assert client.get_logged_model(v2.model_id or v2.source.removeprefix("models:/")).name == "tiny-digits"
     assert "system/cpu_utilization_percentage" in run.data.metrics
     assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
     # The whole config, cluster section included, is the artifact.
