@@ -61,11 +61,13 @@ def compress(run_plan: Input[Artifact], model_uri: str, manifest: Input[Dataset]
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def gate(run_plan: Input[Artifact], model_uri: str, evaluation: Input[Artifact], parity_report: Input[Artifact],
-         serving_parity: Input[Artifact], compression: Input[Artifact], decision: Output[Artifact]) -> str:
+         serving_parity: Input[Artifact], compression: Input[Artifact], decision: Output[Artifact],
+         decision_markdown: Output[Markdown], report_html: Output[HTML]) -> str:
     from tlops.steps import gate_step
 
     return gate_step(run_plan.path, model_uri, evaluation.path, parity_report.path, serving_parity.path,
-                     decision.path, compression.path)
+                     decision.path, compression_path=compression.path, markdown_path=decision_markdown.path,
+                     html_path=report_html.path)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)

@@ -5,7 +5,7 @@ are as ``[tlops-progress] {json}`` lines (``tlops.progress``), which kfp streams
 where ``pipelines.local._Tee`` hands them to a view.
 
 - ``LiveView`` (stdout is a terminal): a rich display at the bottom of the screen with the pipeline's step
-  (``step 3/5 fine-tune``), the current work with its bar, count, rate and time left (or the phase, with a
+  (``step 3/6 fine-tune``), the current work with its bar, count, rate and time left (or the phase, with a
   spinner), and elapsed times; the steps' ``[tlops]`` lines and each finished step scroll above it.
 - ``PlainView`` (a pipe, a CI log): the lines as before, and each progress event as one line, a counter at most
   every ``PLAIN_EVERY_S`` seconds (and always its first and last update).
@@ -22,7 +22,7 @@ from tlops.progress import PREFIX, describe, format_seconds
 
 EVENT = re.compile(re.escape(PREFIX) + r"(\{.*\})\s*$")
 PLAIN_EVERY_S = 5.0
-STEPS = ("validate", "parity", "fine-tune", "evaluate", "gate")
+STEPS = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate")
 
 
 def parse_event(line: str) -> dict[str, Any] | None:

@@ -490,6 +490,9 @@ th { background: #edf2f7; } td:first-child, th:first-child { text-align: left; }
 .good { color: #276749; font-weight: 600; } .bad { color: #c53030; font-weight: 600; }
 .figs { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 .figs img { border: 1px solid #e2e8f0; max-width: 100%; }
+.decision { font-size: 20px; font-weight: 700; padding: 8px 14px; display: inline-block; border-radius: 4px; }
+.decision.good { background: #c6f6d5; } .decision.bad { background: #fed7d7; } .decision.wait { background: #fefcbf; }
+ul.reasons { font-size: 13px; margin: 6px 0; } code { font-size: 12px; word-break: break-all; }
 """
 
 
@@ -511,8 +514,72 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def report_html(result: dict[str, Any], pngs: dict[str, bytes], title: str = "tlops evaluation") -> str:
-    """One self-contained page: headline table, comparison, figures, per-class, slices, serving figures."""
+def _img_tag(name: str, data: bytes) -> str:
+    return f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+
+
+def release_html(release: dict[str, Any]) -> list[str]:
+    """The gate's part of the report: decision and reasons, model version, preprocessing fingerprint, the data
+    and the training curves. ``release`` keys: decision, reasons, model_name, version, compared_with,
+    fingerprint, reference_fingerprint, declared, data (uri, manifest_hash, files, classes, splits), curves
+    (PNG bytes)."""
+    esc = html.escape
+    decision = str(release.get("decision", "?"))
+    cls = {"promote": "good", "reject": "bad"}.get(decision, "wait")
+    against = (f"compared with champion version {esc(str(release['compared_with']))}"
+               if release.get("compared_with") else "no champion to compare with")
+    parts = [f"<h2>Gate decision</h2><p><span class='decision {cls}'>{esc(decision.upper())}</span> "
+             f"&nbsp; {esc(str(release.get('model_name', '')))} version <b>{esc(str(release.get('version', '?')))}"
+             f"</b> &middot; {against}</p>",
+             "<ul class='reasons'>" + "".join(f"<li>{esc(r)}</li>" for r in release.get("reasons", [])) + "</ul>"]
+    fingerprint = str(release.get("fingerprint", ""))
+    reference = str(release.get("reference_fingerprint", ""))
+    parts += ["<h2>Preprocessing</h2>", _table(["figure", "value"], [
+        ["fingerprint (the spec the model was trained and is served with)", f"<code>{esc(fingerprint)}</code>"],
+        ["the backbone's reference", "the same" if reference == fingerprint else f"<code>{esc(reference)}</code>"],
+        ["declared differences", esc(str(release.get("declared") or "none"))],
+    ])]
+    data = release.get("data") or {}
+    if data:
+        splits = data.get("splits") or {}
+        rows = [["source", f"<code>{esc(str(data.get('uri', '')))}</code>"],
+                ["content hash (images, labels, splits)", f"<code>{esc(str(data.get('manifest_hash', '')))}</code>"],
+                ["images", _num(data.get("files"))], ["classes", _num(data.get("classes"))]]
+        rows += [[f"{split} split", f"{_num(splits[split])} images"] for split in ("train", "val", "test")
+                 if split in splits]
+        parts += ["<h2>Data</h2>", _table(["figure", "value"], rows)]
+    if release.get("curves"):
+        parts += ["<h2>Training curves</h2><div class='figs'>", _img_tag("training curves", release["curves"]),
+                  "</div>"]
+    return parts
+
+
+def release_markdown(release: dict[str, Any], result: dict[str, Any], run_id: str = "") -> str:
+    """The gate's decision for a KFP Markdown output: decision, reasons, headline figures, fingerprint, data."""
+    cand, champ = result["candidate"], result.get("champion")
+    against = (f"compared with champion version {release['compared_with']}" if release.get("compared_with")
+               else "no champion to compare with")
+    lines = [f"## Gate: {str(release.get('decision', '?')).upper()} — {release.get('model_name', '')} version "
+             f"{release.get('version', '?')}", "", f"{against[0].upper()}{against[1:]}.", ""]
+    lines += [f"- {r}" for r in release.get("reasons", [])]
+    lines += ["", "| figure | candidate | champion |", "|---|---|---|"]
+    for label, key in (("test accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("ECE", "ece")):
+        lines.append(f"| {label} | {_num(cand.get(key))} | {_num(champ.get(key)) if champ else '–'} |")
+    data = release.get("data") or {}
+    splits = ", ".join(f"{k} {v}" for k, v in (data.get("splits") or {}).items())
+    lines += ["", f"Preprocessing fingerprint `{release.get('fingerprint', '')}`.", "",
+              f"Data `{data.get('uri', '')}`, content hash `{data.get('manifest_hash', '')}`"
+              + (f" ({splits} images)." if splits else "."), ""]
+    if run_id:
+        lines.append(f"MLflow run `{run_id}`" + (f"; report {result['report']}" if result.get("report") else "")
+                     + ".")
+    return "\n".join(lines) + "\n"
+
+
+def report_html(result: dict[str, Any], pngs: dict[str, bytes], title: str = "tlops evaluation",
+                release: dict[str, Any] | None = None) -> str:
+    """One self-contained page: with ``release`` (the gate's, see ``release_html``) the decision first, then the
+    headline table, comparison, figures, per-class, slices, serving figures."""
     esc = html.escape
     cand, champ, comp = result["candidate"], result.get("champion"), result.get("comparison")
     headline: list[list[str]] = []
@@ -538,6 +605,7 @@ def report_html(result: dict[str, Any], pngs: dict[str, bytes], title: str = "tl
         f"<h1>{esc(title)}</h1>",
         f"<p class='sub'>{esc(str(result.get('model_uri', '')))} &middot; {cand['n']} test images &middot; "
         f"{esc(str(result.get('evaluated_at', '')))}</p>",
+        *(release_html(release) if release else []),
         "<h2>Headline</h2>",
         _table(["metric", "candidate", champ_name, "difference"], headline),
     ]
@@ -561,7 +629,7 @@ def report_html(result: dict[str, Any], pngs: dict[str, bytes], title: str = "tl
         parts.append("<p>No champion yet: only the absolute thresholds apply.</p>")
     parts.append("<h2>Figures</h2><div class='figs'>")
     for name, data in pngs.items():
-        parts.append(f"<img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+        parts.append(_img_tag(name, data))
     parts.append("</div>")
     per_rows = []
     for c, m in cand["per_class"].items():

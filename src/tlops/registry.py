@@ -5,12 +5,16 @@ mode, by ``tlops promote`` after a person's approval, by ``tlops rollback``); ``
 newest candidate that passed every check and is not the champion yet: the one awaiting approval in
 manual mode. It goes when a version at or above it becomes the champion.
 
-History: every move of ``champion`` is one registered-model tag ``tlops.history.<seq>.<random>`` whose
-value is the event as JSON (who, when in UTC, action, from version, to version, reason, via). A new
-event always gets a new key, so events are only ever added, never rewritten, even if two writers were
-to pick the same sequence number; each tag stays far below the 5000-character value limit of MLflow's
-SQL stores. The history lives in the registry itself, beside the aliases it explains, on SQLite and on
-an MLflow server alike.
+History: every move of ``champion`` is one model-version tag ``tlops.history.<seq>.<random>`` on the version
+that became the champion, whose value is the event as JSON (who, when in UTC, action, from version, to version,
+reason, via). A new event always gets a new key, so events are only ever added, never rewritten, even if two
+writers were to pick the same sequence number; each tag stays far below the 5000-character value limit of
+MLflow's SQL stores. The history lives in the registry itself, beside the aliases it explains, on SQLite and on
+an MLflow server alike, but off the registered model's own page (its tags stay empty, so the page opens on the
+list of versions); stores written when the events were registered-model tags are still read.
+
+The gate's decision and its reasons are also the version's description (Markdown), which the MLflow UI shows
+on the version's page and in the versions list.
 """
 
 from __future__ import annotations
@@ -498,11 +502,17 @@ class HistoryEvent:
         return json.dumps(record, sort_keys=True)
 
 
+def _history_tags(name: str) -> Iterator[tuple[str, str]]:
+    """Every history tag of the model: on its versions, and on the registered model itself in older stores."""
+    yield from require_model(name).tags.items()
+    for mv in client().search_model_versions(f"name='{name}'"):
+        yield from mv.tags.items()
+
+
 def history(name: str) -> list[HistoryEvent]:
     """Every recorded move of ``champion``, oldest first."""
-    tags = require_model(name).tags
     events = []
-    for key, raw in tags.items():
+    for key, raw in _history_tags(name):
         if not key.startswith(HISTORY_PREFIX):
             continue
         try:
@@ -521,8 +531,34 @@ def append_history(name: str, action: str, from_version: str | None, to_version:
                          action=action, from_version=from_version, to_version=str(to_version),
                          reason=reason[:1500], via=via[:200])
     event.key = f"{HISTORY_PREFIX}{seq:06d}.{uuid.uuid4().hex[:8]}"
-    client().set_registered_model_tag(name, event.key, event.to_json())
+    client().set_model_version_tag(name, event.to_version, event.key, event.to_json())
     return event
+
+
+DESCRIPTION_LIMIT = 4900  # MLflow's SQL stores hold 5000 characters per model version description
+
+
+def describe(decision: Decision, notes: list[str] | None = None) -> str:
+    """The version's description: the gate's decision as a heading, then each reason, then ``notes`` (where the
+    evidence is). Markdown, as the MLflow UI renders it."""
+    head = {"promote": "PROMOTE", "reject": "REJECT", "needs-approval": "NEEDS APPROVAL"}.get(
+        decision.decision, decision.decision.upper())
+    against = (f"compared with champion version {decision.compared_with}" if decision.compared_with
+               else "no champion to compare with")
+    lines = [f"**Gate: {head}** ({against}; {decision.extra.get('mode', 'auto')} mode)"
+             + (", stale comparison" if decision.stale else ""), ""]
+    lines += [f"- {r}" for r in decision.reasons]
+    if notes:
+        lines += ["", *notes]
+    text = "\n".join(lines)
+    return text if len(text) <= DESCRIPTION_LIMIT else text[: DESCRIPTION_LIMIT - 1] + "…"
+
+
+def _add_to_description(name: str, version: str, line: str) -> None:
+    c = client()
+    old = c.get_model_version(name, version).description or ""
+    text = f"{old}\n\n{line}" if old else line
+    c.update_model_version(name, version, description=text[-DESCRIPTION_LIMIT:])
 
 
 def champion_stack(events: list[HistoryEvent]) -> list[str]:
@@ -560,10 +596,11 @@ def _retire_challenger(name: str, champion: str) -> None:
 
 
 def apply_decision(name: str, version: str, decision: Decision, who: str | None = None, via: str = "",
-                   lock: LockSettings = DEFAULT_LOCK) -> Decision:
-    """Record the decision on the version; for a passing one, under the lock: re-read the champion, refuse a
-    stale comparison, then on promote move ``champion`` (retiring a challenger at or below it) and append the
-    history event, and on needs-approval move ``challenger`` (only ever to a newer version)."""
+                   lock: LockSettings = DEFAULT_LOCK, notes: list[str] | None = None) -> Decision:
+    """Record the decision on the version (tags, and the description with ``notes`` under the reasons); for a
+    passing one, under the lock: re-read the champion, refuse a stale comparison, then on promote move
+    ``champion`` (retiring a challenger at or below it) and append the history event, and on needs-approval move
+    ``challenger`` (only ever to a newer version)."""
     c = client()
     who = who or current_user()
     if decision.passed:
@@ -591,6 +628,7 @@ def apply_decision(name: str, version: str, decision: Decision, who: str | None 
     c.set_model_version_tag(name, version, "gate.stale", "true" if decision.stale else "false")
     for key, value in decision.extra.items():
         c.set_model_version_tag(name, version, f"gate.{key}", str(value)[:TAG_VALUE_LIMIT])
+    c.update_model_version(name, version, description=describe(decision, notes))
     return decision
 
 
@@ -628,6 +666,8 @@ def promote(name: str, version: str, reason: str = "", force: bool = False, who:
         c.set_model_version_tag(name, version, "promotion.by", who)
         c.set_model_version_tag(name, version, "promotion.at", event.at)
         c.set_model_version_tag(name, version, "promotion.reason", event.reason[:TAG_VALUE_LIMIT])
+        _add_to_description(name, version, f"**Champion** from {event.at} by {who} ({action}, `tlops promote`): "
+                                           f"{event.reason}")
     return event
 
 

@@ -125,6 +125,21 @@ def _mlflow_run(cfg: Config, run_id: str | None = None, run_name: str | None = N
     return mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
 
 
+@contextmanager
+def _system_metrics(cfg: Config, run_id: str) -> Iterator[None]:
+    """The machine's CPU, memory (and GPU) into the run while the block runs; see ``tracking.system_metrics``."""
+    from tlops import tracking
+
+    try:
+        tracking.setup(cfg)
+    except Exception as exc:  # best effort: the work goes on, the step says later if the server is gone
+        log.warning("system metrics are not recorded for this step (%s)", str(exc).splitlines()[0][:200])
+        yield
+        return
+    with tracking.system_metrics(run_id):
+        yield
+
+
 def _pixels(cfg: Config, rows: Any) -> Any:
     """``rows`` of the run's manifest with ``path`` naming this step's own copy of each file (checked by sha256)."""
     from tlops.manifest import localize
@@ -168,12 +183,10 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
         write_json(report_path, report.to_dict())
         if html_path:
             write_text(html_path, report.to_html())
-        with _mlflow_run(work, run_name=pipeline_run or None) as run:
-            params = tracking.flatten(cfg.model_dump(mode="json"))
-            params["tracking.uri"] = tracking.redact(params["tracking.uri"])  # a URI may carry a password
-            mlflow.log_params(params)
+        mhash = data.manifest_hash(used)
+        with _mlflow_run(work, run_name=tracking.run_name(cfg, data_uri, mhash)) as run:
             mlflow.log_param("data.resolved_uri", data_uri)
-            mhash = data.manifest_hash(used)
+            tracking.log_datasets(used, data_uri, mhash)
             split_counts = used["split"].value_counts().to_dict()
             verdict = {"status": "pass" if report.success else "fail",
                        "failed": [c.name for c in report.failures()], "warnings": [c.name for c in report.warnings()]}
@@ -198,6 +211,7 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             for line in report.summary_lines():
                 log.info("validation %s", line)
             if not report.success:
+                mlflow.log_params(tracking.run_params(cfg))
                 mlflow.log_dict(cfg.model_dump(mode="json"), "config/config.json")
                 raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
                                                                        for c in report.failures()))
@@ -210,7 +224,10 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
                            reasons=[str(choices.get("skip_reason") or "training")], pipeline_run=pipeline_run,
                            manifest_hash=mhash, validation=verdict,
                            choices={k: v for k, v in choices.items() if k != "mmd"})
-            # The config as the later steps run it: auto already replaced by what was chosen.
+            # The config as the later steps run it: auto already replaced by what was chosen. The run's params are
+            # the settings a person scans (tracking.run_params); the whole config is this artifact.
+            mlflow.log_params(tracking.run_params(resolved))
+            mlflow.set_tag("mlflow.runName", tracking.run_name(resolved, data_uri, mhash))
             mlflow.log_dict(resolved.model_dump(mode="json"), "config/config.json")
             mlflow.log_dict(plan.to_dict(), "plan/run_plan.json")
             if plan_path:
@@ -314,7 +331,9 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     spec = PreprocessSpec.from_record(read_json(spec_path))
     classes = class_names(manifest)
     progress.phase(f"{cfg.train.strategy}: loading {cfg.backbone} with its pre-trained weights")
-    result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir, state_uri=cfg.state_uri)
+    with _system_metrics(cfg, plan.run_id):
+        result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir,
+                           state_uri=cfg.state_uri)
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
     golden_paths = list(golden_rows(manifest)["path"])
     with _mlflow_run(cfg, plan.run_id) as run, tempfile.TemporaryDirectory(prefix="tlops-fine-tune-") as tmp:
@@ -337,7 +356,7 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
         mlflow.log_artifact(str(curves), "train")
         example = pd.DataFrame({"image": [Path(golden_paths[0]).read_bytes()]}) if golden_paths else None
         progress.phase("logging the model to MLflow")
-        info = log_pyfunc_model(model_dir, __version__, input_example=example)
+        info = log_pyfunc_model(model_dir, __version__, input_example=example, name=cfg.registry.model_name)
         # Serving parity: the model as it will be served (loaded back from the store, raw bytes in)
         # against the in-memory model on the training eval transform.
         progress.phase("serving parity: the logged model loaded back, on the golden images")
@@ -356,10 +375,11 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     return str(info.model_uri)
 
 
-def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None) -> Any:
+def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None, name: str = "model") -> Any:
     """Log the model as an MLflow pyfunc from code (no pickle), self-contained: its files as artifacts, the tlops
     code it runs (``code_paths``) and the pinned requirements of what that code imports (not tlops), so it loads
-    wherever MLflow models load (``mlflow models serve``, ``build-docker``, KServe's MLflow runtime)."""
+    wherever MLflow models load (``mlflow models serve``, ``build-docker``, KServe's MLflow runtime). ``name`` is
+    the logged model's name (the registered model's, so the run's Models list says which model it is)."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -372,7 +392,7 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None) ->
     )
     with tempfile.TemporaryDirectory(prefix="tlops-code-") as tmp:
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={"model_dir": model_dir},
             code_paths=[str(bundle_code(tmp))],
@@ -482,16 +502,45 @@ def gate_evidence(plan: Any, parity_report: dict[str, Any], serving: dict[str, A
     }
 
 
+def _release(run: Any, plan: Any, evidence: dict[str, str], decision: Any, name: str, version: str,
+             tmp: str) -> dict[str, Any]:
+    """What the report and the KFP Markdown say about the release: decision, version, fingerprint, data, the
+    training curves. For people only: the data summary and the curves are read back from the run."""
+    import mlflow
+
+    metrics, params = run.data.metrics, run.data.params
+    curves = None
+    try:
+        curves = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="train/curves.png",
+                                                          dst_path=tmp)).read_bytes()
+    except Exception as exc:  # the report goes on without the figure
+        log.warning("gate: the training curves are not in the report (%s)", str(exc).splitlines()[0][:200])
+    return {
+        "decision": decision.decision, "reasons": decision.reasons, "compared_with": decision.compared_with,
+        "model_name": name, "version": version, "fingerprint": evidence["preprocess.fingerprint"],
+        "reference_fingerprint": evidence["preprocess.reference_fingerprint"],
+        "declared": evidence["preprocess.declared"],
+        "data": {"uri": params.get("data.resolved_uri", plan.config.data.uri), "manifest_hash": plan.manifest_hash,
+                 "files": int(metrics["data.files"]) if "data.files" in metrics else None,
+                 "classes": int(metrics["data.classes"]) if "data.classes" in metrics else None,
+                 "splits": {s: int(metrics[f"data.split.{s}"]) for s in ("train", "val", "test")
+                            if f"data.split.{s}" in metrics}},
+        "curves": curves,
+    }
+
+
 @step
 def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: str, serving_path: str,
-              decision_path: str, compression_path: str = "") -> str:
+              decision_path: str, compression_path: str = "", markdown_path: str = "", html_path: str = "") -> str:
     """Register the candidate with its evidence, decide, move the aliases. Returns the run summary as JSON.
 
     Everything the decision rests on is a declared input: the run plan (validation verdict), the parity
-    report, the serving check and the evaluation."""
+    report, the serving check and the evaluation. The decision is then written where people look: the
+    version's description, the evaluation report (decision, version, fingerprint, data, curves; replaced in the
+    run and written to ``html_path``) and ``markdown_path`` (the KFP Markdown output)."""
     import mlflow
 
-    from tlops import progress, registry, tracking
+    from tlops import evaluation, progress, registry, tracking
     from tlops.plan import RunPlan
 
     plan = RunPlan.read(plan_path)
@@ -511,7 +560,13 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
         mv = registry.register(model_uri, name, evidence)
         version = str(mv.version)
         progress.phase(f"gate: {decision.decision} version {version}; moving the aliases")
-        decision = registry.apply_decision(name, version, decision, via=f"pipeline {plan.pipeline_run}".strip())
+        notes = [f"Preprocessing fingerprint `{evidence_in['preprocess.fingerprint']}`; data content hash "
+                 f"`{plan.manifest_hash}`; test accuracy {metrics['candidate']['accuracy']:.4f} on "
+                 f"{metrics['candidate']['n']} images.",
+                 f"Evidence: this version's tags; the report is `evaluation/report.html` of run "
+                 f"`{run.info.run_id}`."]
+        decision = registry.apply_decision(name, version, decision, via=f"pipeline {plan.pipeline_run}".strip(),
+                                           notes=notes)
         mlflow.set_tags({"gate.decision": decision.decision, "gate.stale": str(decision.stale).lower(),
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
         variants = None
@@ -544,6 +599,17 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
             summary["serving_variant"] = variants["serving_variant"]
             summary["variant_reasons"] = {n: r["reasons"] for n, r in variants["variants"].items()}
         mlflow.log_dict(summary, "gate/decision.json")
+        with tempfile.TemporaryDirectory(prefix="tlops-gate-") as tmp:
+            release = _release(run, plan, evidence_in, decision, name, version, tmp)
+        page = evaluation.report_html(metrics, evaluation.figures(metrics),
+                                      f"tlops evaluation: {name} version {version}", release)
+        mlflow.log_text(page, "evaluation/report.html")
+        markdown = evaluation.release_markdown(release, metrics, run.info.run_id)
+        mlflow.log_text(markdown, "gate/decision.md")
+    if html_path:
+        write_text(html_path, page)
+    if markdown_path:
+        write_text(markdown_path, markdown)
     write_json(decision_path, summary)
     return json.dumps(summary)
 

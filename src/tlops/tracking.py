@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +175,16 @@ def setup(cfg: Config) -> str:
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:") or uri.startswith("file:"):
         # Keep the embedded default's artifacts beside its database, not in ./mlruns.
         location = (Path(cfg.workdir) / "mlartifacts").resolve().as_uri()
     try:
-        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:
         # Another process created it first.
         exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
@@ -196,3 +202,119 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)
     return out
+
+
+# --------------------------------------------------------------------------------- what a person sees
+
+# MLflow 3 shows an experiment by its kind; without the tag the UI has to guess (and may offer GenAI views).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+# Settings that say how this process runs, not what it trains: they stay in the config artifact
+# (config/config.json), out of the run's params.
+_TRAIN_OPERATIONAL = frozenset({
+    "num_threads", "device", "feature_cache", "input_cache_mb", "num_workers", "processes", "accelerator",
+    "checkpoint_dir", "checkpoint_every_steps", "resume", "stop_after_steps", "epochs_unset", "compile",
+    "channels_last", "deterministic",
+})
+_GATE_PARAMS = ("mode", "min_accuracy", "min_class_recall", "max_regression", "min_improvement",
+                "max_latency_p95_ms", "max_model_size_mb")
+
+
+def run_params(cfg: Config) -> dict[str, str]:
+    """The params a person scans on the run page: what was trained on what, with which preprocessing and
+    training settings, under which gate. Unset values are left out; everything else (validation limits,
+    evaluation, selection, tracking, cluster) is in the run's ``config/config.json``."""
+    dumped = cfg.model_dump(mode="json")
+    params = {"backbone": str(dumped["backbone"]), "model_name": str(dumped["registry"]["model_name"])}
+    data = dumped["data"]
+    params.update({f"data.{k}": str(data[k]) for k in ("uri", "val_fraction", "test_fraction")})
+    params.update(flatten({k: v for k, v in dumped["preprocess"].items() if v is not None}, "preprocess."))
+    train = {k: v for k, v in dumped["train"].items() if k not in _TRAIN_OPERATIONAL and v is not None}
+    strategy = cfg.train.strategy
+    if strategy == "linear-probe":  # L-BFGS on cached features: the gradient settings do not apply
+        train = {k: v for k, v in train.items() if k in ("strategy", "epochs", "l2_grid", "batch_size", "seed")}
+    else:
+        train.pop("l2_grid", None)
+        if strategy != "partial":
+            train.pop("frozen_stages", None)
+        if strategy != "gradual":
+            train = {k: v for k, v in train.items() if not k.startswith("gradual_")}
+        if not cfg.train.augment.random_resized_crop:
+            train["augment"] = {k: v for k, v in train["augment"].items() if k not in ("crop_scale", "crop_ratio")}
+    params.update(flatten(train, "train."))
+    params.update({f"gate.{k}": str(dumped["gate"][k]) for k in _GATE_PARAMS if dumped["gate"][k] is not None})
+    return params
+
+
+def data_name(uri: str) -> str:
+    """A short name for a data URI: its last path part (``s3://bucket/sets/digits/`` is ``digits``)."""
+    tail = uri.rstrip("/").rsplit("/", 1)[-1] or uri
+    return tail.removesuffix(".csv") or tail
+
+
+def run_name(cfg: Config, data_uri: str, manifest_hash: str) -> str:
+    """``efficientnet_lite0 linear-probe on digits@34605d7b6ec3``: model, strategy, data (and which data)."""
+    return f"{cfg.backbone} {cfg.train.strategy} on {data_name(data_uri)}@{manifest_hash[:12]}"
+
+
+def log_datasets(rows: Any, data_uri: str, manifest_hash: str) -> None:
+    """MLflow dataset tracking: one dataset per split (context train, val or test), its source the data URI and
+    its digest the manifest's content hash (what the summary prints), so the run's Datasets panel says what
+    trained and tested the model. Only the rows' identity is described (uri, sha256, label, split); no pixels
+    are stored."""
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
+
+    name = data_name(data_uri)
+    columns = [c for c in ("uri", "sha256", "label", "split") if c in rows]
+    for split in ("train", "val", "test"):
+        part = rows.loc[rows["split"] == split, columns].reset_index(drop=True)
+        if part.empty:
+            continue
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all local artifacts
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = from_pandas(part, source=data_uri, targets="label", name=f"{name}-{split}",
+                                  digest=manifest_hash[:12])
+        mlflow.log_input(dataset, context=split)
+
+
+def _mark_running(run_id: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, interval_s: float = 5.0) -> Iterator[None]:
+    """CPU, memory, disk and network (and GPU utilisation and memory where there is one) of this machine into the
+    run as ``system/…`` metrics while the block runs, through MLflow's system metrics monitor (psutil,
+    nvidia-ml-py). Best effort: a tracking server that does not answer costs a warning, never the work inside."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    log = logging.getLogger("tlops")
+    monitor = None
+    try:
+        _mark_running(run_id)  # the monitor stops as soon as it sees a run that is not running
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True)
+        monitor.start()
+    except Exception as exc:
+        log.warning("system metrics are not recorded for this step (%s)", str(exc).splitlines()[0][:200])
+        monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+            try:
+                # What was sampled since the last logged point (the monitor drops it on finish): a block shorter
+                # than one interval still leaves a sample.
+                last = monitor.aggregate_metrics()
+                if last:
+                    monitor.publish_metrics(last)
+                    monitor.mlflow_logger.flush()
+            except Exception as exc:
+                log.warning("system metrics: the last sample was not recorded (%s)",
+                            str(exc).splitlines()[0][:200])

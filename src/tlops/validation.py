@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -334,10 +335,56 @@ def run_checkpoint(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]]
     for vr in result.run_results.values():
         by_table[vr.meta["active_batch_definition"]["data_asset_name"]] = vr
     if docs_dir is not None:
-        # The site copies 4 MB of logos and fonts; the pages load their styles from a CDN anyway.
+        # The site copies 4 MB of logos and fonts the pages do not need; what they do need comes with tlops.
         for heavy in ("images", "fonts"):
             shutil.rmtree(Path(docs_dir) / "static" / heavy, ignore_errors=True)
+        offline_data_docs(docs_dir)
     return by_table
+
+
+VENDOR_DIR = Path(__file__).with_name("datadocs_static")
+# GX's CDN files by name (".min" dropped) -> the vendored files that stand for them (see datadocs_static/README.md).
+_VENDORED = {
+    "bootstrap.css": ["css/bootstrap.min.css"], "bootstrap.js": ["js/bootstrap.min.js"],
+    "jquery-3.7.1.js": ["js/jquery.min.js"], "popper.js": ["js/popper.min.js"],
+    "bootstrap-table.css": ["css/bootstrap-table.min.css"], "bootstrap-table.js": ["js/bootstrap-table.min.js"],
+    "bootstrap-table-filter-control.css": ["css/bootstrap-table-filter-control.min.css"],
+    "bootstrap-table-filter-control.js": ["js/bootstrap-table-filter-control.min.js"],
+    "bootstrap-datepicker.css": ["css/bootstrap-datepicker.min.css"],
+    "bootstrap-datepicker.js": ["js/bootstrap-datepicker.min.js"],
+    "all.css": ["css/fontawesome.min.css", "css/solid.min.css"],
+}
+_REMOTE_TAG = re.compile(r"""<script\b[^>]*?\bsrc=["'](https?://[^"']+)["'][^>]*>\s*</script>"""
+                         r"""|<link\b[^>]*?\bhref=["'](https?://[^"']+)["'][^>]*>"""
+                         r"""|<img\b[^>]*?\bsrc=["'](https?://[^"']+)["'][^>]*>""", re.I)
+
+
+def offline_data_docs(docs_dir: str | Path) -> list[str]:
+    """Make a Data Docs site render with no network: the vendored styles, scripts and icon font are copied to
+    ``static/vendor/`` and every page loads them from there (relative paths, so the site works wherever it is
+    copied); remote scripts, styles and images with no vendored copy (charts, dark theme, logo) are dropped.
+    Returns the remote URLs dropped."""
+    root = Path(docs_dir)
+    vendor = root / "static" / "vendor"
+    shutil.copytree(VENDOR_DIR, vendor, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.md", "licenses"))
+    dropped: set[str] = set()
+    for page in root.rglob("*.html"):
+        prefix = "../" * (len(page.relative_to(root).parts) - 1) + "static/vendor/"
+
+        def local(match: re.Match[str], prefix: str = prefix) -> str:
+            url = next(g for g in match.groups() if g)
+            key = url.split("?", 1)[0].rsplit("/", 1)[-1].replace(".min.", ".")
+            files = _VENDORED.get(key) if not match.group(0).lower().startswith("<img") else None
+            if not files:
+                dropped.add(url.split("?", 1)[0])
+                return ""
+            if match.group(0).lower().startswith("<script"):
+                return "".join(f'<script src="{prefix}{f}"></script>' for f in files)
+            return "".join(f'<link rel="stylesheet" href="{prefix}{f}">' for f in files)
+
+        text = page.read_text(encoding="utf-8")
+        page.write_text(_REMOTE_TAG.sub(local, text), encoding="utf-8")
+    return sorted(dropped)
 
 
 def _expectation_results(by_table: dict[str, Any]) -> dict[str, list[Any]]:

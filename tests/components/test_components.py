@@ -129,6 +129,9 @@ def test_gate_registers_and_promotes_the_first_version(env: dict, validated, che
     summary = json.loads(decided.output)
     assert read_json(decided.path("decision"))["decision"] == "promote"
     assert summary["decision"] == "promote" and summary["model_version"] == "1"
+    # The KFP UI's view of the decision: a Markdown output and the report with the decision in it.
+    assert Path(decided.path("decision_markdown")).read_text().startswith("## Gate: PROMOTE — tiny-digits version 1")
+    assert "Gate decision" in Path(decided.path("report_html")).read_text()
     mlflow.set_tracking_uri(env["cfg"].tracking.uri)
     mv = mlflow.MlflowClient().get_model_version_by_alias("tiny-digits", "champion")
     assert str(mv.version) == "1"

@@ -75,3 +75,29 @@ def test_report_renders_with_its_figures(tmp_path: Path) -> None:
     broken = tmp_path / "broken.html"
     broken.write_text(page.read_text(encoding="utf-8").replace("base64,", "base64,AAAA"), encoding="utf-8")
     assert _figure_pixels(screenshot(broken, tmp_path / "broken.png")) < drawn / 10
+
+
+def test_report_with_the_gate_decision_and_curves(tmp_path: Path) -> None:
+    """The gate's report: decision badge, version, fingerprint, data summary and curves, and its KFP Markdown."""
+    from tlops.curves import plot_history
+
+    result = synthetic_result()
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1), "train_accuracy": 0.5 + e / 20,
+                "val_accuracy": 0.45 + e / 20} for e in range(8)]
+    release = {"decision": "reject", "reasons": ["accuracy 0.6000 < minimum 0.9000"], "compared_with": "3",
+               "model_name": "digits", "version": "4", "fingerprint": "f" * 64, "reference_fingerprint": "f" * 64,
+               "declared": "none", "data": {"uri": "s3://data/digits", "manifest_hash": "a" * 64, "files": 90,
+                                            "classes": 3, "splits": {"train": 53, "val": 17, "test": 20}},
+               "curves": plot_history(history, "full")}
+    text = evaluation.report_html(result, evaluation.figures(result), "tlops evaluation", release)
+    for expected in ("REJECT", "digits version <b>4</b>", "compared with champion version 3", "f" * 64,
+                     "s3://data/digits", "53 images", "Training curves", "accuracy 0.6000 &lt; minimum 0.9000"):
+        assert expected in text, expected
+    page = tmp_path / "report.html"
+    page.write_text(text, encoding="utf-8")
+    rgb = screenshot(page, tmp_path / "report.png")
+    badge = (np.abs(rgb - np.array([254, 215, 215])).sum(axis=2) < 20).sum()  # the REJECT badge's pale red
+    assert badge > 1500, badge
+    markdown = evaluation.release_markdown(release, result, "run123")
+    assert markdown.startswith("## Gate: REJECT — digits version 4\n") and "- accuracy 0.6000 < minimum" in markdown
+    assert "| test accuracy |" in markdown and "train 53, val 17, test 20 images" in markdown

@@ -197,7 +197,9 @@ def test_history_is_append_only_and_prints(store: dict, name: str) -> None:
     with registry.promotion_lock(name, "test", FAST):
         a = registry.append_history(name, "promote", None, v1, "erin", "first")
         b = registry.append_history(name, "promote", None, v1, "erin", "again")
-    tags = registry.client().get_registered_model(name).tags
+    # Tags of the version that became the champion; none on the registered model, whose page lists the versions.
+    assert not any(k.startswith(registry.HISTORY_PREFIX) for k in registry.client().get_registered_model(name).tags)
+    tags = registry.client().get_model_version(name, v1).tags
     keys = sorted(k for k in tags if k.startswith(registry.HISTORY_PREFIX))
     assert keys == sorted([a.key, b.key]) and a.key != b.key
     assert json.loads(tags[a.key])["reason"] == "first"
@@ -205,6 +207,33 @@ def test_history_is_append_only_and_prints(store: dict, name: str) -> None:
     assert "erin" in table and "first" in table and table.index("first") < table.index("again")
     record = json.loads(registry.format_history(name, registry.history(name), "json"))
     assert [e["seq"] for e in record["events"]] == [1, 2] and record["champion"] is None
+
+
+def test_history_written_on_the_registered_model_is_still_read(store: dict, name: str) -> None:
+    """Stores from before the history moved to version tags: their events count, and new ones follow them."""
+    v1 = new_version(store["model_uri"], name)
+    old = registry.HistoryEvent(seq=1, at="2026-01-01T00:00:00+00:00", who="erin", action="promote",
+                                from_version=None, to_version=v1, reason="older store")
+    registry.client().set_registered_model_tag(name, f"{registry.HISTORY_PREFIX}000001.0000abcd", old.to_json())
+    with registry.promotion_lock(name, "test", FAST):
+        new = registry.append_history(name, "promote", v1, v1, "erin", "newer")
+    assert new.seq == 2
+    assert [(e.seq, e.reason) for e in registry.history(name)] == [(1, "older store"), (2, "newer")]
+
+
+def test_the_decision_is_the_versions_description(store: dict, name: str) -> None:
+    v1 = new_version(store["model_uri"], name)
+    registry.apply_decision(name, v1, _promote(None), lock=FAST, notes=["Evidence: the tags."])
+    text = registry.client().get_model_version(name, v1).description
+    assert text.splitlines()[0] == "**Gate: PROMOTE** (no champion to compare with; auto mode)"
+    assert "- accuracy 0.9500 >= minimum 0.9000" in text and text.endswith("Evidence: the tags.")
+    v2 = new_version(store["model_uri"], name)
+    registry.apply_decision(name, v2, Decision("reject", ["accuracy 0.5000 < minimum 0.9000"], v1,
+                                               {"mode": "auto"}), lock=FAST)
+    registry.promote(name, v2, reason="hotfix", force=True, who="erin", lock=FAST)
+    text = registry.client().get_model_version(name, v2).description
+    assert text.startswith(f"**Gate: REJECT** (compared with champion version {v1}; auto mode)")
+    assert "**Champion** from" in text and "by erin (force-promote, `tlops promote`): hotfix" in text
 
 
 @pytest.mark.parametrize("call", [
