@@ -129,6 +129,14 @@ def _pixels(cfg: Config, rows: Any) -> Any:
     return localize(rows, Path(cfg.workdir) / "cache")
 
 
+def _feature_cache(cfg: Config) -> Any:
+    """The feature cache fine-tune uses: this step's work directory, and ``state_uri`` when set."""
+    from tlops.features import FeatureCache
+
+    remote = f"{cfg.state_uri.rstrip('/')}/features" if cfg.state_uri else None
+    return FeatureCache(Path(cfg.workdir) / "cache" / "features", remote)
+
+
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
                   pipeline_run: str = "", html_path: str = "", plan_path: str = "") -> str:
@@ -358,7 +366,8 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     with _mlflow_run(cfg, plan.run_id), tempfile.TemporaryDirectory(prefix="tlops-evaluate-") as tmp:
         champ = champion_version(cfg.registry.model_name)
         champion = None if champ is None else (cfg.registry.model_name, str(champ.version))
-        result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion)
+        result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion,
+                                     features=_feature_cache(cfg) if cfg.evaluation.feature_cache else None)
         pngs = evaluation.figures(result)
         page = evaluation.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
         for name, data in pngs.items():
