@@ -123,3 +123,37 @@ def test_evaluation_and_gate_from_features_match_those_from_bytes(lab: dict) -> 
     assert {"gate.decision", "test_accuracy"} <= set(tags[0])
     # The fast path found the test split's features once for both models of the second run.
     assert len(list((Path(fast["cfg"].workdir) / "cache" / "features").glob("*.pt"))) == 1
+
+
+SCRIPT = """
+import atexit, sys, types
+atexit.register(lambda: print(" teardown", end=""))  # runs last: only a full exit reaches it
+sys.modules["__main__"].__spec__ = types.SimpleNamespace(name="kfp.dsl.executor_main")  # as kfp's executor runs
+from tlops.steps import step
+
+@step
+def ok_step():
+    return "done"
+
+print(ok_step(), end="")  # unflushed: the quick exit must still deliver it
+with open(sys.argv[1], "w") as fh:
+    fh.write("outputs")
+if sys.argv[2] == "fail":
+    raise RuntimeError("the executor failed after the step")
+"""
+
+
+@pytest.mark.parametrize("after", ["ok", "fail"])
+def test_a_step_process_exits_quickly_with_its_outputs_and_its_status(tmp_path: Path, after: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out"), after], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.stdout == ("done" if after == "ok" else "done teardown")
+    assert (tmp_path / "out").read_text() == "outputs"
+    assert proc.returncode == (0 if after == "ok" else 1), proc.stderr
+    if after == "fail":
+        assert "the executor failed after the step" in proc.stderr
