@@ -317,6 +317,10 @@ class EvaluationConfig(_Section):
     latency_threads: int = Field(1, ge=0)
     # Image-size slices: upper edges (px) of the buckets of each image's longer side.
     size_buckets: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512, 1024], min_length=1)
+    # Score the candidate and the champion from backbone features kept in the feature cache (keyed by each
+    # backbone's weights, its preprocessing and the test images; computed once on a miss), then each one's head;
+    # false: every test image through the pyfunc as bytes. Same predictions either way (tested).
+    feature_cache: bool = True
 
     @model_validator(mode="after")
     def _ordered(self) -> EvaluationConfig:

@@ -250,6 +250,26 @@ def predict(model: Any, images: list[bytes], batch: int = 64, name: str = "model
     return Predictions(labels, matrix, classes)
 
 
+def predict_features(model: Any, paths: list[str], image_sha256: list[str], cache: Any, batch: int = 64,
+                     name: str = "model") -> Predictions:
+    """The predictions of :func:`predict`, from the model's backbone features: read from the feature cache
+    (keyed by the backbone's weights, the model's preprocessing and the images' content) or computed once and
+    stored there, then through the model's head. The same transform and forward pass as serving, split in two;
+    a linear-probe candidate and an unchanged champion share their backbone, so their features are one file."""
+    import torch
+
+    inner = _python_model(model)
+    predictor = inner.predictor
+    classifier, spec, classes = predictor.model, predictor.spec, list(inner.classes)
+    feats = cache.features_of(classifier.backbone, paths, image_sha256, spec, batch, torch.device("cpu"), name)
+    with torch.no_grad():
+        proba = torch.softmax(classifier.head(feats), dim=1).numpy().astype(np.float64)
+    if proba.shape[1] != len(classes):
+        raise TlopsError(f"{name}: {proba.shape[1]} probabilities per image but {len(classes)} class names")
+    labels = [classes[i] for i in proba.argmax(axis=1)] if len(proba) else []
+    return Predictions(labels, proba, classes)
+
+
 def measure_latency(model: Any, images: list[bytes], count: int, warmup: int, threads: int = 1) -> dict[str, Any]:
     """Milliseconds per image at batch size 1: one image per ``predict`` call (decode, preprocessing and
     forward pass), as a single request is served, on the CPU, with ``threads`` torch threads (0: as is)."""
@@ -308,14 +328,24 @@ def champion_load_error(name: str, version: str, exc: BaseException) -> TlopsErr
 
 
 def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: EvaluationConfig,
-             champion: tuple[str, str] | None = None) -> dict[str, Any]:
+             champion: tuple[str, str] | None = None, features: Any = None) -> dict[str, Any]:
     """Score the candidate (and the champion, ``(name, version)``, when there is one) on the same images.
 
     The champion is loaded first: a champion that cannot be loaded stops the evaluation before any work.
+    With ``features`` (a :class:`tlops.features.FeatureCache`) both are scored from backbone features
+    (:func:`predict_features`; ``rows`` then needs ``path`` and ``sha256``), else from the image bytes through
+    the pyfunc (:func:`predict`). Latency is always measured through the pyfunc, one image per call.
     """
     from tlops.progress import phase
 
     labels = [str(x) for x in rows["label"]]
+
+    def predictions(model: Any, name: str) -> Predictions:
+        if features is None:
+            return predict(model, images, cfg.batch_size, name)
+        return predict_features(model, [str(p) for p in rows["path"]], [str(s) for s in rows["sha256"]], features,
+                                cfg.batch_size, name)
+
     champ_model = None
     if champion is not None:
         name, version = champion
@@ -327,7 +357,7 @@ def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: E
             raise champion_load_error(name, version, exc) from None
     phase("loading the candidate")
     model = load_model(candidate_uri)
-    pred = predict(model, images, cfg.batch_size, "candidate")
+    pred = predictions(model, "candidate")
     cand = score(pred, labels, cfg)
     correct = [p == t for p, t in zip(pred.labels, labels, strict=True)]
     cand["latency"] = measure_latency(model, images, min(cfg.latency_images, len(images)), cfg.latency_warmup,
@@ -343,7 +373,7 @@ def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: E
     champ_correct = None
     if champ_model is not None and champion is not None:
         try:
-            champ_pred = predict(champ_model, images, cfg.batch_size, f"champion version {champion[1]}")
+            champ_pred = predictions(champ_model, f"champion version {champion[1]}")
         except Exception as exc:
             raise champion_load_error(*champion, exc) from None
         champ = score(champ_pred, labels, cfg)

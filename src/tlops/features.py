@@ -42,6 +42,26 @@ def feature_key(backbone_name: str, spec: PreprocessSpec, image_sha256: list[str
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+def state_digest(module: nn.Module) -> str:
+    """The sha256 of a module's weights as they are: every tensor of its state dict, by name, dtype, shape and
+    bytes. Two models with this digest compute the same features, whatever their files or registry versions."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def weights_feature_key(digest: str, spec: PreprocessSpec, image_sha256: list[str]) -> str:
+    """The cache key of features computed by a backbone known by its :func:`state_digest` (a trained model's
+    backbone, a champion's) rather than by its catalogue entry."""
+    images = hashlib.sha256("\n".join(image_sha256).encode()).hexdigest()
+    ident = {"format": FORMAT, "weights_sha256": digest, "preprocess": spec.fingerprint, "images": images,
+             "dtype": "float32"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, paths: list[str], spec: PreprocessSpec, batch_size: int,
                      device: torch.device, desc: str = "features") -> torch.Tensor:
@@ -112,4 +132,20 @@ class FeatureCache:
         feats = extract_features(backbone, paths, spec, batch_size, device, desc=desc)
         self.save(key, feats, image_sha256, {"backbone": backbone_name, "preprocess": spec.fingerprint,
                                              "weights": weights_identity(backbone_name)})
+        return feats
+
+    def features_of(self, backbone: nn.Module, paths: list[str], image_sha256: list[str], spec: PreprocessSpec,
+                    batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
+        """As :meth:`features`, keyed by the backbone's own weights (:func:`state_digest`), for a backbone that
+        may not be a catalogue entry's: a trained model's, a champion's."""
+        digest = state_digest(backbone)
+        key = weights_feature_key(digest, spec, image_sha256)
+        feats = self.load(key, image_sha256)
+        if feats is not None:
+            self.hits += 1
+            log.info("%s: %d feature vectors from the cache (%s)", desc, len(feats), key[:12])
+            return feats
+        self.misses += 1
+        feats = extract_features(backbone, paths, spec, batch_size, device, desc=desc)
+        self.save(key, feats, image_sha256, {"weights_sha256": digest, "preprocess": spec.fingerprint})
         return feats

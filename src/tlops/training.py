@@ -120,9 +120,30 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
     return lin
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, then restore the number there was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _fit_head(head: nn.Linear, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
               y_val: torch.Tensor, cfg: TrainConfig) -> tuple[list[dict[str, float]], int, float]:
-    """Sweep the L2 strength on the validation split (the usual linear-probe protocol); keep the best."""
+    """Sweep the L2 strength on the validation split (the usual linear-probe protocol); keep the best.
+
+    On one thread: the matrices are small (images x feature dimension x classes), so a second thread gains little
+    and, on cores other processes share, its barrier waits cost more than the work (measured 17x slower
+    under load)."""
+    with torch_threads(1):
+        return _sweep_l2(head, x_train, y_train, x_val, y_val, cfg)
+
+
+def _sweep_l2(head: nn.Linear, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+              y_val: torch.Tensor, cfg: TrainConfig) -> tuple[list[dict[str, float]], int, float]:
     history: list[dict[str, float]] = []
     best: tuple[float, int, nn.Linear | None] = (-1.0, 0, None)
     from tlops.progress import Counter
