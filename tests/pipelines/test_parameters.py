@@ -98,7 +98,7 @@ def test_parameters_override_the_config_in_a_kfp_local_run(tmp_path: Path, tiny_
         "from-form", 3, "full")
     assert plan.config.gate.min_accuracy == 0.9  # not set in the form: the config's
     run = mlflow.MlflowClient(store).get_run(plan.run_id)
-    assert run.data.params["registry.model_name"] == "from-form" and run.data.params["train.epochs"] == "3"
+    assert run.data.params["model_name"] == "from-form" and run.data.params["train.epochs"] == "3"
     assert run.data.tags["kfp.run_id"] == "1234-abcd" and run.data.tags["kfp.run_name"] == "retrain-from-the-form"
     assert run.data.tags["kfp.run_url"] == "http://kfp.example:8080/#/runs/details/1234-abcd"
     page = Path(task.outputs["mlflow_run"].path).read_text()
