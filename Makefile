@@ -23,7 +23,7 @@ run: setup
 	$(BIN)/tlops run --config configs/demo.yaml
 
 test: setup lint
-	$(BIN)/python -m pytest -m "not slow and not gpu and not containers" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not containers" --durations=30 $(PYTEST_ARGS)
 
 # The project image and the stores in real containers (rootful podman, infra/containers/): sets podman up, builds
 # the base image from Debian packages (once) and the project image (cached layers: a source change rebuilds the
