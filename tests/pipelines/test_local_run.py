@@ -45,7 +45,7 @@ def test_first_run_promotes_version_1(two_runs: dict) -> None:
     steps = re.search(r"^  steps +(.+)$", out, re.M)
     assert steps, out[-2000:]
     assert [part.split()[0] for part in steps.group(1).split(", ")] == ["validate", "parity", "fine-tune",
-                                                                        "evaluate", "gate"]
+                                                                        "evaluate", "compress", "gate"]
 
 
 def test_second_run_registers_version_2_compared_with_version_1(two_runs: dict) -> None:
