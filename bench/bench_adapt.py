@@ -123,15 +123,14 @@ def run_features(data: dict[str, torch.Tensor], seeds: int, threshold: float,
                  results: dict[str, list[tuple[float, float]]]) -> None:
     """The cheap protocol for a CPU: every strategy on the frozen backbone's features, only heads trained.
 
-    Source-only: a head on source features (BatchNorm statistics re-estimated on the source, as a source
-    fine-tune would leave them). AdaBN: the same head, target features with statistics re-estimated on the
+    Source-only: a head on source features (the backbone's own ImageNet BatchNorm statistics, as the
+    probe uses them). AdaBN: the same head, target features with statistics re-estimated on the
     unlabelled target pool (``tlops.adaptation.adabn``). Self-training: rounds of confident class-balanced
     pseudo-labels on the AdaBN target features (``select_pseudo_labels``). MCC: the head trained with
     ``mcc_loss`` on the AdaBN target features. Ceiling: a head on the target pool's own labels."""
     from tlops.adaptation import select_pseudo_labels
 
-    src = build_classifier(BACKBONE, num_classes=10).backbone
-    adabn(src, data["xs"])
+    src = build_classifier(BACKBONE, num_classes=10).backbone  # ImageNet statistics, as the probe uses them
     tgt = copy.deepcopy(src)
     adabn(tgt, data["xt"])
     fs, fs_test = features(src, data["xs"]), features(src, data["xs_test"])
