@@ -566,6 +566,34 @@ def select_cmd(
     typer.echo(select(cfg, cfg.data.uri, names, sample, output_format))
 
 
+@app.command("labels-curve")
+def labels_curve_cmd(
+    data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,
+    fractions: Annotated[str | None, typer.Option(
+        help="Shares of the training labels, e.g. 0.01,0.1,1 or 1%,10%,100%. Default: 1,2,5,10,25,50,100%.")] = None,
+    seeds: Annotated[int, typer.Option(help="Subsets drawn per share; the interval is over them.")] = 5,
+    plot: Annotated[Path | None, typer.Option(help="Where to write the plot (PNG). Default: "
+                                              "<workdir>/labels_curve/labels_curve.png")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output_format: FormatOpt = "table",
+) -> None:
+    """How many labels do I need? The linear probe on 1-100% of the training labels, from the feature cache."""
+    from tlops import labels_curve as lc
+    from tlops.fileio import write_json
+
+    if output_format not in ("table", "json"):
+        raise TlopsError(f"--format {output_format!r}: choose table or json")
+    cfg = _config(config, set_, **{"data.uri": data})
+    points = lc.labels_curve(cfg, cfg.data.uri, lc.parse_fractions(fractions), seeds)
+    out = plot or Path(cfg.workdir) / "labels_curve" / "labels_curve.png"
+    lc.plot(points, out, f"{cfg.backbone} linear probe on {Path(cfg.data.uri).name}")
+    write_json(out.with_suffix(".json"), lc.table_frame(points).to_dict("records"))
+    typer.echo(lc.format_table(points, output_format))
+    if output_format == "table":
+        typer.echo(f"plot: {out}; table: {out.with_suffix('.json')}")
+
+
 @app.command("demo-data")
 def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")]) -> None:
     """Export scikit-learn's real digits set as an ImageFolder of PNG files."""

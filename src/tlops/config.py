@@ -25,6 +25,10 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_salt: str = "tlops"
+    # How files without a split of their own are split: "stratified" in each class's hash order (every
+    # class gets its share; one added image moves at most two others), or "hash" on each file's content
+    # hash alone (no file ever moves; a small class may get few test or val images by chance).
+    split: Literal["stratified", "hash"] = "stratified"
     # Threads that read, hash and decode files for the manifest; 0 means one per core.
     manifest_workers: int = Field(0, ge=0)
     # Re-use what an earlier manifest build saw in files whose path, size and mtime are unchanged.
@@ -58,7 +62,10 @@ CHECK_SEVERITIES: dict[str, Severity] = {
 
 
 class ValidationConfig(_Section):
+    # Floors per class and split: train needs min_images_per_class; val and test scale with the data,
+    # min(min_images_per_class, max(min_held_out_per_class, half the class's expected share of the split)).
     min_images_per_class: int = Field(5, ge=1)
+    min_held_out_per_class: int = Field(2, ge=1)
     # When set, every label must be one of these, and each of them must have min_images_per_class.
     classes: list[str] | None = None
     # Largest class / smallest class, in every split.

@@ -378,15 +378,57 @@ def discover(root: Path, uri: str) -> list[Entry]:
     return [f.entry for f in walk(root, uri) if not f.reason]
 
 
+def _hash_unit(sha256: str, salt: str) -> float:
+    """The file's place in [0, 1): the first 60 bits of sha256(salt:content hash) as a fraction of 2**60."""
+    return (int.from_bytes(hashlib.sha256(f"{salt}:{sha256}".encode()).digest()[:8], "big") >> 4) / float(1 << 60)
+
+
 def hash_split(sha256: str, val_fraction: float, test_fraction: float, salt: str) -> str:
     """A split from the file's content alone: adding files never moves an existing one."""
-    # The first 60 bits of the digest (its first 15 hex digits), as a fraction of 2**60.
-    u = (int.from_bytes(hashlib.sha256(f"{salt}:{sha256}".encode()).digest()[:8], "big") >> 4) / float(1 << 60)
+    u = _hash_unit(sha256, salt)
     if u < test_fraction:
         return "test"
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
+
+
+def split_quotas(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(test, val) images of a class of ``n`` distinct images: each fraction of n rounded half up, with at
+    least one image left for training."""
+    n_test = int(np.floor(n * test_fraction + 0.5))
+    n_val = int(np.floor(n * val_fraction + 0.5))
+    while n_test + n_val >= n and n_test + n_val > 0:  # keep one for training
+        if n_val >= n_test and n_val > 0:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_test, n_val
+
+
+def stratified_splits(labels: Sequence[str | None], sha256s: Sequence[str], val_fraction: float,
+                      test_fraction: float, salt: str) -> list[str]:
+    """Splits in each class's hash order: every class gets its share of test and val images.
+
+    Within a class the distinct contents are ordered by a salted hash of their sha256; the first
+    ``round(n * test_fraction)`` go to test, the next ``round(n * val_fraction)`` to val, the rest to
+    train. The order does not depend on the other files, so a split stays stable as data grows: one
+    image added to a class moves at most two of its others (one across each boundary). Copies of one
+    content share its split (an exact duplicate never crosses splits); a file without a content hash
+    (never read) falls back to ``hash_split``.
+    """
+    by_class: dict[str | None, set[str]] = {}
+    for label, sha in zip(labels, sha256s, strict=True):
+        if sha:
+            by_class.setdefault(label, set()).add(sha)
+    where: dict[tuple[str | None, str], str] = {}
+    for label, contents in by_class.items():
+        order = sorted(contents, key=lambda c: (_hash_unit(c, salt), c))
+        n_test, n_val = split_quotas(len(order), val_fraction, test_fraction)
+        for rank, sha in enumerate(order):
+            where[(label, sha)] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return [where[(label, sha)] if sha else hash_split(sha, val_fraction, test_fraction, salt)
+            for label, sha in zip(labels, sha256s, strict=True)]
 
 
 def dhash(img: Image.Image) -> str:
@@ -643,8 +685,11 @@ def inspect_files(paths: Sequence[str | Path], cache: InspectCache | None, max_p
 
 def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
                    test_fraction: float = 0.2, salt: str = "tlops", max_pixels: int = DEFAULT_MAX_PIXELS,
-                   workers: int = 0, use_cache: bool = True) -> pd.DataFrame:
+                   workers: int = 0, use_cache: bool = True, stratified: bool = True) -> pd.DataFrame:
     """One row per file: where it is, its label and split, and what the decoder saw.
+
+    A file without a split of its own (folder or CSV column) gets one from its content: in its class's
+    hash order (``stratified_splits``, the default), or from its hash alone (``hash_split``).
 
     Entries the walk refuses (``walk``: links out of the root, special or oversize files, names that
     cannot be used) are rows too, never read, with the reason in ``error``: validation quarantines them.
@@ -665,9 +710,17 @@ def build_manifest(uri: str, cache_root: str | Path, val_fraction: float = 0.15,
         info = next(infos) if not f.reason else {"bytes": f.size, "sha256": "", "dhash": "", "decodable": False,
                                                   "error": f.reason}
         entry = f.entry
-        split = entry.split or hash_split(str(info["sha256"]), val_fraction, test_fraction, salt)
+        split = entry.split or ("" if stratified else
+                                hash_split(str(info["sha256"]), val_fraction, test_fraction, salt))
         rows.append({"uri": f"{uri_base}/{entry.rel}", "path": f.real or None,
                      "label": entry.label or None, "split": split, **info})
+    unsplit = [i for i, r in enumerate(rows) if not r["split"]]
+    if unsplit:
+        labels = [str(rows[i]["label"]) if rows[i]["label"] else None for i in unsplit]
+        assigned = stratified_splits(labels, [str(rows[i]["sha256"]) for i in unsplit], val_fraction, test_fraction,
+                                     salt)
+        for i, split in zip(unsplit, assigned, strict=True):
+            rows[i]["split"] = split
     df = pd.DataFrame(rows)
     for col in MANIFEST_COLUMNS:
         if col not in df:

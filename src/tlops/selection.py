@@ -409,7 +409,8 @@ def select(cfg: Config, data_uri: str, candidates: list[str] | None = None, samp
     t0 = time.perf_counter()
     manifest = build_manifest(data_uri, Path(cfg.workdir) / "cache", cfg.data.val_fraction, cfg.data.test_fraction,
                               cfg.data.split_salt, max_pixels=cfg.validation.max_pixels,
-                              workers=cfg.data.manifest_workers, use_cache=cfg.data.manifest_cache)
+                              workers=cfg.data.manifest_workers, use_cache=cfg.data.manifest_cache,
+                              stratified=cfg.data.split == "stratified")
     rows = stratified_sample(manifest, size, cfg.selection.seed)
     if rows.empty:
         raise TlopsError(f"{data_uri}: no decodable labelled image in the train split to select a backbone with")

@@ -133,6 +133,56 @@ def class_counts(manifest: pd.DataFrame, classes: list[str] | None = None) -> pd
     return pd.DataFrame(rows, columns=["split", "label", "count"])
 
 
+def class_floors(counts: pd.DataFrame, cfg: ValidationConfig) -> pd.DataFrame:
+    """``counts`` with each (split, class)'s floor, the images it is expected to hold, and count - floor.
+
+    Train needs ``min_images_per_class``. A held-out split's floor scales with the data: the class's
+    expected share of it (the split's share of all images times the class's images) halved, at least
+    ``min_held_out_per_class`` and at most ``min_images_per_class``.
+    """
+    out = counts.copy()
+    total = int(out["count"].sum())
+    per_split = out.groupby("split")["count"].transform("sum")
+    per_class = out.groupby("label")["count"].transform("sum")
+    out["expected"] = (per_split / total * per_class) if total else 0.0
+    held = np.minimum(cfg.min_images_per_class,
+                      np.maximum(cfg.min_held_out_per_class, np.floor(out["expected"] / 2))).astype(int)
+    out["floor"] = np.where(out["split"].eq("train"), cfg.min_images_per_class, held).astype(int)
+    out["margin"] = (out["count"] - out["floor"]).astype(int)
+    return out
+
+
+def _floor_detail(counts: pd.DataFrame, cfg: ValidationConfig) -> str:
+    """One line for the min_images_per_class check: the floors met, or what is short and what to do."""
+    short = counts[counts["margin"] < 0]
+    if short.empty:
+        ranges = []
+        for split, group in counts.groupby("split", sort=False):
+            lo, hi = int(group["floor"].min()), int(group["floor"].max())
+            ranges.append(f"{split} >= {lo}" if lo == hi else f"{split} >= {lo}-{hi}")
+        return "every class has its floor in each split: " + ", ".join(ranges)
+    held = ~short["split"].eq("train")
+    tiny = short[held & (short["expected"] < cfg.min_held_out_per_class)]
+    parts = []
+    if not tiny.empty:
+        totals = counts.groupby("label")["count"].sum()
+        shares = counts.groupby("split")["count"].sum() / max(int(counts["count"].sum()), 1)
+        labels = sorted(set(tiny["label"]))
+        smallest = min(float(shares[s]) for s in set(tiny["split"]))
+        need = int(np.ceil(cfg.min_held_out_per_class / smallest)) if smallest > 0 else 0
+        parts.append(
+            "too small for a held-out test: "
+            + _names([f"class {lab} has {int(totals[lab])} images" for lab in labels])
+            + f"; val and test need at least {cfg.min_held_out_per_class} images of each class"
+            + (f", about {need} images per class at these split fractions" if need else "")
+            + "; add images, or lower validation.min_held_out_per_class")
+    rest = short.drop(tiny.index)
+    for floor, group in rest.groupby("floor", sort=True):
+        parts.append(f"fewer than {int(floor)} images: "
+                     + _names([f"{r.label}/{r.split}={r.count}" for r in group.itertuples()]))
+    return "; ".join(parts)
+
+
 def split_stats(counts: pd.DataFrame) -> pd.DataFrame:
     """Per split: how many classes have images, the largest and smallest class, and their ratio."""
     rows = []
@@ -279,7 +329,7 @@ def _suites(cfg: ValidationConfig, tables: dict[str, pd.DataFrame]) -> dict[str,
     suites: dict[str, list[Any]] = {
         "files": files,
         "class_counts": [tag("min_images_per_class", gxe.ExpectColumnValuesToBeBetween(
-            column="count", min_value=cfg.min_images_per_class))],
+            column="margin", min_value=0))],
         "splits": [
             tag("single_class_split", gxe.ExpectColumnValuesToBeBetween(column="classes", min_value=2)),
             tag("class_imbalance", gxe.ExpectColumnValuesToBeBetween(
@@ -470,7 +520,7 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: 
             if cfg.severity_of(check) == "error":
                 drop |= mask
     kept = files[~drop]
-    counts = class_counts(kept, cfg.classes)
+    counts = class_floors(class_counts(kept, cfg.classes), cfg)
     tables = {"files": files.assign(key=files["uri"]),
               "class_counts": counts.assign(key=counts["split"] + "/" + counts["label"]),
               "splits": split_stats(counts)}
@@ -504,13 +554,9 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: 
             detail += " (quarantined, left out of training)"
         checks.append(CheckResult(check, ok, severity, detail, files=uris, excluded=excluded))
 
-    short = counts[counts["count"] < cfg.min_images_per_class]
     checks.append(CheckResult(
         "min_images_per_class", all(r.success for r in results["min_images_per_class"]),
-        cfg.severity_of("min_images_per_class"),
-        f"every class has at least {cfg.min_images_per_class} images in each split" if short.empty else
-        f"fewer than {cfg.min_images_per_class} images: "
-        + _names([f"{r.label}/{r.split}={r.count}" for r in short.itertuples()])))
+        cfg.severity_of("min_images_per_class"), _floor_detail(counts, cfg)))
     stats = tables["splits"]
     single = stats[stats["classes"] < 2]
     checks.append(CheckResult(
@@ -600,7 +646,8 @@ def validate_data(data_uri: str, cfg: Config, docs_dir: str | Path | None = None
     """Build the manifest of ``data_uri`` and run the suite on it: (full manifest, report)."""
     manifest = build_manifest(data_uri, Path(cfg.workdir) / "cache", cfg.data.val_fraction,
                               cfg.data.test_fraction, cfg.data.split_salt, max_pixels=cfg.validation.max_pixels,
-                              workers=cfg.data.manifest_workers, use_cache=cfg.data.manifest_cache)
+                              workers=cfg.data.manifest_workers, use_cache=cfg.data.manifest_cache,
+                              stratified=cfg.data.split == "stratified")
     if manifest.empty:  # nothing to check is no pass
         raise TlopsError(f"no files to validate in {data_uri}")
     from tlops.progress import phase

@@ -33,5 +33,5 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_there(s3_endpoint: dict[s
     assert keys == {"tiny/ckpt/last.pt", "tiny/ckpt/best.pt"}
     shutil.rmtree(tmp_path / "w")  # another machine: nothing local
     again = fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path / "w")
-    assert again.resumed_at_step == 3  # 53 training images // 16 = 3 steps: the finished run
+    assert again.resumed_at_step == 3  # 57 training images // 16 = 3 steps: the finished run
     assert torch.equal(again.model.head.weight, first.model.head.weight)

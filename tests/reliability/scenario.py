@@ -102,7 +102,8 @@ def _config(work: Path) -> Path:
     cfg = {
         "workdir": str(work / ".tlops"),
         "backbone": "efficientnet_lite0",
-        "data": {"uri": str(work / "data")},
+        # Content-hash splits: the story checks that no test image of v1 ever moves as deliveries grow.
+        "data": {"uri": str(work / "data"), "split": "hash"},
         "validation": {"min_images_per_class": 3},
         "preprocess": {"image_size": 64, "allow_resolution_change": True},
         "train": {"strategy": "linear-probe", "num_threads": 0},

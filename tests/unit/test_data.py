@@ -76,14 +76,22 @@ def test_missing_and_empty_data(tmp_path: Path) -> None:
 def test_hash_split_is_stable_when_data_grows(tmp_path: Path) -> None:
     root = tmp_path / "d"
     export_digits(root, classes=[0, 1], per_class=40)
-    first = build_manifest(str(root), tmp_path / "c")
+    first = build_manifest(str(root), tmp_path / "c", stratified=False)
     shutil.copytree(root, tmp_path / "d2")
     export_digits(tmp_path / "d2", classes=[0, 1, 2], per_class=60)
-    grown = build_manifest(str(tmp_path / "d2"), tmp_path / "c")
+    grown = build_manifest(str(tmp_path / "d2"), tmp_path / "c", stratified=False)
     old = dict(zip(first["sha256"], first["split"], strict=True))
     new = dict(zip(grown["sha256"], grown["split"], strict=True))
     assert all(new[h] == s for h, s in old.items())
     assert set(first["split"]) == {"train", "val", "test"}
+    # The default, stratified in each class's hash order: 20 images added to a class move at most 40.
+    first = build_manifest(str(root), tmp_path / "c")
+    grown = build_manifest(str(tmp_path / "d2"), tmp_path / "c")
+    old = dict(zip(first["sha256"], first["split"], strict=True))
+    new = dict(zip(grown["sha256"], grown["split"], strict=True))
+    assert sum(new[h] != s for h, s in old.items()) <= 2 * 2 * 20
+    assert (grown.groupby("label")["split"].value_counts().unstack()[["test", "val", "train"]].values
+            == [[12, 9, 39]] * 3).all()
     fractions = [hash_split(f"{i:064x}", 0.15, 0.2, "s") for i in range(2000)]
     assert abs(fractions.count("test") / 2000 - 0.2) < 0.03
 

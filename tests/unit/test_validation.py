@@ -255,7 +255,7 @@ def test_exclude_quarantined_drops_bad_files_from_training_only(clean: Path) -> 
     assert len(used) == len(df) - 2 and not used["uri"].isin(report.excluded).any()
     assert (clean / "train" / "a" / "broken.png").is_file() and (clean / "test" / "b" / "leak.png").is_file()
     # Too few files left is still a failure: exclusion never hides a data-set-level problem.
-    thin = ValidationConfig(min_images_per_class=3, exclude_quarantined=True)
+    thin = ValidationConfig(min_images_per_class=3, min_held_out_per_class=3, exclude_quarantined=True)
     assert check(run(clean, thin)[1], "min_images_per_class").status == "PASS"
     (clean / "val" / "a" / "0.png").write_bytes(b"")
     assert check(run(clean, thin)[1], "min_images_per_class").status == "FAIL"
