@@ -5,8 +5,6 @@ Needs a Chromium binary (Debian: `apt-get install -y chromium`); skipped with th
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -15,24 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.browser import CHROMIUM, MISSING
 from tests.unit.test_evaluation import synthetic_result
 from tlops import evaluation
 
 WIDTH, HEIGHT = 1200, 1600
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return os.environ.get("CHROMIUM") if os.environ.get("CHROMIUM") and Path(os.environ["CHROMIUM"]).is_file() \
-        else None
-
-
-CHROMIUM = _chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
-                                "(Debian: apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=MISSING)
 
 
 def screenshot(page: Path, out: Path) -> np.ndarray:

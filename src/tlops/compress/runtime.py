@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from tlops.errors import TlopsError
-from tlops.images import ImageInputError, check_work
+from tlops.images import ImageInputError, check_work, resized_size
 
 GRAPH = "model.onnx"
 SPEC = "preprocess.json"
@@ -102,15 +102,6 @@ def decode(data: bytes, spec: SpecView, index: int = 0, max_pixels: int | None =
             img = img.convert("RGBA")
         img = img.convert(spec.color_mode)
     return img
-
-
-def resized_size(spec: SpecView, width: int, height: int) -> tuple[int, int]:
-    """Width and height after the resize, as torchvision computes them for an int size."""
-    if spec.resize_rule != "shorter-side-then-crop":
-        return spec.crop_size, spec.crop_size
-    short, long = sorted((width, height))
-    new_long = int(spec.resize_size * long / short)
-    return (spec.resize_size, new_long) if width <= height else (new_long, spec.resize_size)
 
 
 def preprocess(data: bytes, spec: SpecView, index: int = 0) -> np.ndarray:
