@@ -280,7 +280,8 @@ def test_cli_refuses_a_port_in_use_a_missing_model_and_a_tracking_server_down(se
     expected = {
         "in use": f"error: --port {port}: 127.0.0.1:{port} is already in use; stop what listens there or pick "
                   "another port",
-        "missing": "error: --model models:/no-such-model@champion: no such model version in the registry",
+        "missing": "error: --model models:/no-such-model@champion: registered model 'no-such-model' does not exist "
+                   "in the MLflow registry",
         "down": f"error: --model models:/{NAME}@champion: the MLflow tracking server at {down} did not answer after "
                 "0 retries; start it, or point MLFLOW_TRACKING_URI at a running one",
     }
