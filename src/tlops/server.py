@@ -182,21 +182,33 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            predictor = batch[0].model.predictor
+            batch: list[_Job] = []
             try:
-                x = batch[0].x if len(batch) == 1 else predictor.concat([job.x for job in batch])
-                proba = predictor.proba(x, max(self.max_batch, predictor.batch_size))
-            except Exception as exc:  # the requests get the error; the thread lives on
+                batch = self._next_batch()
+                self._forward(batch)
+            except BaseException as exc:  # never the end of the thread: every request of the batch gets an answer
+                log.exception("batcher: a batch of %d requests failed", len(batch))
                 for job in batch:
-                    job.future.set_exception(exc)
-                continue
-            self.batches, self.requests, self.images = (self.batches + 1, self.requests + len(batch),
-                                                        self.images + len(proba))
-            start = 0
+                    if not job.future.done():
+                        job.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+
+    def _forward(self, batch: list[_Job]) -> None:
+        predictor = batch[0].model.predictor
+        try:
+            x = batch[0].x if len(batch) == 1 else predictor.concat([job.x for job in batch])
+            proba = predictor.proba(x, max(self.max_batch, predictor.batch_size))
+        except Exception as exc:  # the requests get the error; the thread lives on
             for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self.batches, self.requests, self.images = (self.batches + 1, self.requests + len(batch),
+                                                    self.images + len(proba))
+        start = 0
+        for job in batch:
+            if not job.future.done():  # a request whose client went away: its rows are dropped
                 job.future.set_result(proba[start : start + len(job.x)])
-                start += len(job.x)
+            start += len(job.x)
 
 
 class ImageSlots:

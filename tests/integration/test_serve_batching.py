@@ -41,7 +41,9 @@ def test_batched_answers_equal_unbatched_ones_and_a_bad_request_spoils_no_other(
     bad = _body([files[0], b"this is a text file, not a picture\n"])
 
     async def concurrently(app) -> list[tuple[int, dict]]:  # noqa: ANN001
-        return await asyncio.gather(*[_asgi_post(app, b) for b in [*bodies[:9], bad, *bodies[9:]]])
+        # Bounded: a lost answer fails the test instead of hanging the run.
+        return await asyncio.wait_for(asyncio.gather(*[_asgi_post(app, b) for b in [*bodies[:9], bad, *bodies[9:]]]),
+                                      timeout=120)
 
     off = _app(tiny_models["good"], max_batch=1, window_s=0)
     on = _app(tiny_models["good"], max_batch=32, window_s=0.2)
@@ -70,8 +72,8 @@ def test_batched_answers_equal_unbatched_ones_and_a_bad_request_spoils_no_other(
 def test_a_lone_request_does_not_wait_for_the_window(tiny_models: dict, tiny_digits: Path) -> None:
     app = _app(tiny_models["good"], max_batch=32, window_s=5.0)
     body = _body([next(tiny_digits.glob("7/*.png")).read_bytes()])
-    asyncio.run(_asgi_post(app, body))  # warm
+    asyncio.run(asyncio.wait_for(_asgi_post(app, body), timeout=120))  # warm
     start = time.monotonic()
-    status, answer = asyncio.run(_asgi_post(app, body))
+    status, answer = asyncio.run(asyncio.wait_for(_asgi_post(app, body), timeout=120))
     assert status == 200 and answer["predictions"][0]["label"] == "7"
     assert time.monotonic() - start < 2.5  # far below the 5 s window: nothing else was on its way

@@ -450,7 +450,7 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
             return torch.zeros((len(images), 1))
 
         def proba(self, x: torch.Tensor, batch_size: int) -> np.ndarray:
-            release.wait(30)
+            release.wait(300)  # held until the test has seen both refusals (bounded: a failed test ends)
             return np.ones((len(x), 1))
 
         def records(self, proba: np.ndarray) -> list[dict]:
@@ -464,7 +464,9 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
     async def scenario() -> list[tuple[int, dict]]:
         waiting = [asyncio.create_task(_asgi_post(busy_app, small)) for _ in range(2)]
         waiting += [asyncio.create_task(_asgi_post(full_app, large)) for _ in range(2)]
+        deadline = time.monotonic() + 120
         while busy_app.pending < 2 or full_app.pending < 2:
+            assert time.monotonic() < deadline, (busy_app.pending, full_app.pending, [t.done() for t in waiting])
             await asyncio.sleep(0.01)
         busy = await _asgi_post(busy_app, small)
         full = await _asgi_post(full_app, b"x" * 100, chunks=[b"x" * 100])  # 1,334 held: 200 more pass 1,500
