@@ -449,6 +449,9 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
         def tensors(self, images: list[bytes]) -> torch.Tensor:
             return torch.zeros((len(images), 1))
 
+        def concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts)
+
         def proba(self, x: torch.Tensor, batch_size: int) -> np.ndarray:
             release.wait(300)  # held until the test has seen both refusals (bounded: a failed test ends)
             return np.ones((len(x), 1))
@@ -473,7 +476,7 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
         release.set()
         return [busy, full, *await asyncio.gather(*waiting)]
 
-    busy, full, *served = asyncio.run(scenario())
+    busy, full, *served = asyncio.run(asyncio.wait_for(scenario(), timeout=180))  # a lost answer fails, never hangs
     assert busy == (503, {"error_code": "SERVICE_UNAVAILABLE", "message": "the server is busy: 2 requests are "
                           "waiting for the model, its limit; retry shortly"})
     assert full == (503, {"error_code": "SERVICE_UNAVAILABLE", "message": "the server holds 1434 bytes of request "
