@@ -258,6 +258,9 @@ def predict_features(model: Any, paths: list[str], image_sha256: list[str], cach
     a linear-probe candidate and an unchanged champion share their backbone, so their features are one file."""
     import torch
 
+    from tlops.progress import phase
+
+    phase(f"predicting with the {name} from its backbone features (the feature cache)")
     inner = _python_model(model)
     predictor = inner.predictor
     classifier, spec, classes = predictor.model, predictor.spec, list(inner.classes)

@@ -238,10 +238,10 @@ def test_progress_reaches_the_terminal_with_no_silent_minute(two_runs: dict) -> 
     # The first run computes the features (the second finds them in the feature cache).
     assert re.search(r"fine-tune: features train: \d+/\d+ images \([\d.]+ images/s", first)
     for expected in ("fine-tune: linear probe: L2 sweep", "evaluate: loading champion tiny-digits version 1",
-                     "evaluate: loading the candidate", "evaluate: predicting with the candidate: ",
+                     "evaluate: loading the candidate", "evaluate: predicting with the candidate",
                      "evaluate: measuring latency at batch size 1", "gate: registering the candidate"):
         assert expected in second, expected
-    assert re.search(r"evaluate: predicting with the champion version 1: \d+/\d+ images \([\d.]+ images/s", second)
+    assert "evaluate: predicting with the champion version 1" in second
     for out in (first, second):
         assert "[tlops-progress]" not in out
         stamps = [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in
