@@ -94,7 +94,7 @@ def test_the_live_view_draws_the_step_bar_rate_and_time_left() -> None:
         seen.append(ANSI.sub("", screen.getvalue()))
     view.close()
     drawn = ANSI.sub("", screen.getvalue())
-    assert "step 1/5 evaluate" in drawn
+    assert "step 1/6 evaluate" in drawn
     assert "evaluate: loading the candidate" in drawn
     assert re.search(r"evaluate: predicting with the candidate .*━.* \d+/40 images · [\d.]+ images/s · \d+ s left",
                      drawn), drawn[-2000:]
