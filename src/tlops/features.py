@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,16 +124,8 @@ class FeatureCache:
                  spec: PreprocessSpec, batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
         """The cached features of these images, computing and storing them on a miss."""
         key = feature_key(backbone_name, spec, image_sha256)
-        feats = self.load(key, image_sha256)
-        if feats is not None:
-            self.hits += 1
-            log.info("%s: %d feature vectors from the cache (%s)", desc, len(feats), key[:12])
-            return feats
-        self.misses += 1
-        feats = extract_features(backbone, paths, spec, batch_size, device, desc=desc)
-        self.save(key, feats, image_sha256, {"backbone": backbone_name, "preprocess": spec.fingerprint,
-                                             "weights": weights_identity(backbone_name)})
-        return feats
+        meta = {"backbone": backbone_name, "preprocess": spec.fingerprint, "weights": weights_identity(backbone_name)}
+        return self._cached(key, meta, backbone, paths, image_sha256, spec, batch_size, device, desc)
 
     def features_of(self, backbone: nn.Module, paths: list[str], image_sha256: list[str], spec: PreprocessSpec,
                     batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
@@ -140,6 +133,12 @@ class FeatureCache:
         may not be a catalogue entry's: a trained model's, a champion's."""
         digest = state_digest(backbone)
         key = weights_feature_key(digest, spec, image_sha256)
+        meta = {"weights_sha256": digest, "preprocess": spec.fingerprint}
+        return self._cached(key, meta, backbone, paths, image_sha256, spec, batch_size, device, desc)
+
+    def _cached(self, key: str, meta: dict[str, Any], backbone: nn.Module, paths: list[str], image_sha256: list[str],
+                spec: PreprocessSpec, batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
+        """The features under ``key``, or computed on a miss and stored with ``meta``."""
         feats = self.load(key, image_sha256)
         if feats is not None:
             self.hits += 1
@@ -147,5 +146,5 @@ class FeatureCache:
             return feats
         self.misses += 1
         feats = extract_features(backbone, paths, spec, batch_size, device, desc=desc)
-        self.save(key, feats, image_sha256, {"weights_sha256": digest, "preprocess": spec.fingerprint})
+        self.save(key, feats, image_sha256, meta)
         return feats
