@@ -150,3 +150,21 @@ def step_inputs(out: Path, cfg: Any, run_id: str, evidence: dict[str, str] | Non
                                  "reference": {"fingerprint": ev["preprocess.reference_fingerprint"]}})
     write_json(paths["serving"], {"status": ev["parity.serving"], "images": [], "errors": []})
     return paths
+
+
+def gate_lab(root: Path, tiny_digits: Path, tiny_models: dict) -> dict:
+    """A SQLite store under ``root`` with the tiny digits' manifest and the good and worse tiny models logged:
+    what the evaluate -> gate tests run on."""
+    from tests.conftest import write_config
+    from tlops import tracking
+    from tlops.config import load_config
+    from tlops.data import build_manifest, write_manifest
+
+    cfg = load_config(write_config(root / "c.yaml", root / ".tlops",
+                                   tracking__uri=f"sqlite:///{root / '.tlops' / 'mlflow.db'}"))
+    experiment = tracking.setup(cfg)
+    manifest = root / "manifest.csv"
+    write_manifest(build_manifest(str(tiny_digits), root / "cache"), manifest)
+    models = {kind: log_model_run(experiment, tiny_models[kind])[1] for kind in ("good", "worse")}
+    return {"root": root, "cfg": cfg, "experiment": experiment, "manifest": str(manifest), "models": models,
+            "weights": tiny_models["good"] / "weights.pt", "model_dirs": tiny_models}

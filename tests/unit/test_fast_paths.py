@@ -15,11 +15,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import write_config
-from tests.registry_fixtures import EVIDENCE, log_model_run, restored_mlflow_uris, step_inputs
+from tests.registry_fixtures import EVIDENCE, gate_lab, restored_mlflow_uris, step_inputs
 from tlops import evaluation, registry, tracking
-from tlops.config import load_config
-from tlops.data import build_manifest, read_manifest, write_manifest
+from tlops.data import read_manifest
 from tlops.features import FeatureCache
 from tlops.fileio import read_json
 from tlops.manifest import localize, split_rows
@@ -40,14 +38,7 @@ def _own_mlflow_uris() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path, tiny_models: dict) -> dict:
-    root = tmp_path_factory.mktemp("fast")
-    cfg = load_config(write_config(root / "c.yaml", root / ".tlops",
-                                   tracking__uri=f"sqlite:///{root / '.tlops' / 'mlflow.db'}"))
-    experiment = tracking.setup(cfg)
-    manifest = root / "manifest.csv"
-    write_manifest(build_manifest(str(tiny_digits), root / "cache"), manifest)
-    models = {kind: log_model_run(experiment, tiny_models[kind])[1] for kind in ("good", "worse")}
-    return {"root": root, "cfg": cfg, "experiment": experiment, "manifest": str(manifest), "models": models}
+    return gate_lab(tmp_path_factory.mktemp("fast"), tiny_digits, tiny_models)
 
 
 def _strip(record: dict) -> dict:

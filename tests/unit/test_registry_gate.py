@@ -17,11 +17,8 @@ import mlflow
 import pytest
 import torch
 
-from tests.conftest import write_config
-from tests.registry_fixtures import EVIDENCE, log_model_run, restored_mlflow_uris, step_inputs
+from tests.registry_fixtures import EVIDENCE, gate_lab, log_model_run, restored_mlflow_uris, step_inputs
 from tlops import registry, tracking
-from tlops.config import load_config
-from tlops.data import build_manifest, write_manifest
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
 from tlops.steps import evaluate_step, gate_step
@@ -35,15 +32,7 @@ def _own_mlflow_uris() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path, tiny_models: dict) -> dict:
-    root = tmp_path_factory.mktemp("gate")
-    cfg = load_config(write_config(root / "c.yaml", root / ".tlops",
-                                   tracking__uri=f"sqlite:///{root / '.tlops' / 'mlflow.db'}"))
-    experiment = tracking.setup(cfg)
-    manifest = root / "manifest.csv"
-    write_manifest(build_manifest(str(tiny_digits), root / "cache"), manifest)
-    models = {kind: log_model_run(experiment, tiny_models[kind])[1] for kind in ("good", "worse")}
-    return {"root": root, "cfg": cfg, "experiment": experiment, "manifest": str(manifest), "models": models,
-            "weights": tiny_models["good"] / "weights.pt", "model_dirs": tiny_models}
+    return gate_lab(tmp_path_factory.mktemp("gate"), tiny_digits, tiny_models)
 
 
 def run_tail(lab: dict, name: str, kind: str, model_uri: str | None = None, **gate: object) -> dict:
