@@ -114,7 +114,7 @@ class ModelHolder:
         return old
 
 
-@dataclass
+@dataclass(eq=False)  # identity, never field equality: comparing two jobs would compare their tensors
 class _Job:
     model: ServedModel
     x: Any  # torch.Tensor: the request's preprocessed images
@@ -161,30 +161,34 @@ class Batcher:
             self._cv.notify()
         return job.future
 
-    def _next_batch(self) -> list[_Job]:
+    def _next_batch(self, batch: list[_Job]) -> None:
+        """Fill ``batch`` (empty) from the queue; a job leaves the queue only into ``batch``, so none is lost."""
         with self._cv:
             while not self._queue:
                 self._cv.wait()
-            batch = [self._queue.popleft()]
+            batch.append(self._queue.popleft())
             size = len(batch[0].x)
             deadline = time.monotonic() + self.window_s
             while size < self.max_batch:
-                for job in list(self._queue):
+                kept: collections.deque[_Job] = collections.deque()
+                while self._queue:
+                    job = self._queue.popleft()
                     if job.model is batch[0].model and size + len(job.x) <= self.max_batch:
-                        self._queue.remove(job)
                         batch.append(job)
                         size += len(job.x)
+                    else:
+                        kept.append(job)
+                self._queue.extendleft(reversed(kept))
                 left = deadline - time.monotonic()
                 if size >= self.max_batch or left <= 0 or self._upcoming <= 0:
                     break
                 self._cv.wait(left)
-            return batch
 
     def _run(self) -> None:
         while True:
             batch: list[_Job] = []
             try:
-                batch = self._next_batch()
+                self._next_batch(batch)
                 self._forward(batch)
             except BaseException as exc:  # never the end of the thread: every request of the batch gets an answer
                 log.exception("batcher: a batch of %d requests failed", len(batch))

@@ -33,7 +33,6 @@ def _body(files: list[bytes]) -> bytes:
     return json.dumps({"inputs": {"image": [base64.b64encode(f).decode() for f in files]}}).encode()
 
 
-@pytest.mark.slow  # passes alone; in the whole suite an answer was lost once (to be looked at, see the session note)
 def test_batched_answers_equal_unbatched_ones_and_a_bad_request_spoils_no_other(tiny_models: dict,
                                                                                tiny_digits: Path) -> None:
     files = [p.read_bytes() for d in sorted(tiny_digits.iterdir()) for p in sorted(d.glob("*.png"))[:6]]
