@@ -28,12 +28,15 @@ def _client(store: dict):
 
 @pytest.mark.parametrize(
     ("override", "field"),
+    # Every field's mismatch is caught by check_parity in tests/unit/test_preprocessing.py; two go end to end in
+    # the default suite (about 20 s each), the rest with the slow tests.
     [
         ("preprocess.mean=0.485,0.456,0.406", "mean"),  # ImageNet statistics on a 0.5/0.5 backbone
-        ("preprocess.channel_order=BGR", "channel_order"),
-        ("preprocess.interpolation=bilinear", "interpolation"),
-        ("preprocess.scale=1.0", "scale"),  # the missing /255
-        ("preprocess.resize_rule=direct", "resize_rule"),  # resize-then-crop replaced by a direct resize
+        pytest.param("preprocess.channel_order=BGR", "channel_order", marks=pytest.mark.slow),
+        pytest.param("preprocess.interpolation=bilinear", "interpolation", marks=pytest.mark.slow),
+        pytest.param("preprocess.scale=1.0", "scale", marks=pytest.mark.slow),  # the missing /255
+        # resize-then-crop replaced by a direct resize
+        pytest.param("preprocess.resize_rule=direct", "resize_rule", marks=pytest.mark.slow),
         ("preprocess.exif_transpose=false", "exif_transpose"),
     ],
 )
