@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tlops.config import Config
+from tlops.config.settings import Config
 from tlops.errors import GateFailed, TlopsError
 from tlops.fileio import read_json, write_json, write_text
 
@@ -181,14 +181,14 @@ def _system_metrics(cfg: Config, run_id: str) -> Iterator[None]:
 
 def _pixels(cfg: Config, rows: Any) -> Any:
     """``rows`` of the run's manifest with ``path`` naming this step's own copy of each file (checked by sha256)."""
-    from tlops.manifest import localize
+    from tlops.data.manifest import localize
 
     return localize(rows, Path(cfg.workdir) / "cache")
 
 
 def _feature_cache(cfg: Config) -> Any:
     """The feature cache fine-tune uses: this step's work directory, and ``state_uri`` when set."""
-    from tlops.features import FeatureCache
+    from tlops.vision.features import FeatureCache
 
     remote = f"{cfg.state_uri.rstrip('/')}/features" if cfg.state_uri else None
     return FeatureCache(Path(cfg.workdir) / "cache" / "features", remote)
@@ -206,17 +206,19 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
     (``plan_path``: the resolved config, train or skip and why, the MLflow run id), which every later step
     takes as its input. Returns the plan's decision, ``train`` or ``skip``.
 
-    ``parameters`` are the pipeline's typed parameters (``tlops.config.with_parameters``: over ``config_json``);
-    an empty ``data_uri`` means the config's ``data.uri``. ``kfp_run`` (``id``, ``name``) names the KFP run,
-    recorded as MLflow tags with a link to it when ``cluster.host`` is known; ``links_path`` receives a
-    Markdown page with the link to the MLflow run.
+    ``parameters`` are the pipeline's typed parameters (``tlops.config.settings.with_parameters``: over
+    ``config_json``); an empty ``data_uri`` means the config's ``data.uri``. ``kfp_run`` (``id``, ``name``) names
+    the KFP run, recorded as MLflow tags with a link to it when ``cluster.host`` is known; ``links_path`` receives
+    a Markdown page with the link to the MLflow run.
     """
     import mlflow
 
-    from tlops import data, tracking
-    from tlops.config import with_parameters
-    from tlops.plan import RunPlan
-    from tlops.validation import training_manifest, validate_data, write_outputs
+    from tlops import tracking
+    from tlops.config.plan import RunPlan
+    from tlops.config.settings import with_parameters
+    from tlops.data import discovery as data
+    from tlops.data.validation import training_manifest, write_outputs
+    from tlops.selection.planner import validate_data
 
     cfg = with_parameters(config_json, **(parameters or {}))
     data_uri = data_uri or cfg.data.uri
@@ -262,7 +264,7 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
                 mlflow.log_dict(cfg.model_dump(mode="json"), "config/config.json")
                 raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
                                                                        for c in report.failures()))
-            from tlops.selection import plan_run, resolved_config
+            from tlops.selection.planner import plan_run, resolved_config
 
             choices = plan_run(work, used)  # backbone/strategy auto, feature drift, skip decision
             resolved = resolved_config(cfg, choices)
@@ -313,10 +315,10 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     import mlflow
 
     from tlops import progress
-    from tlops.data import read_manifest
-    from tlops.manifest import golden_rows
-    from tlops.parity import check_parity, eval_spec, golden_set, report_html
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import read_manifest
+    from tlops.data.manifest import golden_rows
+    from tlops.vision.parity import check_parity, eval_spec, golden_set, report_html
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -362,14 +364,14 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     from mlflow.entities import Metric
 
     from tlops import __version__, progress
-    from tlops.curves import plot_history
-    from tlops.data import class_names, read_manifest
-    from tlops.manifest import golden_rows, usable
-    from tlops.parity import golden_set, serving_check
-    from tlops.plan import RunPlan
-    from tlops.preprocessing import PreprocessSpec
-    from tlops.serving import save_model_dir
-    from tlops.training import fine_tune
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import class_names, read_manifest
+    from tlops.data.manifest import golden_rows, usable
+    from tlops.serving.pyfunc import save_model_dir
+    from tlops.training.curves import plot_history
+    from tlops.training.finetune import fine_tune
+    from tlops.vision.parity import golden_set, serving_check
+    from tlops.vision.preprocessing import PreprocessSpec
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -431,7 +433,7 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None, na
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from tlops.serving import bundle_code, pyfunc_requirements
+    from tlops.serving.pyfunc import bundle_code, pyfunc_requirements
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
@@ -440,7 +442,7 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None, na
     with tempfile.TemporaryDirectory(prefix="tlops-code-") as tmp:
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            python_model=str(Path(__file__).with_name("serving") / "pyfunc_entry.py"),
             artifacts={"model_dir": model_dir},
             code_paths=[str(bundle_code(tmp))],
             signature=signature,
@@ -461,11 +463,12 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     """
     import mlflow
 
-    from tlops import evaluation, progress
-    from tlops.data import read_manifest
-    from tlops.manifest import split_rows
-    from tlops.plan import RunPlan
-    from tlops.registry import champion_version
+    from tlops import progress
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import read_manifest
+    from tlops.data.manifest import split_rows
+    from tlops.evaluation import evaluate as evaluation
+    from tlops.registry.gate import champion_version
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -518,9 +521,9 @@ def compress_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     """Build the compressed serving variants of ``deploy.variants`` (none: nothing to do), check their parity,
     measure them on the test split against the uncompressed candidate; the gate decides on them. Returns the
     variants built, comma-separated."""
-    from tlops.compress.step import run_step
-    from tlops.data import read_manifest
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import read_manifest
+    from tlops.serving.compress.step import run_step
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -588,8 +591,10 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     run and written to ``html_path``) and ``markdown_path`` (the KFP Markdown output)."""
     import mlflow
 
-    from tlops import evaluation, progress, registry, tracking
-    from tlops.plan import RunPlan
+    from tlops import progress, tracking
+    from tlops.config.plan import RunPlan
+    from tlops.evaluation import evaluate as evaluation
+    from tlops.registry import gate as registry
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -619,7 +624,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
         variants = None
         if compression_path:  # compressed variants: the chosen one becomes the version's serving artifact
-            from tlops.compress.step import record_on_version
+            from tlops.serving.compress.step import record_on_version
 
             variants = record_on_version(name, version, read_json(compression_path), cfg.gate)
         summary = {
@@ -669,8 +674,9 @@ def skip_step(plan_path: str, decision_path: str) -> str:
     Returns the run summary as JSON, as the gate does."""
     import mlflow
 
-    from tlops import registry, tracking
-    from tlops.plan import RunPlan
+    from tlops import tracking
+    from tlops.config.plan import RunPlan
+    from tlops.registry import gate as registry
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)

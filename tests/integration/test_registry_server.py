@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.registry_fixtures import log_model_run, new_version, race_worker, restored_mlflow_uris, use_store
-from tlops import registry
+from tests.helpers.registry import log_model_run, new_version, race_worker, restored_mlflow_uris, use_store
 from tlops.errors import TlopsError
-from tlops.registry import Decision, LockSettings
+from tlops.registry import gate as registry
+from tlops.registry.gate import Decision, LockSettings
 
 pytestmark = pytest.mark.integration
 LOCK = LockSettings(settle_s=0.3, timeout_s=60, poll_s=0.1)
@@ -91,9 +91,9 @@ def test_a_champion_deleted_from_the_server_is_a_clear_error(server: dict, tiny_
                                                              tiny_digits: Path) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from tlops import evaluation
-    from tlops.config import EvaluationConfig
-    from tlops.data import build_manifest
+    from tlops.config.settings import EvaluationConfig
+    from tlops.data.discovery import build_manifest
+    from tlops.evaluation import evaluate as evaluation
 
     use_store(server["url"])
     name = "it-lost"

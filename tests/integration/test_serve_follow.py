@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.registry import log_model_run, new_version, use_store
 from tests.integration.test_serve import (
     _b64,
     _own_mlflow_uris,  # noqa: F401 - the module-scoped fixture that puts MLflow's URIs back afterwards
     running_serve,
 )
-from tests.registry_fixtures import log_model_run, new_version, use_store
 
 pytestmark = pytest.mark.integration
 NAME = "serve-follow"
@@ -79,7 +79,7 @@ def zero(tiny_digits: Path) -> bytes:
 
 def test_a_promotion_and_a_rollback_reach_a_running_server_without_a_failed_request(
         mlflow_server: str, tiny_models: dict, tmp_path_factory: pytest.TempPathFactory, zero: bytes) -> None:
-    from tlops import registry
+    from tlops.registry import gate as registry
 
     with running_serve(mlflow_server, tiny_models["good"], NAME, tmp_path_factory.mktemp("follow"),
                        "--poll-s", str(POLL_S)) as server:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tlops.config import Config, load_config
+from tlops.config.settings import Config, load_config
 from tlops.errors import TlopsError
 
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tlops import evaluation
-from tlops.config import EvaluationConfig
+from tlops.config.settings import EvaluationConfig
+from tlops.evaluation import evaluate as evaluation
 
 CLASSES = ["cat", "dog", "fox"]
 

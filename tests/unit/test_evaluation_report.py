@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.browser import CHROMIUM, MISSING
 from tests.unit.test_evaluation import synthetic_result
-from tlops import evaluation
+from tlops.evaluation import evaluate as evaluation
 
 WIDTH, HEIGHT = 1200, 1600
 
@@ -67,7 +67,7 @@ def test_report_renders_with_its_figures(tmp_path: Path) -> None:
 
 def test_report_with_the_gate_decision_and_curves(tmp_path: Path) -> None:
     """The gate's report: decision badge, version, fingerprint, data summary and curves, and its KFP Markdown."""
-    from tlops.curves import plot_history
+    from tlops.training.curves import plot_history
 
     result = synthetic_result()
     history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1), "train_accuracy": 0.5 + e / 20,

@@ -1,6 +1,6 @@
 """Aliases, history, promotion, rollback and the promotion lock against a temporary SQLite MLflow store.
 
-Versions are registered from one real logged tlops model (tests/registry_fixtures.py); the gate's
+Versions are registered from one real logged tlops model (tests/helpers/registry.py); the gate's
 decisions are given, so these tests are about what the registry does with them.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_fixtures import new_version, race_worker, restored_mlflow_uris, use_store
-from tlops import registry
+from tests.helpers.registry import new_version, race_worker, restored_mlflow_uris, use_store
 from tlops.errors import GateFailed, TlopsError
-from tlops.registry import Decision, LockSettings
+from tlops.registry import gate as registry
+from tlops.registry.gate import Decision, LockSettings
 
 # A lease write must come back within settle_s; on a loaded 2-core machine a SQLite write can take 100 ms.
 FAST = LockSettings(settle_s=0.3, timeout_s=20, poll_s=0.05)
@@ -31,7 +31,7 @@ def _own_mlflow_uris() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict) -> dict:
-    from tests.registry_fixtures import log_model_run
+    from tests.helpers.registry import log_model_run
 
     root = tmp_path_factory.mktemp("registry-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -362,7 +362,7 @@ def test_two_pipelines_promoting_at_once_move_the_champion_once(store: dict, nam
 
 
 def test_an_unknown_alias_is_named_as_an_alias_with_the_ones_there(store: dict, name: str) -> None:
-    from tlops.audit import parse_model_uri
+    from tlops.registry.uri import parse_model_uri
 
     v1 = new_version(store["model_uri"], name)
     registry.apply_decision(name, v1, _promote(None), lock=FAST)

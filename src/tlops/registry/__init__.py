@@ -1,0 +1,1 @@
+"""The model registry: the gate (policy, aliases, history, lock) and model URIs."""
