@@ -41,10 +41,9 @@ def build_demo_model(work: Path) -> tuple[str, str, list[bytes]]:
     test split's image files)."""
     import mlflow
 
-    from tlops import __version__
+    from tlops import __version__, registry
     from tlops.config.settings import TrainConfig
     from tlops.data.discovery import class_names
-    from tlops.registry import gate as registry
     from tlops.serving.pyfunc import save_model_dir
     from tlops.steps import log_pyfunc_model
     from tlops.training.loop import linear_probe

@@ -51,7 +51,7 @@ def parity_for_version(name: str, version: str) -> dict[str, Any]:
     """Re-run the parity checks on a logged model: spec vs reference, golden images, serving path."""
     import mlflow
 
-    from tlops.registry.gate import PreprocessEvidence, client
+    from tlops.registry import PreprocessEvidence, client
     from tlops.serving.pyfunc import load_model_dir
     from tlops.vision.parity import GOLDEN_ATOL, edge_case_images, golden_check, serving_check
     from tlops.vision.preprocessing import spec_diff
@@ -113,7 +113,7 @@ class VersionAudit:
 def audit_model(name: str) -> list[VersionAudit]:
     """Every version of ``name`` with its preprocessing evidence, and what is inconsistent about it."""
 
-    from tlops.registry.gate import PreprocessEvidence, client, require_model
+    from tlops.registry import PreprocessEvidence, client, require_model
 
     c = client()
     registered = require_model(name)

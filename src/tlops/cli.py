@@ -479,7 +479,7 @@ def promote_cmd(
 ) -> None:
     """Make VERSION the champion: a person's approval of a version the gate left as challenger (manual mode).
     Exit 0 done, 1 the version's gate did not pass, 2 unknown model or version."""
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     if force and not reason.strip():
         raise TlopsError("--force needs --reason: say why this version is promoted despite its gate")
@@ -500,7 +500,7 @@ def rollback_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Move the champion back to the previous champion (from the promotion history)."""
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     _tracking(config, set_)
     event = registry.rollback(name, reason=reason)
@@ -516,7 +516,7 @@ def history_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Print the promotion history: who moved the champion, when (UTC), from which version to which, why."""
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     _tracking(config, set_, output_format)
     typer.echo(registry.format_history(name, registry.history(name), output_format))

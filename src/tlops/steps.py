@@ -468,7 +468,7 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     from tlops.data.discovery import read_manifest
     from tlops.data.manifest import split_rows
     from tlops.evaluation import evaluate as evaluation
-    from tlops.registry.gate import champion_version
+    from tlops.registry import champion_version
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -591,10 +591,9 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     run and written to ``html_path``) and ``markdown_path`` (the KFP Markdown output)."""
     import mlflow
 
-    from tlops import progress, tracking
+    from tlops import progress, registry, tracking
     from tlops.config.plan import RunPlan
     from tlops.evaluation import evaluate as evaluation
-    from tlops.registry import gate as registry
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -674,9 +673,8 @@ def skip_step(plan_path: str, decision_path: str) -> str:
     Returns the run summary as JSON, as the gate does."""
     import mlflow
 
-    from tlops import tracking
+    from tlops import registry, tracking
     from tlops.config.plan import RunPlan
-    from tlops.registry import gate as registry
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)

@@ -104,7 +104,7 @@ def log_model_run(experiment_id: str, model_dir: Path, tags: dict[str, str] | No
 
 
 def new_version(model_uri: str, name: str, **tags: str) -> str:
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     return str(registry.register(model_uri, name, {"test_accuracy": "0.9", **tags}).version)
 
@@ -115,12 +115,12 @@ def race_worker(uri: str, name: str, version: str, compared_with: str, file_lock
     os.environ["MLFLOW_TRACKING_URI"] = uri
     import mlflow
 
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if not file_lock:
-        registry._sqlite_path = lambda: None  # the registry lease alone, as against an MLflow server
+        registry.lock._sqlite_path = lambda: None  # the registry lease alone, as against an MLflow server
     decision = registry.Decision("promote", ["every check passed"], compared_with, {"mode": "auto"})
     barrier.wait(timeout=120)
     try:

@@ -13,9 +13,9 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.helpers.registry import log_model_run, new_version, race_worker, restored_mlflow_uris, use_store
+from tlops import registry
 from tlops.errors import TlopsError
-from tlops.registry import gate as registry
-from tlops.registry.gate import Decision, LockSettings
+from tlops.registry import Decision, LockSettings
 
 pytestmark = pytest.mark.integration
 LOCK = LockSettings(settle_s=0.3, timeout_s=60, poll_s=0.1)

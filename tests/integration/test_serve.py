@@ -70,7 +70,7 @@ def images(tiny_digits: Path) -> dict[str, bytes]:
 def running_serve(mlflow_server: str, model_dir: Path, name: str, root: Path, *args: str) -> Iterator[dict]:
     """``model_dir`` registered as ``name`` and aliased champion, and `tlops serve` on it as a subprocess (with
     ``args``), answering /ping; yields its port, process, log, version, environment and working directory."""
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     _run, model_uri = log_model_run(use_store(mlflow_server, experiment=name), model_dir)
     version = new_version(model_uri, name)

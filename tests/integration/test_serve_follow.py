@@ -79,7 +79,7 @@ def zero(tiny_digits: Path) -> bytes:
 
 def test_a_promotion_and_a_rollback_reach_a_running_server_without_a_failed_request(
         mlflow_server: str, tiny_models: dict, tmp_path_factory: pytest.TempPathFactory, zero: bytes) -> None:
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     with running_serve(mlflow_server, tiny_models["good"], NAME, tmp_path_factory.mktemp("follow"),
                        "--poll-s", str(POLL_S)) as server:

@@ -146,7 +146,7 @@ def test_the_decision_is_where_people_look(two_runs: dict) -> None:
     """The version's description, the report, the KFP Markdown; the history off the registered model's page."""
     import mlflow
 
-    from tlops.registry import gate as registry
+    from tlops import registry
 
     client = _store(two_runs)
     v2 = client.get_model_version("tiny-digits", "2")

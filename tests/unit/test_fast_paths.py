@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from tests.helpers.registry import EVIDENCE, gate_lab, restored_mlflow_uris, step_inputs
-from tlops import tracking
+from tlops import registry, tracking
 from tlops.data.discovery import read_manifest
 from tlops.data.manifest import localize, split_rows
 from tlops.evaluation import evaluate as evaluation
 from tlops.fileio import read_json
-from tlops.registry import gate as registry
 from tlops.steps import evaluate_step, gate_step
 from tlops.vision.features import FeatureCache
 

@@ -142,7 +142,7 @@ def test_serving_path_that_drops_exif_transpose_is_caught() -> None:
     import pandas as pd
 
     from tlops.config.settings import GateConfig
-    from tlops.registry.gate import decide
+    from tlops.registry import decide
     from tlops.serving.pyfunc import Predictor
     from tlops.vision.backbones import build_classifier
     from tlops.vision.parity import edge_case_images, serving_check

@@ -1,5 +1,5 @@
 from tlops.config.settings import GateConfig
-from tlops.registry.gate import decide
+from tlops.registry import decide
 
 GATE = GateConfig(min_accuracy=0.9, max_regression=0.01)
 
@@ -28,7 +28,7 @@ def test_failed_validation_or_parity_blocks_promotion() -> None:
 
 
 def test_fingerprint_off_reference_needs_a_declared_override() -> None:
-    from tlops.registry.gate import PreprocessEvidence
+    from tlops.registry import PreprocessEvidence
 
     same = PreprocessEvidence("a" * 64, "a" * 64, "none")
     undeclared = PreprocessEvidence("b" * 64, "a" * 64, "none")

@@ -18,10 +18,9 @@ import pytest
 import torch
 
 from tests.helpers.registry import EVIDENCE, gate_lab, log_model_run, restored_mlflow_uris, step_inputs
-from tlops import tracking
+from tlops import registry, tracking
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
-from tlops.registry import gate as registry
 from tlops.steps import evaluate_step, gate_step
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tlops.config.settings import Config, GateConfig, load_config
 from tlops.errors import TlopsError
-from tlops.registry.gate import decide
+from tlops.registry import decide
 
 CAND = {"accuracy": 0.95, "min_class_recall": 0.8, "min_recall_class": "8",
         "latency": {"p50_ms": 4.0, "p95_ms": 6.0}, "model_size_bytes": 13_700_000}

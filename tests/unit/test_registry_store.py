@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.registry import new_version, race_worker, restored_mlflow_uris, use_store
+from tlops import registry
 from tlops.errors import GateFailed, TlopsError
-from tlops.registry import gate as registry
-from tlops.registry.gate import Decision, LockSettings
+from tlops.registry import Decision, LockSettings
 
 # A lease write must come back within settle_s; on a loaded 2-core machine a SQLite write can take 100 ms.
 FAST = LockSettings(settle_s=0.3, timeout_s=20, poll_s=0.05)
@@ -256,7 +256,7 @@ def test_unknown_version_is_a_clear_error(store: dict, name: str) -> None:
 
 
 def test_a_live_lease_blocks_and_names_its_holder(store: dict, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_sqlite_path", lambda: None)  # the lease alone, as against a server
+    monkeypatch.setattr(registry.lock, "_sqlite_path", lambda: None)  # the lease alone, as against a server
     new_version(store["model_uri"], name)
     lease = {"token": "other", "owner": "someone@elsewhere pid 1: gate of version 9", "expires": time.time() + 60}
     registry.client().set_registered_model_tag(name, registry.LOCK_TAG, json.dumps(lease))
@@ -270,7 +270,7 @@ def test_a_live_lease_blocks_and_names_its_holder(store: dict, name: str, monkey
 
 
 def test_an_expired_lease_is_taken_over_and_released(store: dict, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_sqlite_path", lambda: None)
+    monkeypatch.setattr(registry.lock, "_sqlite_path", lambda: None)
     new_version(store["model_uri"], name)
     dead = {"token": "dead", "owner": "crashed pipeline", "expires": time.time() - 1}
     registry.client().set_registered_model_tag(name, registry.LOCK_TAG, json.dumps(dead))

@@ -9,7 +9,7 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` to (name, version)."""
     from mlflow.exceptions import MlflowException
 
-    from tlops.registry.gate import client
+    from tlops.registry.store import client
 
     if not uri.startswith("models:/"):
         raise TlopsError(f"--model {uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
@@ -42,7 +42,7 @@ def _unknown_alias(uri: str, name: str, alias: str) -> Exception:
 
     from mlflow.exceptions import MlflowException
 
-    from tlops.registry.gate import client
+    from tlops.registry.store import client
 
     try:
         aliases = sorted((client().get_registered_model(name).aliases or {}).keys())

@@ -111,9 +111,9 @@ def _champion_reference(cfg: Config) -> tuple[pd.DataFrame | None, str, str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from tlops import registry
     from tlops.data.discovery import read_manifest
     from tlops.data.validation import MANIFEST_ARTIFACT
-    from tlops.registry import gate as registry
 
     champ = registry.champion_version(cfg.registry.model_name)
     if champ is None or not champ.run_id:

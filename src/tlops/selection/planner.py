@@ -49,8 +49,7 @@ def load_reference(cfg: Config) -> tuple[pd.DataFrame | None, str]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tlops import tracking
-    from tlops.registry import gate as registry
+    from tlops import registry, tracking
 
     tracking.setup(cfg)
     champ = registry.champion_version(cfg.registry.model_name)

@@ -189,7 +189,7 @@ def record_on_version(name: str, version: str, record: dict[str, Any], gate: Gat
     """The gate's decision on the variants, set as tags on the registered version. Returns the decision."""
     import mlflow
 
-    from tlops.registry.gate import client
+    from tlops.registry import client
 
     decided = gate_variants(record, gate)
     if not record.get("variants"):
@@ -208,7 +208,7 @@ def serving_variant_dir(name: str, version: str) -> Path | None:
     """The files of a version's serving variant (downloaded), or None when it has none."""
     import mlflow
 
-    from tlops.registry.gate import client
+    from tlops.registry import client
 
     tags = client().get_model_version(name, version).tags
     uri = tags.get("serving.artifact")
@@ -222,7 +222,7 @@ def variant_parity(name: str, version: str, model: Any, spec: Any,
     """``tlops parity`` on a version's serving variant: its files against the version's PyTorch model on the
     golden images, and its spec against the version's. None when the version has no serving variant. A pruned
     variant is checked for its spec only (its graph is not the version's weights)."""
-    from tlops.registry.gate import client
+    from tlops.registry import client
 
     found = serving_variant_dir(name, version)
     if found is None:
