@@ -348,7 +348,7 @@ def test_resized_size_is_torchvisions_and_the_aspect_limit_is_exact() -> None:
     from PIL import Image
     from torchvision.transforms import functional as F
 
-    from tlops.serving.pyfunc import ImageInputError, check_work, resized_size
+    from tlops.data.images import ImageInputError, check_work, resized_size
     from tlops.vision.backbones import reference_spec
     from tlops.vision.preprocessing import with_resolution
 
