@@ -117,7 +117,7 @@ def _train(manifest, out: Path) -> Path:  # noqa: ANN001
     from tlops.config.settings import TrainConfig
     from tlops.data.discovery import class_names
     from tlops.serving.pyfunc import save_model_dir
-    from tlops.training.loop import linear_probe
+    from tlops.training.probe import linear_probe
     from tlops.vision.backbones import reference_spec
     from tlops.vision.preprocessing import with_resolution
 

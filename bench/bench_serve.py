@@ -46,7 +46,7 @@ def build_demo_model(work: Path) -> tuple[str, str, list[bytes]]:
     from tlops.data.discovery import class_names
     from tlops.serving.pyfunc import save_model_dir
     from tlops.steps import log_pyfunc_model
-    from tlops.training.loop import linear_probe
+    from tlops.training.probe import linear_probe
     from tlops.vision.backbones import reference_spec
     from tlops.vision.preprocessing import with_resolution
 

@@ -24,7 +24,7 @@ from tlops.errors import TlopsError
 from tlops.fileio import write_json
 from tlops.training.checkpoints import rng_state, set_rng_state
 from tlops.training.finetune import fine_tune
-from tlops.training.loop import FitResult
+from tlops.training.state import FitResult
 from tlops.vision.backbones import reference_spec
 from tlops.vision.preprocessing import PreprocessSpec, with_resolution
 
@@ -136,7 +136,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path: Path) -> No
 
 
 def test_checkpoint_key_ignores_how_the_run_is_executed(manifest: pd.DataFrame, spec: PreprocessSpec) -> None:
-    from tlops.training.loop import run_key
+    from tlops.training.state import run_key
 
     classes = class_names(manifest)
     key = run_key(BACKBONE, spec, classes, manifest, CFG)

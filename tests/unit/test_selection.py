@@ -83,7 +83,7 @@ def test_ranking_is_logged_to_mlflow(ranking: dict, cfg: Config) -> None:
 
 def test_linear_probe_reads_the_features_select_computed(ranking: dict, digits: Path, cfg: Config) -> None:
     from tlops.data.discovery import build_manifest, class_names
-    from tlops.training.loop import linear_probe
+    from tlops.training.probe import linear_probe
     from tlops.vision.parity import eval_spec
 
     manifest = build_manifest(str(digits), Path(cfg.workdir) / "cache")

@@ -13,7 +13,8 @@ from tlops.config.settings import AugmentConfig, TrainConfig, load_config
 from tlops.data.discovery import build_manifest, class_names
 from tlops.errors import TlopsError
 from tlops.training.finetune import fine_tune
-from tlops.training.loop import FitResult, class_weights, make_plan, param_groups, warmup_cosine
+from tlops.training.optim import class_weights, make_plan, param_groups, warmup_cosine
+from tlops.training.state import FitResult
 from tlops.vision.backbones import build_classifier, feature_extractor, reference_spec
 from tlops.vision.preprocessing import PreprocessSpec, build_transform, with_resolution
 from tlops.vision.stages import Stage, split_stages

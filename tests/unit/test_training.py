@@ -5,7 +5,7 @@ import torch
 from tlops.config.settings import TrainConfig
 from tlops.data.discovery import build_manifest, class_names
 from tlops.serving.pyfunc import Predictor, load_model_dir, save_model_dir
-from tlops.training.loop import linear_probe
+from tlops.training.probe import linear_probe
 from tlops.vision.backbones import reference_spec
 from tlops.vision.preprocessing import with_resolution
 

@@ -160,6 +160,13 @@ class AcceleratorConfig(Section):
     limit: int = Field(1, ge=1)
 
 
+# Marks a train field that says how a run executes, not what it computes (device, threads, workers, precision
+# settings, DDP, checkpoint placement): it stays out of the checkpoint key, so a run resumes on another device,
+# with other workers or as DDP. Every other field is in the key: a new field changes the key unless it is
+# marked, where it is declared.
+RUNTIME: dict[str, Any] = {"runtime": True}
+
+
 class TrainConfig(Section):
     # auto: the strategy recommended by the task-similarity check (tlops.selection.similarity), chosen and recorded by
     # the validate step.
@@ -171,11 +178,11 @@ class TrainConfig(Section):
     l2_grid: list[float] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1], min_length=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
-    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means all cores")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means all cores", json_schema_extra=RUNTIME)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=RUNTIME)
     # Linear probe: keep backbone features on disk under <workdir>/cache/features, keyed by the backbone
     # weights, the preprocessing fingerprint and the images' content.
-    feature_cache: bool = True
+    feature_cache: bool = Field(True, json_schema_extra=RUNTIME)
 
     # Gradient strategies (partial, full, gradual, scratch).
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -203,30 +210,40 @@ class TrainConfig(Section):
     freeze_bn_stats: bool = False
     augment: AugmentConfig = AugmentConfig()
     # Decoded evaluation tensors kept in memory across epochs when augmentation is off and workers are 0.
-    input_cache_mb: int = Field(2048, ge=0)
+    input_cache_mb: int = Field(2048, ge=0, json_schema_extra=RUNTIME)
 
     # Hardware. Unset: chosen by device (CUDA: bf16 autocast where supported, else fp16; pinned memory;
     # workers = min(8, cores). CPU: no autocast (amp: true there means bf16), 0 workers). channels_last: on
     # unless set false (faster training on GPUs and, with oneDNN, on CPUs).
-    num_workers: int | None = Field(None, ge=0)
-    amp: bool | None = None
-    channels_last: bool | None = None
-    compile: bool = False
-    deterministic: bool = False
+    num_workers: int | None = Field(None, ge=0, json_schema_extra=RUNTIME)
+    amp: bool | None = Field(None, json_schema_extra=RUNTIME)
+    channels_last: bool | None = Field(None, json_schema_extra=RUNTIME)
+    compile: bool = Field(False, json_schema_extra=RUNTIME)
+    deterministic: bool = Field(False, json_schema_extra=RUNTIME)
     # DDP processes on this machine (gloo on CPU, NCCL on CUDA); torchrun's environment overrides it.
-    processes: int = Field(1, ge=1)
-    accelerator: AcceleratorConfig = AcceleratorConfig()
+    processes: int = Field(1, ge=1, json_schema_extra=RUNTIME)
+    accelerator: AcceleratorConfig = Field(AcceleratorConfig(), json_schema_extra=RUNTIME)
 
     # Checkpoints: every N optimizer steps (0: only at each epoch end), and always at each epoch end.
     # Unset dir: <workdir>/checkpoints/<key of data, preprocessing and training config>; or s3://...
-    checkpoint_dir: str | None = None
-    checkpoint_every_steps: int = Field(0, ge=0)
-    resume: bool = True
+    checkpoint_dir: str | None = Field(None, json_schema_extra=RUNTIME)
+    checkpoint_every_steps: int = Field(0, ge=0, json_schema_extra=RUNTIME)
+    resume: bool = Field(True, json_schema_extra=RUNTIME)
     # Tests and drills only: the training process kills itself (SIGKILL, as a crash would) after this
     # many optimizer steps.
-    stop_after_steps: int | None = Field(None, ge=1)
+    stop_after_steps: int | None = Field(None, ge=1, json_schema_extra=RUNTIME)
     # Set by the loader, not by hand: train.epochs was left unset under strategy auto.
     epochs_unset: bool = False
+
+    @classmethod
+    def runtime_fields(cls) -> frozenset[str]:
+        """The fields marked :data:`RUNTIME`."""
+        return frozenset(name for name, f in cls.model_fields.items()
+                         if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("runtime"))
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change what training computes (JSON values): the training part of the checkpoint key."""
+        return self.model_dump(mode="json", exclude=set(self.runtime_fields()))
 
     @model_validator(mode="before")
     @classmethod

@@ -25,7 +25,9 @@ import torch
 
 from tlops.config.settings import TrainConfig
 from tlops.errors import TlopsError
-from tlops.training.loop import DistContext, FitResult, train_gradient
+from tlops.training.hardware import DistContext
+from tlops.training.loop import train_gradient
+from tlops.training.state import FitResult
 from tlops.vision.backbones import build_classifier
 from tlops.vision.preprocessing import PreprocessSpec
 

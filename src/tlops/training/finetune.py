@@ -13,7 +13,9 @@ import pandas as pd
 
 from tlops.config.settings import TrainConfig
 from tlops.training import ddp
-from tlops.training.loop import FitResult, checkpoint_location, linear_probe, run_key, train_gradient
+from tlops.training.loop import train_gradient
+from tlops.training.probe import linear_probe
+from tlops.training.state import FitResult, checkpoint_location, run_key
 from tlops.vision.preprocessing import PreprocessSpec
 
 

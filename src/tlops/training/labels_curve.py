@@ -78,7 +78,7 @@ def curve_from_features(train: tuple[torch.Tensor, torch.Tensor], val: tuple[tor
                         fractions: tuple[float, ...], seeds: int) -> list[CurvePoint]:
     from torch import nn
 
-    from tlops.training.loop import _fit_head
+    from tlops.training.probe import fit_head
 
     points = []
     y_np = train[1].numpy()
@@ -88,7 +88,7 @@ def curve_from_features(train: tuple[torch.Tensor, torch.Tensor], val: tuple[tor
             idx = torch.from_numpy(subset(y_np, fraction, seed))
             used = len(idx)
             head = nn.Linear(train[0].shape[1], num_classes)
-            _fit_head(head, train[0][idx], train[1][idx], *val, cfg.train)
+            fit_head(head, train[0][idx], train[1][idx], *val, cfg.train)
             with torch.no_grad():
                 accs.append(float((head(test[0]).argmax(1) == test[1]).float().mean()))
         mean, low, high = t_interval(accs)
@@ -102,7 +102,7 @@ def labels_curve(cfg: Config, data_uri: str, fractions: tuple[float, ...], seeds
     """The curve for ``data_uri`` with the config's backbone and preprocessing, features from the cache."""
     from tlops.data.discovery import build_manifest, class_names
     from tlops.training.hardware import resolve_device
-    from tlops.training.loop import _split
+    from tlops.training.loaders import split_items
     from tlops.vision.backbones import build_classifier
     from tlops.vision.features import FeatureCache
     from tlops.vision.parity import eval_spec
@@ -122,7 +122,7 @@ def labels_curve(cfg: Config, data_uri: str, fractions: tuple[float, ...], seeds
     cache = FeatureCache(Path(cfg.workdir) / "cache" / "features")
     feats = {}
     for split in ("train", "val", "test"):
-        paths, labels, shas = _split(manifest, classes, split)
+        paths, labels, shas = split_items(manifest, classes, split)
         if not paths:
             raise TlopsError(f"{data_uri}: the {split} split has no usable labelled image; the labels curve needs "
                              "train, val and test images")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
@@ -22,6 +23,16 @@ from tlops.config.settings import AugmentConfig
 from tlops.vision.preprocessing import PreprocessSpec, build_transform, decode
 
 Transform = Callable[[str | Path | bytes | Image.Image], torch.Tensor]
+
+
+def split_items(manifest: pd.DataFrame, classes: list[str], split: str) -> tuple[list[str], list[int], list[str]]:
+    """Paths, class indices and content hashes of the usable images of one split, in manifest order."""
+    from tlops.data.manifest import usable
+
+    index = {c: i for i, c in enumerate(classes)}
+    part = usable(manifest)
+    part = part[part["split"] == split]
+    return (list(part["path"]), [index[str(lab)] for lab in part["label"]], [str(s) for s in part["sha256"]])
 
 
 def _normalise(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
