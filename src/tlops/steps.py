@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tlops import logs
 from tlops.config.settings import Config
 from tlops.errors import GateFailed, TlopsError
 from tlops.fileio import read_json, write_json, write_text
@@ -32,19 +33,6 @@ ERROR_FILE_ENV = "TLOPS_ERROR_FILE"
 PRIVATE_WORKDIR_ENV = "TLOPS_PRIVATE_WORKDIR"
 FULL_EXIT_ENV = "TLOPS_FULL_EXIT"
 _PRIVATE_WORKDIR: ContextVar[str | None] = ContextVar("tlops_private_workdir", default=None)
-
-
-def _configure_logging() -> None:
-    # The kfp executor configures the root logger for itself; tlops lines get their own handler.
-    root = logging.getLogger("tlops")
-    if not any(getattr(h, "_tlops", False) for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[tlops] %(asctime)s %(levelname)s %(name)s: %(message)s",
-                                               "%H:%M:%S"))
-        handler._tlops = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
 
 
 @contextlib.contextmanager
@@ -123,7 +111,7 @@ def step(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tlops import progress
 
-        _configure_logging()
+        logs.to_stderr()  # the kfp executor configures the root logger for itself
         name = fn.__name__.removesuffix("_step").replace("_", "-")
         try:
             try:
@@ -194,6 +182,8 @@ def _feature_cache(cfg: Config) -> Any:
     return FeatureCache(Path(cfg.workdir) / "cache" / "features", remote)
 
 
+# Over 60 lines: the step's MLflow run set-up, the data checks, the plan and the outputs kfp declares, in
+# the order the run records them (steps.py is kept as it is while the monitoring work changes it).
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
                   pipeline_run: str = "", html_path: str = "", plan_path: str = "",
@@ -352,6 +342,8 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     return spec.fingerprint
 
 
+# Over 60 lines: the step's inputs read, the training mode run, the model logged and its serving check,
+# in the order the run records them (steps.py is kept as it is while the monitoring work changes it).
 @step
 def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir: str,
                    serving_path: str = "") -> str:
@@ -468,6 +460,7 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     from tlops.data.discovery import read_manifest
     from tlops.data.manifest import split_rows
     from tlops.evaluation import evaluate as evaluation
+    from tlops.evaluation import report
     from tlops.registry import champion_version
 
     plan = RunPlan.read(plan_path)
@@ -486,8 +479,8 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion,
                                      features=_feature_cache(cfg) if cfg.evaluation.feature_cache else None)
         progress.phase("drawing the figures and writing the report")
-        pngs = evaluation.figures(result)
-        page = evaluation.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
+        pngs = report.figures(result)
+        page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
         for name, data in pngs.items():
             (Path(tmp) / name).write_bytes(data)
             mlflow.log_artifact(str(Path(tmp) / name), "evaluation")
@@ -580,6 +573,8 @@ def _release(run: Any, plan: Any, evidence: dict[str, str], decision: Any, name:
     }
 
 
+# Over 60 lines: register, decide under the lock, record the evidence and the report on the version, in
+# the order the registry records them (steps.py is kept as it is while the monitoring work changes it).
 @step
 def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: str, serving_path: str,
               decision_path: str, compression_path: str = "", markdown_path: str = "", html_path: str = "") -> str:
@@ -593,7 +588,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
 
     from tlops import progress, registry, tracking
     from tlops.config.plan import RunPlan
-    from tlops.evaluation import evaluate as evaluation
+    from tlops.evaluation import report
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -653,10 +648,10 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
         mlflow.log_dict(summary, "gate/decision.json")
         with tempfile.TemporaryDirectory(prefix="tlops-gate-") as tmp:
             release = _release(run, plan, evidence_in, decision, name, version, tmp)
-        page = evaluation.report_html(metrics, evaluation.figures(metrics),
+        page = report.report_html(metrics, report.figures(metrics),
                                       f"tlops evaluation: {name} version {version}", release)
         mlflow.log_text(page, "evaluation/report.html")
-        markdown = evaluation.release_markdown(release, metrics, run.info.run_id)
+        markdown = report.release_markdown(release, metrics, run.info.run_id)
         mlflow.log_text(markdown, "gate/decision.md")
     if html_path:
         write_text(html_path, page)

@@ -10,12 +10,8 @@ self-contained HTML report (figures embedded as base64 PNG).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
-import io
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +74,11 @@ def min_recall(per_class: dict[str, dict[str, float]]) -> tuple[float, str]:
 
 
 def top_k_accuracy(y_true: list[str], proba: np.ndarray, classes: list[str], ks: list[int]) -> dict[str, float]:
-    """Share of images whose true class is among the k most probable; k is capped by the class count."""
+    """Share of images whose true class is among the k most probable; k is capped by the class count.
+
+    Not scikit-learn's ``top_k_accuracy_score``: it refuses two-column scores for a two-class problem, true labels
+    outside the model's classes (a champion trained on other classes scores them as misses here), and ranks ties
+    by the later class where this ranks them, as argmax does, by the earlier."""
     index = {c: i for i, c in enumerate(classes)}
     true_idx = np.array([index.get(y, -1) for y in y_true])
     order = np.argsort(-proba, axis=1, kind="stable") if len(proba) else np.zeros((0, len(classes)), dtype=int)
@@ -91,11 +91,9 @@ def top_k_accuracy(y_true: list[str], proba: np.ndarray, classes: list[str], ks:
 
 def confusion(y_true: list[str], y_pred: list[str], categories: list[str]) -> list[list[int]]:
     """Counts, rows the true class and columns the predicted one, in the order of ``categories``."""
-    index = {c: i for i, c in enumerate(categories)}
-    matrix = np.zeros((len(categories), len(categories)), dtype=int)
-    for t, p in zip(y_true, y_pred, strict=True):
-        matrix[index[t], index[p]] += 1
-    return matrix.tolist()
+    from sklearn.metrics import confusion_matrix
+
+    return [[int(v) for v in row] for row in confusion_matrix(y_true, y_pred, labels=categories)]
 
 
 def calibration(y_true: list[str], proba: np.ndarray, classes: list[str], bins: int) -> dict[str, Any]:
@@ -330,6 +328,8 @@ def champion_load_error(name: str, version: str, exc: BaseException) -> TlopsErr
                       f"{where}: restore them, or run 'tlops rollback {name}'")
 
 
+# Over 60 lines: the candidate and the champion scored on the same images, and the record both feed;
+# the scoring, comparison and slicing are calls.
 def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: EvaluationConfig,
              champion: tuple[str, str] | None = None, features: Any = None) -> dict[str, Any]:
     """Score the candidate (and the champion, ``(name, version)``, when there is one) on the same images.
@@ -417,277 +417,3 @@ def scalars(result: dict[str, Any]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def confusion_png(categories: list[str], matrix: list[list[int]]) -> bytes:
-    """Rows coloured by the share of each true class (its recall on the diagonal), counts written in."""
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(matrix, dtype=float)
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    n = len(categories)
-    side = min(12.0, max(4.0, 0.5 * n + 2))
-    fig = Figure(figsize=(side, side * 0.85))
-    ax = fig.add_subplot()
-    im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(n), labels=categories, rotation=90 if n > 10 else 0)
-    ax.set_yticks(range(n), labels=categories)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (colour: share of the true class)")
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
-                            color="white" if shares[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _png(fig)
-
-
-def reliability_png(calib: dict[str, Any], champion: dict[str, Any] | None = None) -> bytes:
-    """Accuracy against confidence per bin (a calibrated model sits on the diagonal), and how full each bin is."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 6.5))
-    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
-    bins = calib["bins"]
-    width = bins[0]["hi"] - bins[0]["lo"] if bins else 0.1
-    centres = [b["lo"] + width / 2 for b in bins]
-    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    top.bar(centres, [b["accuracy"] for b in bins], width=width * 0.9, color="#2b6cb0", edgecolor="black",
-            label=f"candidate (ECE {calib['ece']:.3f})")
-    if champion is not None:
-        cb = champion["bins"]
-        top.plot([b["lo"] + width / 2 for b in cb if b["n"]], [b["accuracy"] for b in cb if b["n"]], marker="o",
-                 color="#dd6b20", label=f"champion (ECE {champion['ece']:.3f})")
-    top.set_ylabel("accuracy")
-    top.set_ylim(0, 1)
-    top.set_title("Reliability diagram")
-    top.legend(loc="upper left", fontsize=8)
-    bottom.bar(centres, [b["n"] for b in bins], width=width * 0.9, color="#a0aec0", edgecolor="black")
-    bottom.set_xlabel("confidence (top probability)")
-    bottom.set_ylabel("images")
-    bottom.set_xlim(0, 1)
-    return _png(fig)
-
-
-def per_class_png(candidate: dict[str, dict[str, float]], champion: dict[str, dict[str, float]] | None) -> bytes:
-    from matplotlib.figure import Figure
-
-    classes = [c for c, m in candidate.items() if m["support"] > 0]
-    x = np.arange(len(classes))
-    fig = Figure(figsize=(min(14.0, max(5.0, 0.45 * len(classes) + 2)), 3.8))
-    ax = fig.add_subplot()
-    w = 0.4 if champion else 0.8
-    ax.bar(x - (w / 2 if champion else 0), [candidate[c]["recall"] for c in classes], width=w, color="#2b6cb0",
-           label="candidate")
-    if champion:
-        ax.bar(x + w / 2, [champion.get(c, {"recall": 0.0})["recall"] for c in classes], width=w, color="#dd6b20",
-               label="champion")
-    ax.set_xticks(x, labels=classes, rotation=90 if len(classes) > 12 else 0)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("recall")
-    ax.set_title("Recall per class")
-    ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
-
-
-def figures(result: dict[str, Any]) -> dict[str, bytes]:
-    """The report's figures as PNG bytes, by file name."""
-    cand, champ = result["candidate"], result.get("champion")
-    cm = result["confusion_matrix"]
-    return {
-        "confusion_matrix.png": confusion_png(cm["categories"], cm["matrix"]),
-        "reliability.png": reliability_png(cand["calibration"], champ["calibration"] if champ else None),
-        "per_class_recall.png": per_class_png(cand["per_class"], champ["per_class"] if champ else None),
-    }
-
-
-# ------------------------------------------------------------------------------------------------- report
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px; color: #1a202c; }
-h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #cbd5e0; }
-p.sub { color: #4a5568; margin-top: 0; }
-table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
-th, td { border: 1px solid #cbd5e0; padding: 4px 10px; text-align: right; }
-th { background: #edf2f7; } td:first-child, th:first-child { text-align: left; }
-.good { color: #276749; font-weight: 600; } .bad { color: #c53030; font-weight: 600; }
-.figs { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
-.figs img { border: 1px solid #e2e8f0; max-width: 100%; }
-.decision { font-size: 20px; font-weight: 700; padding: 8px 14px; display: inline-block; border-radius: 4px; }
-.decision.good { background: #c6f6d5; } .decision.bad { background: #fed7d7; } .decision.wait { background: #fefcbf; }
-ul.reasons { font-size: 13px; margin: 6px 0; } code { font-size: 12px; word-break: break-all; }
-"""
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def _signed(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.4f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img_tag(name: str, data: bytes) -> str:
-    return f"<img alt='{html.escape(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
-
-
-def release_html(release: dict[str, Any]) -> list[str]:
-    """The gate's part of the report: decision and reasons, model version, preprocessing fingerprint, the data
-    and the training curves. ``release`` keys: decision, reasons, model_name, version, compared_with,
-    fingerprint, reference_fingerprint, declared, data (uri, manifest_hash, files, classes, splits), curves
-    (PNG bytes)."""
-    esc = html.escape
-    decision = str(release.get("decision", "?"))
-    cls = {"promote": "good", "reject": "bad"}.get(decision, "wait")
-    against = (f"compared with champion version {esc(str(release['compared_with']))}"
-               if release.get("compared_with") else "no champion to compare with")
-    parts = [f"<h2>Gate decision</h2><p><span class='decision {cls}'>{esc(decision.upper())}</span> "
-             f"&nbsp; {esc(str(release.get('model_name', '')))} version <b>{esc(str(release.get('version', '?')))}"
-             f"</b> &middot; {against}</p>",
-             "<ul class='reasons'>" + "".join(f"<li>{esc(r)}</li>" for r in release.get("reasons", [])) + "</ul>"]
-    fingerprint = str(release.get("fingerprint", ""))
-    reference = str(release.get("reference_fingerprint", ""))
-    parts += ["<h2>Preprocessing</h2>", _table(["figure", "value"], [
-        ["fingerprint (the spec the model was trained and is served with)", f"<code>{esc(fingerprint)}</code>"],
-        ["the backbone's reference", "the same" if reference == fingerprint else f"<code>{esc(reference)}</code>"],
-        ["declared differences", esc(str(release.get("declared") or "none"))],
-    ])]
-    data = release.get("data") or {}
-    if data:
-        splits = data.get("splits") or {}
-        rows = [["source", f"<code>{esc(str(data.get('uri', '')))}</code>"],
-                ["content hash (images, labels, splits)", f"<code>{esc(str(data.get('manifest_hash', '')))}</code>"],
-                ["images", _num(data.get("files"))], ["classes", _num(data.get("classes"))]]
-        rows += [[f"{split} split", f"{_num(splits[split])} images"] for split in ("train", "val", "test")
-                 if split in splits]
-        parts += ["<h2>Data</h2>", _table(["figure", "value"], rows)]
-    if release.get("curves"):
-        parts += ["<h2>Training curves</h2><div class='figs'>", _img_tag("training curves", release["curves"]),
-                  "</div>"]
-    return parts
-
-
-def release_markdown(release: dict[str, Any], result: dict[str, Any], run_id: str = "") -> str:
-    """The gate's decision for a KFP Markdown output: decision, reasons, headline figures, fingerprint, data."""
-    cand, champ = result["candidate"], result.get("champion")
-    against = (f"compared with champion version {release['compared_with']}" if release.get("compared_with")
-               else "no champion to compare with")
-    lines = [f"## Gate: {str(release.get('decision', '?')).upper()} — {release.get('model_name', '')} version "
-             f"{release.get('version', '?')}", "", f"{against[0].upper()}{against[1:]}.", ""]
-    lines += [f"- {r}" for r in release.get("reasons", [])]
-    lines += ["", "| figure | candidate | champion |", "|---|---|---|"]
-    for label, key in (("test accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("ECE", "ece")):
-        lines.append(f"| {label} | {_num(cand.get(key))} | {_num(champ.get(key)) if champ else '–'} |")
-    data = release.get("data") or {}
-    splits = ", ".join(f"{k} {v}" for k, v in (data.get("splits") or {}).items())
-    lines += ["", f"Preprocessing fingerprint `{release.get('fingerprint', '')}`.", "",
-              f"Data `{data.get('uri', '')}`, content hash `{data.get('manifest_hash', '')}`"
-              + (f" ({splits} images)." if splits else "."), ""]
-    if run_id:
-        lines.append(f"MLflow run `{run_id}`" + (f"; report {result['report']}" if result.get("report") else "")
-                     + ".")
-    return "\n".join(lines) + "\n"
-
-
-def report_html(result: dict[str, Any], pngs: dict[str, bytes], title: str = "tlops evaluation",
-                release: dict[str, Any] | None = None) -> str:
-    """One self-contained page: with ``release`` (the gate's, see ``release_html``) the decision first, then the
-    headline table, comparison, figures, per-class, slices, serving figures."""
-    esc = html.escape
-    cand, champ, comp = result["candidate"], result.get("champion"), result.get("comparison")
-    headline: list[list[str]] = []
-
-    def row(label: str, a: Any, b: Any = None, digits: int = 4) -> None:
-        diff = (a - b) if isinstance(a, int | float) and isinstance(b, int | float) else None
-        headline.append([esc(label), _num(a, digits), _num(b, digits) if champ else "–",
-                         _signed(diff) if champ else "–"])
-
-    row("accuracy", cand["accuracy"], champ and champ["accuracy"])
-    row("macro-F1", cand["macro_f1"], champ and champ["macro_f1"])
-    for k, v in cand["top_k"].items():
-        row(k.replace("_", "-") + " accuracy", v, champ and champ["top_k"].get(k))
-    row(f"lowest class recall ({cand['min_recall_class']})", cand["min_class_recall"],
-        champ and champ["min_class_recall"])
-    row("expected calibration error", cand["ece"], champ and champ["ece"])
-    row("weights (MB)", cand["model_size_bytes"] / 1e6, champ and champ["model_size_bytes"] / 1e6, 2)
-    lat = cand["latency"]
-    champ_name = f"champion (version {esc(str(champ['version']))})" if champ else "champion (none yet)"
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        f"<p class='sub'>{esc(str(result.get('model_uri', '')))} &middot; {cand['n']} test images &middot; "
-        f"{esc(str(result.get('evaluated_at', '')))}</p>",
-        *(release_html(release) if release else []),
-        "<h2>Headline</h2>",
-        _table(["metric", "candidate", champ_name, "difference"], headline),
-    ]
-    if comp:
-        ci = f"[{comp['ci_low']:+.4f}, {comp['ci_high']:+.4f}]"
-        verdict = ("better" if comp["ci_low"] > 0 else "worse" if comp["ci_high"] < 0 else "not distinguishable")
-        cls = {"better": "good", "worse": "bad"}.get(verdict, "")
-        parts += [
-            "<h2>Against the champion (same images)</h2>",
-            _table(["figure", "value"], [
-                ["accuracy difference (candidate − champion)", _signed(comp["difference"])],
-                [f"{comp['confidence']:.0%} paired bootstrap interval ({comp['resamples']} resamples, "
-                 f"seed {comp['seed']})", ci],
-                ["McNemar exact p-value", f"{comp['mcnemar_p']:.4f}"],
-                ["images only the candidate gets right", str(comp["only_candidate_right"])],
-                ["images only the champion gets right", str(comp["only_champion_right"])],
-                ["verdict", f"<span class='{cls}'>{verdict}</span>"],
-            ]),
-        ]
-    else:
-        parts.append("<p>No champion yet: only the absolute thresholds apply.</p>")
-    parts.append("<h2>Figures</h2><div class='figs'>")
-    for name, data in pngs.items():
-        parts.append(_img_tag(name, data))
-    parts.append("</div>")
-    per_rows = []
-    for c, m in cand["per_class"].items():
-        champ_recall = champ["per_class"].get(c, {}).get("recall") if champ else None
-        per_rows.append([esc(c), str(m["support"]), _num(m["precision"]), _num(m["recall"]), _num(m["f1"]),
-                         _num(champ_recall)])
-    parts += ["<h2>Per class</h2>",
-              _table(["class", "images", "precision", "recall", "F1", "champion recall"], per_rows)]
-    titles = {"class": "Slices by class", "size": "Slices by image size (longer side)", "source": "Slices by source"}
-    for key, items in result.get("slices", {}).items():
-        rows_ = [[esc(i["slice"]), str(i["n"]), _num(i["accuracy"]), _num(i.get("champion_accuracy"))]
-                 for i in items]
-        parts += [f"<h2>{titles.get(key, esc(key))}</h2>",
-                  _table(["slice", "images", "accuracy", "champion accuracy"], rows_)]
-    calib_rows = [[f"({b['lo']:.1f}, {b['hi']:.1f}]", str(b["n"]), _num(b["accuracy"]) if b["n"] else "–",
-                   _num(b["confidence"]) if b["n"] else "–"] for b in cand["calibration"]["bins"]]
-    parts += [f"<h2>Calibration (ECE {cand['ece']:.4f})</h2>",
-              _table(["confidence bin", "images", "accuracy", "mean confidence"], calib_rows),
-              "<h2>Serving</h2>",
-              _table(["figure", "value"], [
-                  [f"latency per image, p50 (batch size 1, CPU, {lat.get('threads', '?')} thread(s))",
-                   f"{_num(lat['p50_ms'], 2)} ms"],
-                  ["latency per image, p95", f"{_num(lat['p95_ms'], 2)} ms"],
-                  ["images timed", str(lat["n"])],
-                  ["weights", f"{cand['model_size_bytes']:,} bytes"],
-              ]),
-              "</body></html>"]
-    return "\n".join(parts)

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from tlops import logs
 from tlops.config.settings import TrainConfig
 from tlops.errors import TlopsError
 from tlops.training.hardware import DistContext
@@ -54,14 +55,8 @@ def _device_for(local_rank: int, cfg: TrainConfig) -> torch.device:
 
 
 def log_to_stderr(rank: int) -> None:
-    root = logging.getLogger("tlops")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(f"[tlops] %(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
-                                               "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        root.propagate = False
+    logs.to_stderr(f"[tlops] %(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
+                   logging.INFO if rank == 0 else logging.WARNING)
 
 
 def _worker(rank: int, world: int, init_file: str, job: dict[str, Any], out_dir: str) -> None:

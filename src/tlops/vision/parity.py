@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,42 +237,6 @@ def serving_check(model: torch.nn.Module, spec: PreprocessSpec, served: Any,
 
 def report_html(report: dict[str, Any], serving: dict[str, Any] | None = None) -> str:
     """The parity report for a person: the verdict, the spec side by side, the worst images first."""
-    e = html.escape
-    ref, cand = report["reference"]["spec"], report["candidate"]["spec"]
-    status = report["status"].upper()
-    colour = "#1a7f37" if report["status"] == "pass" else "#cf222e"
-    rows = "".join(
-        f"<tr class='{'diff' if ref[k] != cand[k] else ''}'><td>{e(k)}</td><td>{e(str(ref[k]))}</td>"
-        f"<td>{e(str(cand[k]))}</td></tr>" for k in sorted(ref))
-    worst = sorted(report["golden"], key=lambda g: -g["max_abs_diff"])
-    golden = "".join(f"<tr><td>{e(Path(g['image']).name)}</td><td>{g['max_abs_diff']:.2e}</td>"
-                     f"<td>{'ok' if g['ok'] else 'FAIL'}</td></tr>" for g in worst)
-    decoder = "".join(
-        f"<tr><td>{e(Path(d['image']).name)}</td>"
-        f"<td>{e(str(d.get('max_abs_pixel_diff', d.get('torchvision_io'))))}</td></tr>"
-        for d in report.get("decoder", []))
-    errors = "".join(f"<li>{e(x)}</li>" for x in report["errors"]) or "<li>none</li>"
-    declared = "".join(f"<li>{e(x)}</li>" for x in report["declared"]) or "<li>none</li>"
-    serving_html = ""
-    if serving is not None:
-        srows = "".join(f"<tr><td>{e(Path(r['image']).name)}</td><td>{r['max_abs_prob_diff']:.2e}</td>"
-                        f"<td>{'yes' if r['same_argmax'] else 'NO'}</td></tr>" for r in serving["images"])
-        serving_html = (f"<h2>Serving path (logged model, raw bytes): {e(serving['status'].upper())}</h2>"
-                        f"<table><tr><th>image</th><th>max |p diff|</th><th>same class</th></tr>{srows}</table>")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tlops parity report</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} tr.diff td{{background:#fff1c2}}
-.verdict{{color:{colour};font-size:1.6em;font-weight:bold}}</style></head><body>
-<h1>Preprocessing parity: {e(report['backbone'])}</h1>
-<p class="verdict">{status}</p>
-<p>fingerprint {e(report['candidate']['fingerprint'])}<br>reference {e(report['reference']['fingerprint'])}
-({e(report['reference']['source'])})</p>
-<h2>Errors</h2><ul>{errors}</ul><h2>Declared differences</h2><ul>{declared}</ul>
-<h2>Spec: reference vs this run</h2><table><tr><th>field</th><th>reference</th><th>this run</th></tr>{rows}</table>
-<h2>Golden images, worst first (tolerance {report['tolerance']:g})</h2>
-<table><tr><th>image</th><th>max |diff|</th><th></th></tr>{golden}</table>
-{serving_html}
-<h2>Decoder: Pillow vs torchvision.io (max pixel difference, reported only)</h2>
-<table><tr><th>image</th><th>max |diff|</th></tr>{decoder}</table>
-</body></html>
-"""
+    from tlops.reports import render
+
+    return render("parity.html.j2", title="tlops parity report", report=report, serving=serving)
