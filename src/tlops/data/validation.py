@@ -487,34 +487,9 @@ def _describe(check: str, uris: list[str], files: pd.DataFrame, cfg: ValidationC
     raise KeyError(check)
 
 
-# Over 60 lines: one pass of the suite in its order (tables, checkpoint, per-check verdicts, report);
-# each part is a call, what remains is the order and the report's fields.
-def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: pd.DataFrame | None = None,
-                      docs_dir: str | Path | None = None) -> ValidationReport:
-    """Run the suite; every check becomes one line with what failed and where.
-
-    ``reference`` is a previously accepted manifest (drift checks); ``docs_dir`` receives the Data Docs.
-    With ``cfg.exclude_quarantined``, files failing an error-level per-file check are left out before
-    the data-set-level checks (counts, imbalance, drift) and do not fail the report themselves.
-    """
-    files = file_table(manifest, cfg)
-    masks = _file_masks(files, cfg)
-    drop = pd.Series(False, index=files.index)
-    if cfg.exclude_quarantined:
-        for check, mask in masks.items():
-            if cfg.severity_of(check) == "error":
-                drop |= mask
-    kept = files[~drop]
-    counts = class_floors(class_counts(kept, cfg.classes), cfg)
-    tables = {"files": files.assign(key=files["uri"]),
-              "class_counts": counts.assign(key=counts["split"] + "/" + counts["label"]),
-              "splits": split_stats(counts)}
-    tables["splits"]["key"] = tables["splits"]["split"]
-    if reference is not None:
-        tables["drift"] = drift(kept, reference).assign(key="reference")
-    by_table = run_checkpoint(tables, _suites(cfg, tables), docs_dir)
-    results = _expectation_results(by_table)
-
+def _file_checks(results: dict[str, list[Any]], files: pd.DataFrame,
+                 cfg: ValidationConfig) -> tuple[list[CheckResult], dict[str, list[str]]]:
+    """One line per per-file check, and why each quarantined file is quarantined."""
     checks: list[CheckResult] = []
     quarantine: dict[str, list[str]] = {}
     error_of = dict(zip(files["uri"], files["error"].fillna(""), strict=True))
@@ -538,36 +513,70 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: 
         if excluded:
             detail += " (quarantined, left out of training)"
         checks.append(CheckResult(check, ok, severity, detail, files=uris, excluded=excluded))
+    return checks, quarantine
 
-    checks.append(CheckResult(
-        "min_images_per_class", all(r.success for r in results["min_images_per_class"]),
-        cfg.severity_of("min_images_per_class"), _floor_detail(counts, cfg)))
-    stats = tables["splits"]
+
+def _set_checks(results: dict[str, list[Any]], tables: dict[str, pd.DataFrame],
+                cfg: ValidationConfig) -> list[CheckResult]:
+    """One line per data-set check: class floors, classes per split, imbalance, drift against the reference."""
+    def passed(check: str) -> bool:
+        return all(r.success for r in results[check])
+
+    counts, stats = tables["class_counts"], tables["splits"]
     single = stats[stats["classes"] < 2]
-    checks.append(CheckResult(
-        "single_class_split", all(r.success for r in results["single_class_split"]),
-        cfg.severity_of("single_class_split"),
-        "every split has at least two classes" if single.empty else
-        "split(s) with fewer than two classes: " + _names([f"{r.split} ({r.classes})" for r in single.itertuples()])))
     ratios = ", ".join(f"{r.split} {r.imbalance_ratio:.1f} ({r.largest}/{r.smallest})" for r in stats.itertuples())
-    checks.append(CheckResult(
-        "class_imbalance", all(r.success for r in results["class_imbalance"]), cfg.severity_of("class_imbalance"),
-        f"largest/smallest class per split, at most {cfg.max_imbalance_ratio:g}: {ratios}"))
-    if "drift" in tables:
-        d = tables["drift"].iloc[0]
-        checks.append(CheckResult(
-            "class_drift", all(r.success for r in results["class_drift"]), cfg.severity_of("class_drift"),
-            f"total-variation distance of class shares {d['class_tvd']:.3f} (at most {cfg.max_class_drift:g}) "
-            f"against the reference manifest ({int(d['reference_files'])} files)"))
-        checks.append(CheckResult(
-            "size_drift", all(r.success for r in results["size_drift"]), cfg.severity_of("size_drift"),
-            f"KS statistic of widths {d['width_ks']:.3f}, of heights {d['height_ks']:.3f} "
-            f"(at most {cfg.max_size_drift:g}) against the reference manifest"))
-    else:
-        for check in ("class_drift", "size_drift"):
-            checks.append(CheckResult(check, True, cfg.severity_of(check),
-                                      "no reference manifest (validation.reference_manifest)", skipped=True))
+    checks = [
+        CheckResult("min_images_per_class", passed("min_images_per_class"), cfg.severity_of("min_images_per_class"),
+                    _floor_detail(counts, cfg)),
+        CheckResult("single_class_split", passed("single_class_split"), cfg.severity_of("single_class_split"),
+                    "every split has at least two classes" if single.empty else
+                    "split(s) with fewer than two classes: "
+                    + _names([f"{r.split} ({r.classes})" for r in single.itertuples()])),
+        CheckResult("class_imbalance", passed("class_imbalance"), cfg.severity_of("class_imbalance"),
+                    f"largest/smallest class per split, at most {cfg.max_imbalance_ratio:g}: {ratios}"),
+    ]
+    if "drift" not in tables:
+        return checks + [CheckResult(check, True, cfg.severity_of(check),
+                                     "no reference manifest (validation.reference_manifest)", skipped=True)
+                         for check in ("class_drift", "size_drift")]
+    d = tables["drift"].iloc[0]
+    return checks + [
+        CheckResult("class_drift", passed("class_drift"), cfg.severity_of("class_drift"),
+                    f"total-variation distance of class shares {d['class_tvd']:.3f} (at most "
+                    f"{cfg.max_class_drift:g}) against the reference manifest ({int(d['reference_files'])} files)"),
+        CheckResult("size_drift", passed("size_drift"), cfg.severity_of("size_drift"),
+                    f"KS statistic of widths {d['width_ks']:.3f}, of heights {d['height_ks']:.3f} "
+                    f"(at most {cfg.max_size_drift:g}) against the reference manifest"),
+    ]
 
+
+def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig, reference: pd.DataFrame | None = None,
+                      docs_dir: str | Path | None = None) -> ValidationReport:
+    """Run the suite; every check becomes one line with what failed and where.
+
+    ``reference`` is a previously accepted manifest (drift checks); ``docs_dir`` receives the Data Docs.
+    With ``cfg.exclude_quarantined``, files failing an error-level per-file check are left out before
+    the data-set-level checks (counts, imbalance, drift) and do not fail the report themselves.
+    """
+    files = file_table(manifest, cfg)
+    drop = pd.Series(False, index=files.index)
+    if cfg.exclude_quarantined:
+        for check, mask in _file_masks(files, cfg).items():
+            if cfg.severity_of(check) == "error":
+                drop |= mask
+    kept = files[~drop]
+    counts = class_floors(class_counts(kept, cfg.classes), cfg)
+    tables = {"files": files.assign(key=files["uri"]),
+              "class_counts": counts.assign(key=counts["split"] + "/" + counts["label"]),
+              "splits": split_stats(counts)}
+    tables["splits"]["key"] = tables["splits"]["split"]
+    if reference is not None:
+        tables["drift"] = drift(kept, reference).assign(key="reference")
+    by_table = run_checkpoint(tables, _suites(cfg, tables), docs_dir)
+    results = _expectation_results(by_table)
+    checks, quarantine = _file_checks(results, files, cfg)
+    checks += _set_checks(results, {**tables, "class_counts": counts}, cfg)
+    stats = tables["splits"]
     return ValidationReport(
         success=not any(c.status == "FAIL" for c in checks),
         checks=checks,
