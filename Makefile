@@ -47,8 +47,10 @@ test-containers: setup
 test-compress: setup
 	$(BIN)/python -m pytest tests/pipelines/test_compress_run.py tests/unit/test_compress.py $(PYTEST_ARGS)
 
+# ruff, then the layering contracts of pyproject.toml [tool.importlinter] (imports inside functions count).
 lint: setup
-	$(BIN)/ruff check src components pipelines tests
+	$(BIN)/ruff check src components pipelines tests scenarios bench
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy src/tlops
@@ -56,7 +58,7 @@ typecheck: setup
 # The retraining story: four scheduled cycles (first data, more data, a poisoned delivery, a parity-breaking
 # config), then audit, history and the served champion. About 5-10 minutes; also a slow test.
 scenario: setup
-	$(BIN)/python -m tests.reliability.scenario --workdir .tlops/scenario
+	$(BIN)/python -m scenarios.retraining --workdir .tlops/scenario
 
 compile: setup
 	$(BIN)/tlops compile --output .tlops/tlops-pipeline.yaml
