@@ -39,7 +39,7 @@ from torch import nn
 
 from tlops import features
 from tlops.backbones import ImageClassifier, build_classifier
-from tlops.config import AugmentConfig, TrainConfig
+from tlops.config import DEFAULT_EPOCHS, AugmentConfig, TrainConfig
 from tlops.errors import TlopsError
 from tlops.features import FeatureCache, extract_features, weights_identity
 from tlops.preprocessing import PreprocessSpec
@@ -81,6 +81,7 @@ class FitResult:
     checkpoint_dir: str | None = None
     resumed_at_step: int | None = None  # the global step a rerun resumed from; None: started afresh
     stopped_early: bool = False
+    kept_over: str | None = None  # the fine-tuning strategy whose model lost to this probe's on validation
 
 
 def _usable(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -484,11 +485,12 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec,
-                   cfg: TrainConfig, workdir: str | Path = ".tlops", dist: DistContext | None = None) -> FitResult:
+                   cfg: TrainConfig, workdir: str | Path = ".tlops", dist: DistContext | None = None,
+                   head: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train with a gradient strategy (partial, full, gradual, scratch); resumes from its last checkpoint.
 
     Under DDP every rank calls this with its ``dist``; only rank 0 writes checkpoints, and every rank
-    returns the same best model.
+    returns the same best model. ``head``: the head's initial weights (the linear probe's, for LP-FT).
     """
     from torch.utils.data import DataLoader
 
@@ -527,6 +529,8 @@ def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str
     total_steps = cfg.epochs * steps_per_epoch
 
     model = build_classifier(backbone_name, num_classes=len(classes), pretrained=cfg.strategy != "scratch")
+    if head is not None:
+        model.head.load_state_dict(head)
     plan = make_plan(model, cfg)
     model.to(device)
     if hw.channels_last:
@@ -606,7 +610,7 @@ def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str
         if finished:
             break
         frozen = plan.frozen_at(epoch)
-        apply_frozen(model, plan, frozen, cfg.freeze_bn_stats)
+        apply_frozen(model, plan, frozen, cfg.bn_stats_frozen)
         if frozen != frozen_now:
             wrapped = _wrap(model, ctx, hw)
             frozen_now = frozen
@@ -729,11 +733,20 @@ def fine_tune(backbone_name: str, manifest: pd.DataFrame, classes: list[str], sp
 
     With ``state_uri`` the feature cache and the checkpoints live there (as well as in ``workdir``), so a step
     that runs again on a fresh disk resumes."""
+    cache_dir = Path(workdir) / "cache" / "features" if cfg.feature_cache else None
+    remote = f"{state_uri.rstrip('/')}/features" if state_uri else None
     if cfg.strategy == "linear-probe":
-        cache_dir = Path(workdir) / "cache" / "features" if cfg.feature_cache else None
-        remote = f"{state_uri.rstrip('/')}/features" if state_uri else None
         return linear_probe(backbone_name, manifest, classes, spec, cfg, cache_dir=cache_dir, cache_remote=remote)
     from tlops import ddp
+
+    probe = None
+    if cfg.starts_from_probe:  # LP-FT: the probe first (from the feature cache), its head the starting point
+        probe = linear_probe(backbone_name, manifest, classes, spec, cfg.model_copy(update={
+            "strategy": "linear-probe", "epochs": DEFAULT_EPOCHS["linear-probe"]}),
+            cache_dir=cache_dir, cache_remote=remote)
+        log.info("%s starts from the linear probe's head (validation accuracy %.4f)", cfg.strategy,
+                 probe.best_val_accuracy)
+    head = {k: v.detach().clone() for k, v in probe.model.head.state_dict().items()} if probe else None
 
     if state_uri and not cfg.checkpoint_dir:
         # checkpoint_dir is a runtime field: the key (and so the checkpoint's identity) does not change.
@@ -741,10 +754,21 @@ def fine_tune(backbone_name: str, manifest: pd.DataFrame, classes: list[str], sp
         cfg = cfg.model_copy(update={"checkpoint_dir": checkpoint_location(cfg, workdir, key, state_uri)})
 
     if ddp.launched_by_torchrun():
-        return ddp.fit_under_torchrun(backbone_name, manifest, classes, spec, cfg, workdir)
-    if cfg.processes > 1:
-        return ddp.spawn_fit(backbone_name, manifest, classes, spec, cfg, workdir, cfg.processes)
-    return train_gradient(backbone_name, manifest, classes, spec, cfg, workdir)
+        result = ddp.fit_under_torchrun(backbone_name, manifest, classes, spec, cfg, workdir, head)
+    elif cfg.processes > 1:
+        result = ddp.spawn_fit(backbone_name, manifest, classes, spec, cfg, workdir, cfg.processes, head)
+    else:
+        result = train_gradient(backbone_name, manifest, classes, spec, cfg, workdir, head=head)
+    if probe is not None:
+        result.environment["probe_val_accuracy"] = probe.best_val_accuracy
+        if cfg.keep_better_probe and result.best_val_accuracy < probe.best_val_accuracy:
+            log.warning("%s: best validation accuracy %.4f is below the linear probe's %.4f; the probe's model is "
+                        "kept (train.keep_better_probe: false keeps the fine-tuned one)", cfg.strategy,
+                        result.best_val_accuracy, probe.best_val_accuracy)
+            probe.environment.update(result.environment)
+            probe.kept_over = cfg.strategy
+            return probe
+    return result
 
 
 def checkpoint_payload(model: ImageClassifier) -> dict[str, Any]:
