@@ -6,8 +6,9 @@ For each seed, a stratified ``--fraction`` of the training split is kept (the va
 whole), and every strategy trains on it as the fine-tune step does (``tlops.training.fine_tune``):
 linear-probe (L-BFGS on cached features), lp-ft (full fine-tuning from the probe's head with the pre-trained
 BatchNorm statistics kept: the default start of a gradient strategy), full and gradual from a random head
-(fine-tuning before LP-FT), and scratch (the same architecture from random weights: the baseline). Test accuracy is measured with the spec's eval transform. Prints per-seed numbers,
-medians over seeds, and each strategy's gain over scratch. Not a test.
+(fine-tuning before LP-FT), and scratch (the same architecture from random weights: the baseline). Test
+accuracy is measured with the spec's eval transform. Prints per-seed numbers, medians over seeds, and each
+strategy's gain over scratch. Not a test.
 """
 
 from __future__ import annotations
