@@ -47,6 +47,27 @@ def ir_tasks(ir: dict) -> dict[str, dict]:
     return found
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_uris_stay_with_their_module() -> Iterator[None]:
+    """mlflow.set_tracking_uri / set_registry_uri are process-wide: a module (or the CLI run in process) that sets
+    them (MLflow also writes them into os.environ) would point every later module of the session at its store.
+    Each module starts from the environment the session started with; within a module, its fixtures' stores
+    stay set for all its tests."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if "mlflow" in sys.modules:
+        import mlflow.tracking._model_registry.utils as registry_utils
+        import mlflow.tracking._tracking_service.utils as tracking_utils
+
+        tracking_utils._tracking_uri = None
+        registry_utils._registry_uri = None
+
+
 def write_config(path: Path, workdir: Path, **overrides: object) -> Path:
     """A fast test config: 32 px (declared), small grid, low accuracy floor for tiny data."""
     cfg: dict = {
