@@ -3,7 +3,7 @@
 - ``onnx``: the classifier exported to ONNX (float32, the input being the spec's normalised CHW tensor, a
   dynamic batch axis) and run by ONNX Runtime;
 - ``int8``: that graph quantised by ONNX Runtime's static quantisation (QDQ, int8 weights per output channel,
-  uint8 activations) calibrated on training images through the same preprocessing;
+  uint8 activations, padding left in float) calibrated on training images through the same preprocessing;
 - ``pruned``: structured channel pruning with torch-pruning (dependency graph, L2 magnitude of each group) to a
   target size, a short recovery fine-tune distilled from the uncompressed candidate, then exported as ``onnx``.
 
@@ -129,8 +129,19 @@ class _Calibration:
         pass
 
 
+# The operators int8 quantisation covers: the arithmetic (convolutions, the classifier, ReLU6 as Clip, the
+# residual adds, the pooling). ``Pad`` stays in float: timm's TF-"same" convolutions pad at run time, and with the
+# Pad quantised and uint8 activations (zero point about 128 for the normalised input) the padded borders came out
+# wrong: the demo model fell from 0.9526 to 0.62 accuracy (symmetric int8 activations, zero point 0, were spared
+# that but lost 2 images of 365 and agreed with the float graph on only 97%). With Pad in float, uint8
+# activations (asymmetric, per tensor, MinMax) and int8 weights per output channel: 0.9526, the same as the float
+# graph, 98.6% the same predictions, and faster than the float graph on a VNNI CPU.
+INT8_OPS = ("Conv", "Gemm", "MatMul", "Clip", "Relu", "Add", "Mul", "GlobalAveragePool", "Flatten")
+
+
 def build_int8(float_dir: Path, calibration: list[bytes], out: Path, per_channel: bool = True) -> Path:
-    """Static int8 quantisation of a float variant (QDQ format), calibrated on ``calibration`` images."""
+    """Static int8 quantisation of a float variant (QDQ format: int8 weights per output channel, uint8
+    activations calibrated by MinMax on ``calibration`` images, preprocessed as served; ``Pad`` left in float)."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -144,19 +155,18 @@ def build_int8(float_dir: Path, calibration: list[bytes], out: Path, per_channel
         quant_pre_process(str(float_dir / GRAPH), str(pre), skip_symbolic_shape=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # Symmetric int8 activations: with uint8 (or asymmetric int8) activations the demo model fell from
-            # 0.95 to 0.56 accuracy on this x86 CPU; symmetric int8 keeps it within about a point.
             quantize_static(str(pre), str(q), _Calibration(calibration, spec), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, extra_options={"ActivationSymmetric": True})
+                            per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(INT8_OPS))
         graph = _stamp(q.read_bytes(), spec.fingerprint, "int8")
     meta = read_json(float_dir / META)
     source = read_json(float_dir / VARIANT)
     return _write_dir(out, graph, read_json(float_dir / SPEC), meta,
-                      {"name": "int8", "opset": OPSET, "precision": "int8 weights and activations, symmetric (QDQ)",
+                      {"name": "int8", "opset": OPSET,
+                       "precision": "int8 weights per output channel, uint8 activations (QDQ); Pad in float",
                        "source": f"onnxruntime quantize_static of {source.get('name', 'onnx')}",
                        "per_channel": per_channel, "calibration_images": len(calibration),
-                       "calibration_method": "MinMax"})
+                       "calibration_method": "MinMax", "quantized_ops": list(INT8_OPS)})
 
 
 def _weights_bytes(model: Any) -> int:
