@@ -535,6 +535,8 @@ def serve_cmd(
                                                    "already on their way, in ms (never when none is).")] = 5.0,
     poll_s: Annotated[float, typer.Option("--poll-s", help="With models:/NAME@ALIAS: seconds between looks at the "
                                           "alias; a new version is loaded, then swapped in (0: pinned).")] = 10.0,
+    pytorch: Annotated[bool, typer.Option("--pytorch", help="Serve the version's PyTorch model even when it has an "
+                                          "ONNX serving variant (which is served without torch by default).")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -543,7 +545,7 @@ def serve_cmd(
 
     _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait, one line
     serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads,
-          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s)
+          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s, variant=not pytorch)
 
 
 @app.command("select")

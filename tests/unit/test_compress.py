@@ -180,3 +180,55 @@ def test_bad_input_is_one_line(tiny_models: dict[str, Path]) -> None:
     model, spec, _classes = load_model_dir(tiny_models["good"])
     with pytest.raises(V.CompressError, match=r"deploy.prune_target_mb 0.001: cannot be reached"):
         V.prune(model, spec.crop_size, 1000, max_ratio=0.5, step=0.5)
+
+
+def test_serve_of_a_version_with_an_onnx_variant_never_imports_torch(onnx_dir: Path, tmp_path: Path,
+                                                                     images: tuple[list[bytes], list[str]]) -> None:
+    """`tlops serve` as a user runs it, on a registered version whose serving artifact is the ONNX variant: the
+    served process has not imported torch (its /version says so) and answers as the variant does offline."""
+    import os
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from tests.conftest import free_port, stop, wait_until_up
+    from tests.registry_fixtures import restored_mlflow_uris, use_store
+    from tlops.compress.step import ARTIFACT_DIR
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with restored_mlflow_uris():
+        use_store(uri, tmp_path / "artifacts")
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(onnx_dir), f"{ARTIFACT_DIR}/onnx")
+        client = mlflow.MlflowClient()
+        client.create_registered_model("fast")
+        source = f"runs:/{run.info.run_id}/{ARTIFACT_DIR}/onnx"
+        version = client.create_model_version("fast", source, run.info.run_id).version
+        client.set_model_version_tag("fast", version, "serving.variant", "onnx")
+        client.set_model_version_tag("fast", version, "serving.artifact", source)
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", f"models:/fast/{version}",
+                             "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 120), proc.stdout.read() if proc.stdout else ""
+        ready_s = time.monotonic() - started
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=30) as resp:
+            info = json.loads(resp.read())
+        assert info["runtime"] == "onnxruntime" and info["variant"] == "onnx"
+        assert info["torch_loaded"] is False
+        sample = images[0][:5]
+        body = json.dumps({"instances": [{"image": base64.b64encode(b).decode()} for b in sample]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        offline = list(OnnxPredictor(onnx_dir).predict_frame(sample)["label"])
+        assert [p["label"] for p in answer["predictions"]] == offline
+        print(f"serve ready in {ready_s:.1f} s")
+    finally:
+        stop(proc, group=True)
