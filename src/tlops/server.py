@@ -728,7 +728,16 @@ def _unreachable(model_uri: str) -> TlopsError:
 def load_served_model(model_uri: str, version: str | None = None, variant: bool = True) -> ServedModel:
     """Load the pyfunc, or the version's ONNX serving variant when it has one (and ``variant``: torch is then
     never imported); a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now (or to
-    ``version``, already resolved)."""
+    ``version``, already resolved). A local directory holding an ONNX variant's files (``model.onnx``,
+    ``preprocess.json``, ``model.json``: a version's ``variants/NAME`` artifact as downloaded, e.g. by KServe's
+    storage initializer) is served as it is, without MLflow or torch."""
+    from pathlib import Path
+
+    if not model_uri.startswith("models:/") and Path(model_uri).is_dir():
+        from tlops import __version__
+        from tlops.compress.runtime import served_model
+
+        return served_model(model_uri, {"model": model_uri, "tlops": __version__})
     import mlflow
 
     from tlops import __version__, tracking

@@ -118,6 +118,33 @@ def test_int8_is_smaller_and_close(tiny_models: dict[str, Path], onnx_dir: Path,
     assert report["tolerance"]["probability"] == V.PROB_ATOL["int8"]
 
 
+def test_pruned_is_smaller_recovers_and_matches_its_graph(tiny_models: dict[str, Path], tiny_digits: Path,
+                                                          tmp_path: Path,
+                                                          images: tuple[list[bytes], list[str]]) -> None:
+    """Half the weights by channel pruning, then recovery (BatchNorm re-estimated, head re-fitted, one epoch of
+    every layer): far above chance on held-out digits, and the exported graph is the pruned model's."""
+    from tlops.preprocessing import build_transform
+
+    model, spec, classes = load_model_dir(tiny_models["good"])
+    meta = read_json(tiny_models["good"] / "model.json")
+    train = sorted(tiny_digits.glob("*/*.png"))[1::3]
+    transform = build_transform(spec)
+    tensors = torch.stack([transform(p.read_bytes()) for p in train])
+    labels = torch.tensor([classes.index(p.parent.name) for p in train])
+    goal = V._weights_bytes(model) // 2
+    pruned = V.build_pruned(model, spec, meta, tensors, labels, goal, 1, 1e-3, tmp_path / "pruned")
+    assert V._weights_bytes(pruned) <= goal
+    size = (tmp_path / "pruned" / "model.onnx").stat().st_size
+    assert size < 0.6 * (tiny_models["good"] / "weights.pt").stat().st_size
+    recorded = read_json(tmp_path / "pruned" / "variant.json")
+    assert recorded["recovery_epochs"] == 1 and len(recorded["recovery_losses"]) == 1
+    got = OnnxPredictor(tmp_path / "pruned").predict_proba(images[0])  # the [::3] images: none trained on
+    accuracy = float(np.mean([classes[k] == y for k, y in zip(got.argmax(1), images[1], strict=True)]))
+    assert accuracy >= 0.8, accuracy  # three classes: chance is 0.33
+    report = V.parity(tmp_path / "pruned", pruned, spec, _golden(images), "pruned")
+    assert report["status"] == "pass", report["errors"]
+
+
 def test_runtime_serves_without_importing_torch(onnx_dir: Path, images: tuple[list[bytes], list[str]],
                                                 tmp_path: Path) -> None:
     sample = tmp_path / "x.png"
@@ -230,5 +257,20 @@ def test_serve_of_a_version_with_an_onnx_variant_never_imports_torch(onnx_dir: P
         offline = list(OnnxPredictor(onnx_dir).predict_frame(sample)["label"])
         assert [p["label"] for p in answer["predictions"]] == offline
         print(f"serve ready in {ready_s:.1f} s")
+    finally:
+        stop(proc, group=True)
+    # The variant's files in a local directory (as KServe's storage initializer leaves them): no MLflow either.
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", str(onnx_dir), "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 120), proc.stdout.read() if proc.stdout else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=30) as resp:
+            assert json.loads(resp.read())["torch_loaded"] is False
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert [p["label"] for p in json.loads(resp.read())["predictions"]] == offline
     finally:
         stop(proc, group=True)
