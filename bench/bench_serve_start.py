@@ -8,7 +8,11 @@ both servers one after the other (the order alternating) as a user does (``pytho
 models:/NAME/1``), and times from the process's start to the first 200 from ``/ping``; ``/version`` then says
 whether the process imported torch. Medians over ``--rounds``.
 
-    python bench/bench_serve_start.py --model-dir DIR [--rounds 5]
+    python bench/bench_serve_start.py --model-dir DIR [--rounds 5] [--http] [--serve-python VENV/bin/python]
+
+``--http``: the servers reach the registry through an ``mlflow server`` on the store (as in a cluster) rather
+than the SQLite file. ``--serve-python``: also start the variant with that interpreter, e.g. a virtual environment
+of the serving-only install (``requirements-serve.lock`` and ``pip install --no-deps .``: no torch, mlflow-skinny).
 """
 
 from __future__ import annotations
@@ -71,13 +75,14 @@ def _free_port() -> int:
 KINDS = {"pytorch": ["--model", f"models:/{NAME}/1", "--pytorch"], "onnx": ["--model", f"models:/{NAME}/1"]}
 
 
-def start_once(uri: str, cwd: Path, kind: str, timeout: float = 300.0) -> tuple[float, dict]:
+def start_once(uri: str, cwd: Path, kind: str, python: str = sys.executable,
+               timeout: float = 300.0) -> tuple[float, dict]:
     """Seconds from the process's start to the first answer of /ping, and what /version says."""
     port = _free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri,
            "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
-    args = KINDS.get(kind) or ["--model", str(cwd / "onnx")]
-    cmd = [sys.executable, "-m", "tlops", "serve", *args, "--port", str(port)]
+    args = KINDS.get(kind.removesuffix(" (serving-only)")) or ["--model", str(cwd / "onnx")]
+    cmd = [python, "-m", "tlops", "serve", *args, "--port", str(port)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -105,21 +110,42 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--http", action="store_true")
+    ap.add_argument("--serve-python", default="")
     args = ap.parse_args()
     print(machine())
     root = Path(tempfile.mkdtemp(prefix="tlops-bench-serve-start-"))
     uri = _store(Path(args.model_dir), root)
+    server = None
+    if args.http:
+        port = _free_port()
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
+                                   "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        uri = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
     kinds = ["pytorch", "onnx", "onnx-dir"]
+    if args.serve_python:
+        kinds += ["onnx (serving-only)", "onnx-dir (serving-only)"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
     seen: dict[str, dict] = {}
     for r in range(args.rounds):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
-            ready, info = start_once(uri, root, kind)
+            python = args.serve_python if kind.endswith("(serving-only)") else sys.executable
+            ready, info = start_once(uri, root, kind, python)
             times[kind].append(ready)
             seen[kind] = info
-            print(f"round {r + 1}: {kind:8s} ready in {ready:.2f} s (runtime {info.get('runtime', 'pytorch')}, "
+            print(f"round {r + 1}: {kind:24s} ready in {ready:.2f} s (runtime {info.get('runtime', 'pytorch')}, "
                   f"torch imported: {info['torch_loaded']})", flush=True)
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    if server is not None:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}; registry through {'HTTP' if args.http else 'SQLite'}")
     print("| served through | ready, median (s) | rounds (s) | torch imported |")
     print("|---|---|---|---|")
     for kind in kinds:

@@ -251,7 +251,8 @@ def refit_head(model: Any, tensors: Any, labels: Any, l2: float = 1e-3, batch: i
         loss.backward()
         return loss
 
-    return float(opt.step(closure))
+    loss = opt.step(closure)
+    return float(loss.detach()) if loss is not None else float("nan")
 
 
 def recover(student: Any, teacher: Any, tensors: Any, labels: Any, epochs: int, lr: float = 1e-3,
