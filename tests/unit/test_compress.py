@@ -118,6 +118,7 @@ def test_int8_is_smaller_and_close(tiny_models: dict[str, Path], onnx_dir: Path,
     assert report["tolerance"]["probability"] == V.PROB_ATOL["int8"]
 
 
+@pytest.mark.slow  # a recovery epoch: about 40 s under load; `make test-compress` runs it
 def test_pruned_is_smaller_recovers_and_matches_its_graph(tiny_models: dict[str, Path], tiny_digits: Path,
                                                           tmp_path: Path,
                                                           images: tuple[list[bytes], list[str]]) -> None:
