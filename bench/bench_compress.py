@@ -90,7 +90,8 @@ def main() -> None:
         boot = paired_bootstrap(correct, base_correct)
         p = mcnemar_p(correct, base_correct)
         verdict = ("same predictions" if correct == base_correct else
-                   "worse (p<0.05)" if boot["difference"] < 0 and p < 0.05 else "no significant difference")
+                   "no significant difference" if p >= 0.05 else
+                   "worse (p<0.05)" if boot["difference"] < 0 else "better (p<0.05)")
         rows[name] = {"accuracy": sum(correct) / len(correct), "size": size, "p50": [], "p95": [], "ips": [],
                       "diff": boot["difference"], "ci": (boot["ci_low"], boot["ci_high"]), "p": p,
                       "verdict": verdict}
