@@ -226,8 +226,8 @@ def test_serve_of_a_version_with_an_onnx_variant_never_imports_torch(onnx_dir: P
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with restored_mlflow_uris():
-        use_store(uri, tmp_path / "artifacts")
-        with mlflow.start_run() as run:
+        experiment = use_store(uri, tmp_path / "artifacts")  # artifacts under tmp_path, not ./mlruns
+        with mlflow.start_run(experiment_id=experiment) as run:
             mlflow.log_artifacts(str(onnx_dir), f"{ARTIFACT_DIR}/onnx")
         client = mlflow.MlflowClient()
         client.create_registered_model("fast")
