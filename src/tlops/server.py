@@ -737,7 +737,11 @@ def load_served_model(model_uri: str, version: str | None = None, variant: bool 
         from tlops import __version__
         from tlops.compress.runtime import served_model
 
-        return served_model(model_uri, {"model": model_uri, "tlops": __version__})
+        try:
+            return served_model(model_uri, {"model": model_uri, "tlops": __version__})
+        except TlopsError as exc:
+            raise TlopsError(f"--model {model_uri}: {exc}; a directory is served as a downloaded ONNX variant "
+                             "(variants/NAME of a run), else give models:/NAME@ALIAS") from None
     import mlflow
 
     from tlops import __version__, tracking

@@ -208,6 +208,11 @@ def test_bad_input_is_one_line(tiny_models: dict[str, Path]) -> None:
     model, spec, _classes = load_model_dir(tiny_models["good"])
     with pytest.raises(V.CompressError, match=r"deploy.prune_target_mb 0.001: cannot be reached"):
         V.prune(model, spec.crop_size, 1000, max_ratio=0.5, step=0.5)
+    from tlops.server import load_served_model
+
+    with pytest.raises(TlopsError, match=r"--model .*: variant directory .* lacks model.onnx") as served:
+        load_served_model(str(tiny_models["good"]))  # a PyTorch model's directory is no ONNX variant
+    assert "\n" not in str(served.value)
 
 
 def test_serve_of_a_version_with_an_onnx_variant_never_imports_torch(onnx_dir: Path, tmp_path: Path,
