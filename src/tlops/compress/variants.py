@@ -160,7 +160,8 @@ class _Calibration:
 
 
 # The operators int8 quantisation covers: the arithmetic (convolutions, the classifier, ReLU6 as Clip, the
-# residual adds, the pooling). ``Pad`` stays in float: timm's TF-"same" convolutions pad at run time, and with the
+# residual adds, the pooling). ``Pad`` stays in float: timm's TF-"same" convolutions pad explicitly (a Pad before
+# the stem and each stride-2 depthwise convolution), and with the
 # Pad quantised and uint8 activations (zero point about 128 for the normalised input) the padded borders came out
 # wrong: the demo model fell from 0.9526 to 0.62 accuracy (symmetric int8 activations, zero point 0, were spared
 # that but lost 2 images of 365 and agreed with the float graph on only 97%). With Pad in float, uint8
