@@ -94,7 +94,7 @@ RUN --mount=type=secret,id=pip-conf,target=/etc/pip.conf --mount=type=secret,id=
     pip install --no-cache-dir --no-deps . \
     && rm -rf build src/*.egg-info ./*.egg-info \
     && tlops serve --help > /dev/null \
-    && python -c "import tlops.server, tlops.compress.step, tlops.compress.runtime" \
+    && python -c "import tlops.serving.server, tlops.serving.compress.step, tlops.serving.compress.runtime" \
     && rm -rf /tmp/.cache
 USER 10001:10001
 EXPOSE 8080

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tlops-installed
 DATA   := .tlops/data/digits
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck compile scenario clean test-containers test-compress
+.PHONY: setup run test test-slow lint typecheck compile scenario clean test-containers test-compress
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -m "not slow and not gpu and not containers" --durations=30 $(PYTEST_ARGS)
+
+# The tests marked `slow` (whole pipeline runs the default suite covers more cheaply elsewhere, the retraining
+# scenario, fault runs); about half an hour on 2 cores.
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow and not gpu and not containers" --durations=30 $(PYTEST_ARGS)
 
 # The project image and the stores in real containers (rootful podman, infra/containers/): sets podman up, builds
 # the base image from Debian packages (once) and the project image (cached layers: a source change rebuilds the
@@ -42,8 +47,10 @@ test-containers: setup
 test-compress: setup
 	$(BIN)/python -m pytest tests/pipelines/test_compress_run.py tests/unit/test_compress.py $(PYTEST_ARGS)
 
+# ruff, then the layering contracts of pyproject.toml [tool.importlinter] (imports inside functions count).
 lint: setup
-	$(BIN)/ruff check src components pipelines tests
+	$(BIN)/ruff check src components pipelines tests scenarios bench
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy src/tlops
@@ -51,7 +58,7 @@ typecheck: setup
 # The retraining story: four scheduled cycles (first data, more data, a poisoned delivery, a parity-breaking
 # config), then audit, history and the served champion. About 5-10 minutes; also a slow test.
 scenario: setup
-	$(BIN)/python -m tests.reliability.scenario --workdir .tlops/scenario
+	$(BIN)/python -m scenarios.retraining --workdir .tlops/scenario
 
 compile: setup
 	$(BIN)/tlops compile --output .tlops/tlops-pipeline.yaml

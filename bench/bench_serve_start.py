@@ -41,11 +41,11 @@ def _store(model_dir: Path, root: Path) -> str:
     import mlflow
 
     from tlops import __version__
-    from tlops.compress import variants as V
-    from tlops.compress.step import ARTIFACT_DIR
     from tlops.fileio import read_json
     from tlops.registry import register
-    from tlops.serving import load_model_dir
+    from tlops.serving.compress import variants as V
+    from tlops.serving.compress.step import ARTIFACT_DIR
+    from tlops.serving.pyfunc import load_model_dir
     from tlops.steps import log_pyfunc_model
 
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bench_transfer [--fraction 0.1] [--seeds 3] [--epochs 12] [--size 96]
 
 For each seed, a stratified ``--fraction`` of the training split is kept (the validation and test splits stay
-whole), and every strategy trains on it as the fine-tune step does (``tlops.training.fine_tune``):
+whole), and every strategy trains on it as the fine-tune step does (``tlops.training.finetune.fine_tune``):
 linear-probe (L-BFGS on cached features), full, gradual, and scratch (the same architecture from random
 weights: the baseline). Test accuracy is measured with the spec's eval transform. Prints per-seed numbers,
 medians over seeds, and each strategy's gain over scratch. Not a test.
@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 
 from bench.common import digits_manifest, machine, median, split
-from tlops.backbones import reference_spec
-from tlops.config import TrainConfig
-from tlops.data import class_names
-from tlops.preprocessing import build_transform, with_resolution
-from tlops.training import fine_tune
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import class_names
+from tlops.training.finetune import fine_tune
+from tlops.vision.backbones import reference_spec
+from tlops.vision.preprocessing import build_transform, with_resolution
 
 BACKBONE = "efficientnet_lite0"
 STRATEGIES = ("linear-probe", "full", "gradual", "scratch")

@@ -54,10 +54,10 @@ def test_serve_image_has_no_torch_and_runs_read_only_as_10001(serve_image: str) 
 
 def test_serve_image_serves_a_variant_directory_as_offline(serve_image: str, tiny_models: dict[str, Path],
                                                            tiny_digits: Path, tmp_path: Path) -> None:
-    from tlops.compress import variants as V
-    from tlops.compress.runtime import OnnxPredictor
     from tlops.fileio import read_json
-    from tlops.serving import load_model_dir
+    from tlops.serving.compress import variants as V
+    from tlops.serving.compress.runtime import OnnxPredictor
+    from tlops.serving.pyfunc import load_model_dir
 
     model, spec, _classes = load_model_dir(tiny_models["good"])
     variant = V.build_onnx(model, spec, read_json(tiny_models["good"] / "model.json"), tmp_path / "onnx")

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from tlops.compress import variants as V
-from tlops.compress.runtime import OnnxPredictor, served_model
-from tlops.config import GateConfig, load_config
+from tlops.config.settings import GateConfig, load_config
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
-from tlops.serving import Predictor, load_model_dir
+from tlops.serving.compress import variants as V
+from tlops.serving.compress.runtime import OnnxPredictor, served_model
+from tlops.serving.pyfunc import Predictor, load_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def onnx_dir(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 def _golden(images: tuple[list[bytes], list[str]]) -> list[tuple[str, bytes]]:
-    from tlops.parity import edge_case_images
+    from tlops.vision.parity import edge_case_images
 
     return [(f"digit-{i}.png", b) for i, b in enumerate(images[0][:4])] + edge_case_images()
 
@@ -78,7 +78,7 @@ def test_parity_catches_a_graph_that_changed_the_preprocessing(tiny_models: dict
 
 def test_gate_refuses_a_variant_that_breaks_accuracy(tiny_models: dict[str, Path], onnx_dir: Path, tmp_path: Path,
                                                      images: tuple[list[bytes], list[str]]) -> None:
-    from tlops.compress.step import gate_variants
+    from tlops.serving.compress.step import gate_variants
 
     model, spec, classes = load_model_dir(tiny_models["good"])
     labels = [classes[i] for i in Predictor(model, spec, classes).predict_proba(images[0]).argmax(1)]
@@ -124,7 +124,7 @@ def test_pruned_is_smaller_recovers_and_matches_its_graph(tiny_models: dict[str,
                                                           images: tuple[list[bytes], list[str]]) -> None:
     """Half the weights by channel pruning, then recovery (BatchNorm re-estimated, head re-fitted, one epoch of
     every layer): far above chance on held-out digits, and the exported graph is the pruned model's."""
-    from tlops.preprocessing import build_transform
+    from tlops.vision.preprocessing import build_transform
 
     model, spec, classes = load_model_dir(tiny_models["good"])
     meta = read_json(tiny_models["good"] / "model.json")
@@ -150,7 +150,7 @@ def test_runtime_serves_without_importing_torch(onnx_dir: Path, images: tuple[li
                                                 tmp_path: Path) -> None:
     sample = tmp_path / "x.png"
     sample.write_bytes(images[0][0])
-    code = ("import sys, json; from tlops.compress.runtime import OnnxPredictor; "
+    code = ("import sys, json; from tlops.serving.compress.runtime import OnnxPredictor; "
             f"p = OnnxPredictor({str(onnx_dir)!r}); f = p.predict_frame([open({str(sample)!r}, 'rb').read()]); "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'label': f['label'][0]}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -178,7 +178,7 @@ def _post(app: Any, body: bytes) -> tuple[int, dict[str, Any]]:
 
 def test_served_variant_answers_as_offline_evaluation(onnx_dir: Path, images: tuple[list[bytes], list[str]],
                                                       tiny_models: dict[str, Path]) -> None:
-    from tlops.server import ScoringApp, ServeLimits
+    from tlops.serving.server import ScoringApp, ServeLimits
 
     model = served_model(onnx_dir, {"model": "test"})
     assert model.info["runtime"] == "onnxruntime"
@@ -208,7 +208,7 @@ def test_bad_input_is_one_line(tiny_models: dict[str, Path]) -> None:
     model, spec, _classes = load_model_dir(tiny_models["good"])
     with pytest.raises(V.CompressError, match=r"deploy.prune_target_mb 0.001: cannot be reached"):
         V.prune(model, spec.crop_size, 1000, max_ratio=0.5, step=0.5)
-    from tlops.server import load_served_model
+    from tlops.serving.server import load_served_model
 
     with pytest.raises(TlopsError, match=r"--model .*: variant directory .* lacks model.onnx") as served:
         load_served_model(str(tiny_models["good"]))  # a PyTorch model's directory is no ONNX variant
@@ -227,7 +227,7 @@ def test_serve_of_a_version_with_an_onnx_variant_never_imports_torch(onnx_dir: P
 
     from tests.conftest import free_port, stop, wait_until_up
     from tests.registry_fixtures import restored_mlflow_uris, use_store
-    from tlops.compress.step import ARTIFACT_DIR
+    from tlops.serving.compress.step import ARTIFACT_DIR
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with restored_mlflow_uris():

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from tlops.backbones import feature_extractor, reference_spec
-from tlops.config import TrainConfig
-from tlops.data import build_manifest, class_names
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import build_manifest, class_names
 from tlops.errors import TlopsError
-from tlops.loaders import ResumableSampler
-from tlops.preprocessing import with_resolution
-from tlops.training import fine_tune
+from tlops.training.finetune import fine_tune
+from tlops.training.loaders import ResumableSampler
+from tlops.vision.backbones import feature_extractor, reference_spec
+from tlops.vision.preprocessing import with_resolution
 
 BACKBONE = "efficientnet_lite0"
 # BatchNorm statistics frozen: CPU has no SyncBatchNorm, and per-rank batch statistics would differ from
@@ -74,7 +74,7 @@ def test_global_batch_must_split_evenly(manifest: pd.DataFrame, tmp_path: Path) 
 
 
 def test_torchrun_environment_is_recognised(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlops import ddp
+    from tlops.training import ddp
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
