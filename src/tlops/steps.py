@@ -391,7 +391,11 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
                                                           "amp_dtype") if k in env})
         mlflow.set_tags({"train.strategy": result.strategy,
                          "train.resumed_at_step": "none" if result.resumed_at_step is None
-                         else str(result.resumed_at_step)})
+                         else str(result.resumed_at_step),
+                         # LP-FT: the fine-tuned model lost to the probe it started from on validation
+                         **({"train.probe_kept_over": result.kept_over} if result.kept_over else {})})
+        if "probe_val_accuracy" in env:
+            mlflow.log_metric("probe.best_val_accuracy", env["probe_val_accuracy"])
         curves = Path(tmp) / "curves.png"
         curves.write_bytes(plot_history(result.history, result.strategy))
         mlflow.log_artifact(str(curves), "train")

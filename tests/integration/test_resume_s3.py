@@ -26,7 +26,7 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_there(s3_endpoint: dict[s
     s3_client().create_bucket(Bucket="runs")
     manifest = build_manifest(str(tiny_digits), tmp_path / "manifest-cache")
     spec = with_resolution(reference_spec(BACKBONE), 32)
-    cfg = TrainConfig(strategy="partial", frozen_stages=7, epochs=1, batch_size=16, num_threads=2,
+    cfg = TrainConfig(strategy="partial", frozen_stages=7, epochs=1, batch_size=16, num_threads=2, head_init="random",
                       checkpoint_dir="s3://runs/tiny/ckpt")
     first = fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path / "w")
     keys = {o["Key"] for o in s3_client().list_objects_v2(Bucket="runs", Prefix="tiny/ckpt/")["Contents"]}

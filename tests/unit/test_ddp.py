@@ -22,7 +22,8 @@ BACKBONE = "efficientnet_lite0"
 # SGD, whose update is linear in the gradient: Adam's m/sqrt(v) turns float noise in a near-zero gradient into
 # an lr-sized step, which would hide what is compared here (the all-reduced gradients).
 CFG = TrainConfig(strategy="full", epochs=1, batch_size=16, optimizer="sgd", lr=0.05, backbone_lr_factor=1.0,
-                  warmup_epochs=0.0, num_threads=2, patience=None, resume=False, freeze_bn_stats=True)
+                  warmup_epochs=0.0, num_threads=2, patience=None, resume=False, freeze_bn_stats=True,
+                  head_init="random")
 
 
 @pytest.fixture(scope="module")

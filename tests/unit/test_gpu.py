@@ -27,7 +27,7 @@ def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.
 
 def cfg(**kw: object) -> TrainConfig:
     base: dict[str, object] = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "patience": None, "resume": False,
-                               "device": "cuda"}
+                               "device": "cuda", "head_init": "random"}
     return TrainConfig(**{**base, **kw})
 
 

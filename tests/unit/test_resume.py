@@ -31,7 +31,7 @@ from tlops.vision.preprocessing import PreprocessSpec, with_resolution
 BACKBONE = "efficientnet_lite0"
 # 53 training images, batch 8: 6 steps an epoch, 12 in all. Checkpoints every 2 steps; the first process
 # kills itself after step 9, i.e. during the second epoch, 1 step after the checkpoint of step 8.
-CFG = TrainConfig(strategy="full", epochs=2, batch_size=8, lr=2e-3, num_threads=2, patience=None,
+CFG = TrainConfig(strategy="full", epochs=2, batch_size=8, lr=2e-3, num_threads=2, patience=None, head_init="random",
                   checkpoint_every_steps=2, augment={"random_resized_crop": True, "crop_scale": (0.5, 1.0)})
 
 

@@ -39,8 +39,9 @@ def pretrained_stages() -> list[dict[str, torch.Tensor]]:
 
 
 def quick(**overrides: object) -> TrainConfig:
+    # head_init random: these tests look at the gradient mechanics, not at LP-FT (tests/unit/test_lpft.py)
     base: dict[str, object] = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "num_threads": 2, "resume": False,
-                               "patience": None, "warmup_epochs": 0.0}
+                               "patience": None, "warmup_epochs": 0.0, "head_init": "random"}
     return TrainConfig(**{**base, **overrides})
 
 

@@ -206,8 +206,16 @@ class TrainConfig(Section):
     gradual_head_epochs: int = Field(1, ge=1)
     gradual_unfreeze_every: int = Field(1, ge=1)
     # BatchNorm layers keep their running statistics (eval mode) while their scale and shift train:
-    # for small batches, and for DDP on CPU where SyncBatchNorm does not exist.
-    freeze_bn_stats: bool = False
+    # for small batches, and for DDP on CPU where SyncBatchNorm does not exist. Unset: on with head_init probe
+    # (the head was fitted on features under those statistics), off otherwise.
+    freeze_bn_stats: bool | None = None
+    # The head a pre-trained gradient strategy (partial, full, gradual) starts from. probe: the linear probe's
+    # head, fitted first on the cached features (LP-FT, Kumar et al. 2022: fine-tuning from a random head
+    # distorts the pre-trained features before the head has learnt anything); random: a fresh head.
+    head_init: Literal["probe", "random"] = "probe"
+    # With head_init probe: when the fine-tuned model's best validation accuracy is below the probe's, the
+    # probe's model is the result (said in the log and the run's tags), so fine-tuning never loses to it.
+    keep_better_probe: bool = True
     augment: AugmentConfig = AugmentConfig()
     # Decoded evaluation tensors kept in memory across epochs when augmentation is off and workers are 0.
     input_cache_mb: int = Field(2048, ge=0, json_schema_extra=RUNTIME)
@@ -259,6 +267,15 @@ class TrainConfig(Section):
     @property
     def is_gradient(self) -> bool:
         return self.strategy in GRADIENT_STRATEGIES
+
+    @property
+    def starts_from_probe(self) -> bool:
+        """A pre-trained gradient strategy whose head starts as the linear probe's (LP-FT)."""
+        return self.is_gradient and self.strategy != "scratch" and self.head_init == "probe"
+
+    @property
+    def bn_stats_frozen(self) -> bool:
+        return self.starts_from_probe if self.freeze_bn_stats is None else self.freeze_bn_stats
 
 
 class GateConfig(Section):

@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, init_file: str, job: dict[str, Any], out_dir:
     dist.init_process_group(_backend(device), init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         result = train_gradient(job["backbone"], job["manifest"], job["classes"], job["spec"], cfg, job["workdir"],
-                                dist=DistContext(rank, world, device))
+                                dist=DistContext(rank, world, device), head=job["head"])
         if rank == 0:
             torch.save({"model": result.model.state_dict(), "history": result.history,
                         "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
@@ -89,7 +89,7 @@ def _result_from(payload: dict[str, Any], backbone: str, classes: list[str], str
 
 
 def spawn_fit(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec, cfg: TrainConfig,
-              workdir: str | Path, processes: int) -> FitResult:
+              workdir: str | Path, processes: int, head: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train on ``processes`` DDP workers on this machine; returns rank 0's result."""
     import torch.multiprocessing as mp
 
@@ -99,7 +99,7 @@ def spawn_fit(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: P
         raise TlopsError(f"train.batch_size {cfg.batch_size} must be a multiple of the {processes} DDP processes "
                          "(it is the global batch, split evenly among them)")
     job = {"backbone": backbone, "manifest": manifest, "classes": classes, "spec": spec, "cfg": cfg,
-           "workdir": str(workdir)}
+           "workdir": str(workdir), "head": head}
     with tempfile.TemporaryDirectory(prefix="tlops-ddp-") as tmp:
         init_file = str(Path(tmp) / "rendezvous")
         log.info("DDP: %d processes (%s)", processes, "nccl" if torch.cuda.is_available() and cfg.device != "cpu"
@@ -116,7 +116,8 @@ def spawn_fit(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: P
 
 
 def fit_under_torchrun(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec,
-                       cfg: TrainConfig, workdir: str | Path) -> FitResult:
+                       cfg: TrainConfig, workdir: str | Path,
+                       head: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Join the process group torchrun (or a PyTorchJob) describes in the environment, and train."""
     import torch.distributed as dist
 
@@ -126,7 +127,8 @@ def fit_under_torchrun(backbone: str, manifest: pd.DataFrame, classes: list[str]
     if own_group:
         dist.init_process_group(_backend(device), init_method="env://", rank=rank, world_size=world)
     try:
-        return train_gradient(backbone, manifest, classes, spec, cfg, workdir, dist=DistContext(rank, world, device))
+        return train_gradient(backbone, manifest, classes, spec, cfg, workdir, dist=DistContext(rank, world, device),
+                              head=head)
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -199,13 +199,17 @@ def _sizes(n: int, cfg: TrainConfig, ctx: DistContext) -> tuple[int, int]:
 
 
 def _start(backbone_name: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec, cfg: TrainConfig,
-           workdir: str | Path, ctx: DistContext, hw: Hardware) -> tuple[Run, TrainState]:
+           workdir: str | Path, ctx: DistContext, hw: Hardware,
+           head: dict[str, torch.Tensor] | None = None) -> tuple[Run, TrainState]:
     """The model, optimiser, schedule, data and checkpoint store of a run, resumed from its last checkpoint
-    when there is one. The order is that of every earlier version (the RNG draws, and so the results, stay)."""
+    when there is one. The order is that of every earlier version (the RNG draws, and so the results, stay).
+    ``head``: the head's starting weights (the linear probe's, for LP-FT)."""
     train_paths, train_labels, _ = split_items(manifest, classes, "train")
     val_paths, val_labels, _ = split_items(manifest, classes, "val")
     batch, steps_per_epoch = _sizes(len(train_paths), cfg, ctx)
     model = build_classifier(backbone_name, num_classes=len(classes), pretrained=cfg.strategy != "scratch")
+    if head is not None:
+        model.head.load_state_dict(head)
     plan = make_plan(model, cfg)
     model.to(hw.device)
     if hw.channels_last:
@@ -255,7 +259,7 @@ def fit(run: Run, state: TrainState) -> None:
     frozen_now = -1
     while state.epoch < cfg.epochs and not state.finished:
         frozen = run.plan.frozen_at(state.epoch)
-        apply_frozen(state.model, run.plan, frozen, cfg.freeze_bn_stats)
+        apply_frozen(state.model, run.plan, frozen, cfg.bn_stats_frozen)
         if frozen != frozen_now:
             wrapped, frozen_now = wrap(state.model, ctx, run.hw), frozen
             if frozen and ctx.main:
@@ -278,17 +282,18 @@ def fit(run: Run, state: TrainState) -> None:
 
 
 def train_gradient(backbone_name: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec,
-                   cfg: TrainConfig, workdir: str | Path = ".tlops", dist: DistContext | None = None) -> FitResult:
+                   cfg: TrainConfig, workdir: str | Path = ".tlops", dist: DistContext | None = None,
+                   head: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train with a gradient strategy (partial, full, gradual, scratch); resumes from its last checkpoint.
 
     Under DDP every rank calls this with its ``dist``; only rank 0 writes checkpoints, and every rank
-    returns the same best model.
+    returns the same best model. ``head``: the head's starting weights (the linear probe's, for LP-FT).
     """
     if not cfg.is_gradient:
         raise TlopsError(f"train_gradient: strategy {cfg.strategy} is not trained by gradient descent")
     ctx = dist or DistContext()
     hw = configure(cfg, ctx)
-    run, state = _start(backbone_name, manifest, classes, spec, cfg, workdir, ctx, hw)
+    run, state = _start(backbone_name, manifest, classes, spec, cfg, workdir, ctx, hw, head)
     fit(run, state)
     ctx.barrier()
     model = state.model

@@ -37,6 +37,7 @@ class FitResult:
     checkpoint_dir: str | None = None
     resumed_at_step: int | None = None  # the global step a rerun resumed from; None: started afresh
     stopped_early: bool = False
+    kept_over: str | None = None  # the fine-tuning strategy whose model lost to this probe's on validation
 
 
 def run_key(backbone_name: str, spec: PreprocessSpec, classes: list[str], manifest: pd.DataFrame,

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from tlops.errors import TlopsError
-from tlops.training.ddp import fit_under_torchrun, launched_by_torchrun, log_to_stderr
+from tlops.training.ddp import log_to_stderr
+from tlops.training.finetune import fine_tune
 from tlops.vision.preprocessing import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = localize(usable(read_manifest(args.manifest)), Path(cfg.workdir) / "cache")
         spec = PreprocessSpec.from_record(read_json(args.spec))
         classes = class_names(manifest)
-        if launched_by_torchrun():
-            result = fit_under_torchrun(cfg.backbone, manifest, classes, spec, cfg.train, cfg.workdir)
-        else:
-            from tlops.training.finetune import fine_tune
-
-            result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, cfg.workdir)
+        # Under torchrun fine_tune joins the group (after fitting the probe an LP-FT start needs).
+        result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, cfg.workdir)
         if int(os.environ.get("RANK", "0")) == 0:
             save_model_dir(args.model_dir, result.model, cfg.backbone, classes, spec)
             log.info("model saved to %s (best val accuracy %.4f)", args.model_dir, result.best_val_accuracy)
