@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
 from tests.containers.conftest import DEFAULT_IMAGE, podman
+from tests.helpers.processes import free_port
 
 pytestmark = pytest.mark.containers
 SERVE_IMAGE = os.environ.get("TLOPS_SERVE_IMAGE", "localhost/tlops-serve:0.1.0")

@@ -225,8 +225,8 @@ def test_serve_of_a_version_with_an_onnx_variant_never_imports_torch(onnx_dir: P
 
     import mlflow
 
-    from tests.conftest import free_port, stop, wait_until_up
-    from tests.registry_fixtures import restored_mlflow_uris, use_store
+    from tests.helpers.processes import free_port, stop, wait_until_up
+    from tests.helpers.registry import restored_mlflow_uris, use_store
     from tlops.serving.compress.step import ARTIFACT_DIR
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
