@@ -21,8 +21,14 @@
 #     --secret id=pip-conf,src=<pip.conf> --secret id=pip-ca,src=<CA bundle> -t localhost/tlops:0.1.0 .
 # Either base works because everything goes into a virtual environment, /opt/tlops: Debian's own Python is
 # "externally managed" and refuses a system-wide pip install.
+#
+# Two targets share the first stage (user, environment, the empty virtual environment):
+#   serve  `tlops serve` of a version's ONNX serving variant, and nothing else: requirements-serve.lock (ONNX
+#          Runtime, numpy, Pillow, pandas, mlflow-skinny, boto3, uvicorn, typer), no torch, no CUDA wheels.
+#          docker build --target serve -t tlops-serve:0.1.0 .   (TLOPS_TARGET=serve infra/containers/build-image.sh)
+#   full   the default (the last stage): everything above.
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS runtime
 
 ARG TLOPS_VERSION=0.1.0
 ARG BASE_IMAGE
@@ -70,6 +76,37 @@ RUN groupadd --gid 10001 tlops \
     && python3 -m venv /opt/tlops
 
 WORKDIR /home/tlops
+
+# ------------------------------------------------------------------------------------------------ serve target
+FROM runtime AS serve
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
+COPY requirements-serve.lock ./
+RUN --mount=type=secret,id=pip-conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca,target=/run/pip-ca.crt \
+    pip install --no-cache-dir -r requirements-serve.lock
+COPY pyproject.toml README.md ./
+COPY src/ ./src/
+# The serving path must import without torch: checked here, at build time.
+RUN --mount=type=secret,id=pip-conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca,target=/run/pip-ca.crt \
+    pip install --no-cache-dir --no-deps . \
+    && rm -rf build src/*.egg-info ./*.egg-info \
+    && tlops serve --help > /dev/null \
+    && python -c "import tlops.serving.server, tlops.serving.compress.step, tlops.serving.compress.runtime" \
+    && rm -rf /tmp/.cache
+USER 10001:10001
+EXPOSE 8080
+CMD ["tlops", "serve", "--help"]
+
+# ------------------------------------------------------------------------------------------------- full target
+FROM runtime AS full
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 
 # torch first, in its own layer: it is by far the largest download and changes least often.
 RUN --mount=type=secret,id=pip-conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca,target=/run/pip-ca.crt \

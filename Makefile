@@ -39,7 +39,7 @@ test-containers: setup
 	if [ $$rc -eq 3 ]; then echo "test-containers: skipped, this machine cannot run containers (reason above)"; exit 0; fi; \
 	[ $$rc -eq 0 ] || exit $$rc; \
 	export TLOPS_IMAGE=$${TLOPS_IMAGE:-localhost/tlops:0.1.0}; \
-	infra/containers/base-image.sh && infra/containers/build-image.sh && \
+	infra/containers/base-image.sh && infra/containers/build-image.sh && TLOPS_TARGET=serve infra/containers/build-image.sh && \
 	$(BIN)/python -m pytest -m containers tests/containers $(PYTEST_ARGS)
 
 # The compress step in whole pipeline runs (deploy.variants: onnx, int8, an unreachable pruning target) and

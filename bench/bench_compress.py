@@ -5,7 +5,7 @@ images/s at batch 32, size on disk, test accuracy, and the paired test against t
 (McNemar's exact p, paired bootstrap interval). Timings are interleaved over ``--rounds`` rounds and the
 medians reported, so machine noise hits every row alike.
 
-    python bench/bench_compress.py [--model-dir DIR] [--variants onnx,int8,pruned] [--rounds 3]
+    python bench/bench_compress.py [--model-dir DIR] [--variants onnx,int8,pruned] [--rounds 3] [--prune-epochs 2]
 
 Without ``--model-dir`` the demo model is trained first (the linear probe on the demo digits at 96 px).
 """
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-images", type=int, default=30)
     ap.add_argument("--prune-epochs", type=int, default=2)
+    ap.add_argument("--prune-lr", type=float, default=1e-3)
+    ap.add_argument("--train-threads", type=int, default=2)
     args = ap.parse_args()
 
     import torch
@@ -67,16 +69,15 @@ def main() -> None:
             calib = [Path(p).read_bytes() for p in train.sort_values("sha256")["path"].head(200)]
             V.build_int8(work / "onnx", calib, target)
         elif name == "pruned":
-            pruned = V.prune(model, spec.crop_size, V._weights_bytes(model) // 2)
-            if args.prune_epochs:
-                from tlops.vision.preprocessing import build_transform
+            from tlops.vision.preprocessing import build_transform
 
-                transform = build_transform(spec)
-                tensors = torch.stack([transform(Path(p).read_bytes()) for p in train["path"]])
-                torch.set_num_threads(2)
-                V.recover(pruned, model, tensors, args.prune_epochs)
-                torch.set_num_threads(1)
-            V.build_onnx(pruned, spec, meta, target, name="pruned")
+            transform = build_transform(spec)
+            tensors = torch.stack([transform(Path(p).read_bytes()) for p in train["path"]])
+            labels = torch.tensor([classes.index(str(y)) for y in train["label"]])
+            torch.set_num_threads(args.train_threads)
+            V.build_pruned(model, spec, meta, tensors, labels, V._weights_bytes(model) // 2, args.prune_epochs,
+                           args.prune_lr, target)
+            torch.set_num_threads(1)
         built[name] = time.perf_counter() - t0
         runner = OnnxPredictor(target, threads=1)
         runners[name] = (runner.predict_proba, (target / "model.onnx").stat().st_size)
@@ -89,7 +90,8 @@ def main() -> None:
         boot = paired_bootstrap(correct, base_correct)
         p = mcnemar_p(correct, base_correct)
         verdict = ("same predictions" if correct == base_correct else
-                   "worse (p<0.05)" if boot["difference"] < 0 and p < 0.05 else "no significant difference")
+                   "no significant difference" if p >= 0.05 else
+                   "worse (p<0.05)" if boot["difference"] < 0 else "better (p<0.05)")
         rows[name] = {"accuracy": sum(correct) / len(correct), "size": size, "p50": [], "p95": [], "ips": [],
                       "diff": boot["difference"], "ci": (boot["ci_low"], boot["ci_high"]), "p": p,
                       "verdict": verdict}

@@ -7,13 +7,15 @@
 #   TLOPS_IMAGE=localhost/tlops:dev infra/containers/build-image.sh
 #   TLOPS_BASE_IMAGE=python:3.11-slim infra/containers/build-image.sh   # the official base (needs a registry)
 #   TLOPS_BUILD_CONTEXT=/some/copy infra/containers/build-image.sh      # another context, this Dockerfile
+#   TLOPS_TARGET=serve infra/containers/build-image.sh   # -> TLOPS_SERVE_IMAGE or localhost/tlops-serve:0.1.0
 #
 # Prints the build time and the image size on stderr, and the image reference on stdout (last line).
 # Exit codes: 0 built; 3 SKIP (no podman); anything else: the build failed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-IMAGE=${TLOPS_IMAGE:-localhost/tlops:0.1.0}
+TARGET=${TLOPS_TARGET:-}
+if [ "$TARGET" = serve ]; then IMAGE=${TLOPS_SERVE_IMAGE:-localhost/tlops-serve:0.1.0}; else IMAGE=${TLOPS_IMAGE:-localhost/tlops:0.1.0}; fi
 BASE=${TLOPS_BASE_IMAGE:-localhost/tlops-base:bookworm}
 OFFICIAL_BASE=python:3.11-slim
 BUILD_TIMEOUT=${TLOPS_BUILD_TIMEOUT:-3600}
@@ -28,6 +30,7 @@ else
   podman image exists "$BASE" || { log "base image $BASE is missing: run infra/containers/base-image.sh"; exit 1; }
   args+=(--build-arg "BASE_IMAGE=$BASE")
 fi
+if [ -n "$TARGET" ]; then args+=(--target "$TARGET"); fi
 
 # pip's configuration on this machine (environment first, then pip.conf), handed to the build as a pip.conf
 # build secret (its URLs then stay out of the layers' cache keys: a new port does not rebuild torch). Local

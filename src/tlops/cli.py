@@ -524,7 +524,8 @@ def history_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS (e.g. @champion) or models:/NAME/VERSION")],
+    model: Annotated[str, typer.Option("--model", help="models:/NAME@ALIAS (e.g. @champion) or models:/NAME/VERSION, "
+                                       "or the local directory of a downloaded ONNX variant (no MLflow, no torch)")],
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port to listen on.")] = 8080,
     host: Annotated[str, typer.Option("--host", help="Address to bind; loopback unless you mean otherwise.")] = (
         "127.0.0.1"),
@@ -539,15 +540,18 @@ def serve_cmd(
                                                    "already on their way, in ms (never when none is).")] = 5.0,
     poll_s: Annotated[float, typer.Option("--poll-s", help="With models:/NAME@ALIAS: seconds between looks at the "
                                           "alias; a new version is loaded, then swapped in (0: pinned).")] = 10.0,
+    pytorch: Annotated[bool, typer.Option("--pytorch", help="Serve the version's PyTorch model even when it has an "
+                                          "ONNX serving variant (which is served without torch by default).")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Serve a registered model over MLflow's scoring protocol (POST /invocations) until SIGTERM or Ctrl-C."""
     from tlops.serving.server import ServeLimits, serve
 
-    _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait, one line
+    if model.startswith("models:/") or not Path(model).is_dir():
+        _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait, one line
     serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads,
-          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s)
+          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s, variant=not pytorch)
 
 
 @app.command("select")

@@ -54,11 +54,13 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
 
 
 def test_dockerfile_builds_from_python_3_11_slim() -> None:
-    """The base is python:3.11-slim, written out or as the default of a build argument (FROM ${BASE_IMAGE})."""
+    """The base is python:3.11-slim, written out or as the default of a build argument (FROM ${BASE_IMAGE});
+    a stage built on an earlier stage (FROM runtime AS serve) has that one's base."""
     found = instructions()
     assert found[0][0] in {"FROM", "ARG"}
-    images = base_images(found)
-    assert images and images[-1].removeprefix("docker.io/library/").startswith(BASE), images
+    stages = {rest.split()[-1].lower() for keyword, rest in found if keyword == "FROM" and " as " in rest.lower()}
+    images = [image for image in base_images(found) if image.lower() not in stages]
+    assert images and all(i.removeprefix("docker.io/library/").startswith(BASE) for i in images), images
 
 
 def test_base_image_resolution_follows_build_arguments() -> None:

@@ -86,6 +86,8 @@ def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Pat
         with urllib.request.urlopen(req, timeout=60) as resp:
             answer = json.loads(resp.read())
         assert [p["label"] for p in answer["predictions"]] == offline
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=30) as resp:
+            assert json.loads(resp.read())["torch_loaded"] is False
         print(f"serve ready in {ready_s:.1f} s")
     finally:
         stop(proc, group=True)

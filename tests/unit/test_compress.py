@@ -118,6 +118,34 @@ def test_int8_is_smaller_and_close(tiny_models: dict[str, Path], onnx_dir: Path,
     assert report["tolerance"]["probability"] == V.PROB_ATOL["int8"]
 
 
+@pytest.mark.slow  # a recovery epoch: about 40 s under load; `make test-compress` runs it
+def test_pruned_is_smaller_recovers_and_matches_its_graph(tiny_models: dict[str, Path], tiny_digits: Path,
+                                                          tmp_path: Path,
+                                                          images: tuple[list[bytes], list[str]]) -> None:
+    """Half the weights by channel pruning, then recovery (BatchNorm re-estimated, head re-fitted, one epoch of
+    every layer): far above chance on held-out digits, and the exported graph is the pruned model's."""
+    from tlops.vision.preprocessing import build_transform
+
+    model, spec, classes = load_model_dir(tiny_models["good"])
+    meta = read_json(tiny_models["good"] / "model.json")
+    train = sorted(tiny_digits.glob("*/*.png"))[1::3]
+    transform = build_transform(spec)
+    tensors = torch.stack([transform(p.read_bytes()) for p in train])
+    labels = torch.tensor([classes.index(p.parent.name) for p in train])
+    goal = V._weights_bytes(model) // 2
+    pruned = V.build_pruned(model, spec, meta, tensors, labels, goal, 1, 1e-3, tmp_path / "pruned")
+    assert V._weights_bytes(pruned) <= goal
+    size = (tmp_path / "pruned" / "model.onnx").stat().st_size
+    assert size < 0.6 * (tiny_models["good"] / "weights.pt").stat().st_size
+    recorded = read_json(tmp_path / "pruned" / "variant.json")
+    assert recorded["recovery_epochs"] == 1 and len(recorded["recovery_losses"]) == 1
+    got = OnnxPredictor(tmp_path / "pruned").predict_proba(images[0])  # the [::3] images: none trained on
+    accuracy = float(np.mean([classes[k] == y for k, y in zip(got.argmax(1), images[1], strict=True)]))
+    assert accuracy >= 0.6, accuracy  # three classes, 32 px, 30 training images: chance is 0.33
+    report = V.parity(tmp_path / "pruned", pruned, spec, _golden(images), "pruned")
+    assert report["status"] == "pass", report["errors"]
+
+
 def test_runtime_serves_without_importing_torch(onnx_dir: Path, images: tuple[list[bytes], list[str]],
                                                 tmp_path: Path) -> None:
     sample = tmp_path / "x.png"
@@ -180,3 +208,75 @@ def test_bad_input_is_one_line(tiny_models: dict[str, Path]) -> None:
     model, spec, _classes = load_model_dir(tiny_models["good"])
     with pytest.raises(V.CompressError, match=r"deploy.prune_target_mb 0.001: cannot be reached"):
         V.prune(model, spec.crop_size, 1000, max_ratio=0.5, step=0.5)
+    from tlops.serving.server import load_served_model
+
+    with pytest.raises(TlopsError, match=r"--model .*: variant directory .* lacks model.onnx") as served:
+        load_served_model(str(tiny_models["good"]))  # a PyTorch model's directory is no ONNX variant
+    assert "\n" not in str(served.value)
+
+
+def test_serve_of_a_version_with_an_onnx_variant_never_imports_torch(onnx_dir: Path, tmp_path: Path,
+                                                                     images: tuple[list[bytes], list[str]]) -> None:
+    """`tlops serve` as a user runs it, on a registered version whose serving artifact is the ONNX variant: the
+    served process has not imported torch (its /version says so) and answers as the variant does offline."""
+    import os
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from tests.helpers.processes import free_port, stop, wait_until_up
+    from tests.helpers.registry import restored_mlflow_uris, use_store
+    from tlops.serving.compress.step import ARTIFACT_DIR
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with restored_mlflow_uris():
+        experiment = use_store(uri, tmp_path / "artifacts")  # artifacts under tmp_path, not ./mlruns
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_artifacts(str(onnx_dir), f"{ARTIFACT_DIR}/onnx")
+        client = mlflow.MlflowClient()
+        client.create_registered_model("fast")
+        source = f"runs:/{run.info.run_id}/{ARTIFACT_DIR}/onnx"
+        version = client.create_model_version("fast", source, run.info.run_id).version
+        client.set_model_version_tag("fast", version, "serving.variant", "onnx")
+        client.set_model_version_tag("fast", version, "serving.artifact", source)
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", f"models:/fast/{version}",
+                             "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 120), proc.stdout.read() if proc.stdout else ""
+        ready_s = time.monotonic() - started
+        sample = images[0][:5]
+        body = json.dumps({"instances": [{"image": base64.b64encode(b).decode()} for b in sample]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            answer = json.loads(resp.read())
+        offline = list(OnnxPredictor(onnx_dir).predict_frame(sample)["label"])
+        assert [p["label"] for p in answer["predictions"]] == offline
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=30) as resp:
+            info = json.loads(resp.read())
+        assert info["runtime"] == "onnxruntime" and info["variant"] == "onnx"
+        assert info["torch_loaded"] is False  # after a request: nothing on the way imported torch
+        print(f"serve ready in {ready_s:.1f} s")
+    finally:
+        stop(proc, group=True)
+    # The variant's files in a local directory (as KServe's storage initializer leaves them): no MLflow either.
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", str(onnx_dir), "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 120), proc.stdout.read() if proc.stdout else ""
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert [p["label"] for p in json.loads(resp.read())["predictions"]] == offline
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=30) as resp:
+            assert json.loads(resp.read())["torch_loaded"] is False
+    finally:
+        stop(proc, group=True)

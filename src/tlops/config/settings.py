@@ -379,6 +379,8 @@ class DeployConfig(Section):
     prune_target_mb: float | None = Field(None, gt=0.0)
     prune_target_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     prune_epochs: int = Field(2, ge=0, le=100)
+    # pruned: the recovery fine-tune's peak learning rate (AdamW, cosine decay to 0).
+    prune_lr: float = Field(1e-3, gt=0.0, le=1.0)
 
     @field_validator("variants", mode="before")
     @classmethod

@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -463,8 +464,9 @@ class ScoringApp:
         if route in ("/ping", "/health"):
             return 200, b"\n", []
         model = self.holder.current  # this request's model, to its end, whatever is swapped in meanwhile
-        if route == "/version":
-            return 200, json.dumps(model.info).encode(), model.headers()
+        if route == "/version":  # torch_loaded: whether this process imported torch (an ONNX variant does not)
+            info = {**model.info, "torch_loaded": "torch" in sys.modules}
+            return 200, json.dumps(info).encode(), model.headers()
         if route == "/v1/models":
             return 200, json.dumps({"name": path.rsplit("/", 1)[1], "ready": True}).encode(), []
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -723,9 +725,23 @@ def _unreachable(model_uri: str) -> TlopsError:
                       "MLFLOW_TRACKING_URI at a running one")
 
 
-def load_served_model(model_uri: str, version: str | None = None) -> ServedModel:
-    """Load the pyfunc; a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now (or to
-    ``version``, already resolved)."""
+def load_served_model(model_uri: str, version: str | None = None, variant: bool = True) -> ServedModel:
+    """Load the pyfunc, or the version's ONNX serving variant when it has one (and ``variant``: torch is then
+    never imported); a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now (or to
+    ``version``, already resolved). A local directory holding an ONNX variant's files (``model.onnx``,
+    ``preprocess.json``, ``model.json``: a version's ``variants/NAME`` artifact as downloaded, e.g. by KServe's
+    storage initializer) is served as it is, without MLflow or torch."""
+    from pathlib import Path
+
+    if not model_uri.startswith("models:/") and Path(model_uri).is_dir():
+        from tlops import __version__
+        from tlops.serving.compress.runtime import served_model
+
+        try:
+            return served_model(model_uri, {"model": model_uri, "tlops": __version__})
+        except TlopsError as exc:
+            raise TlopsError(f"--model {model_uri}: {exc}; a directory is served as a downloaded ONNX variant "
+                             "(variants/NAME of a run), else give models:/NAME@ALIAS") from None
     import mlflow
 
     from tlops import __version__, tracking
@@ -741,11 +757,11 @@ def load_served_model(model_uri: str, version: str | None = None) -> ServedModel
             uri = f"models:/{name}/{version}"
             from tlops.serving.compress.step import serving_variant_dir
 
-            variant = serving_variant_dir(name, version)
-            if variant is not None:
+            found = serving_variant_dir(name, version) if variant else None
+            if found is not None:
                 from tlops.serving.compress.runtime import served_model
 
-                return served_model(variant, info)
+                return served_model(found, info)
         pyfunc = mlflow.pyfunc.load_model(uri)
     except TlopsError as exc:
         # parse_model_uri says "no such model version" for any registry error: tell an unreachable server apart.
@@ -777,8 +793,8 @@ class AliasFollower:
     load and none is refused. A registry that does not answer, or a version that cannot be loaded, leaves the
     current version serving; the next poll tries again (one warning per distinct problem)."""
 
-    def __init__(self, holder: ModelHolder, model_uri: str, poll_s: float) -> None:
-        self.holder, self.model_uri, self.poll_s = holder, model_uri, poll_s
+    def __init__(self, holder: ModelHolder, model_uri: str, poll_s: float, variant: bool = True) -> None:
+        self.holder, self.model_uri, self.poll_s, self.variant = holder, model_uri, poll_s, variant
         self._stop = threading.Event()
         self._last_problem = ""
         self._thread = threading.Thread(target=self._run, name="tlops-alias-follower", daemon=True)
@@ -805,7 +821,7 @@ class AliasFollower:
                 self._last_problem = ""
                 return False
             started = time.perf_counter()
-            model = load_served_model(self.model_uri, version)
+            model = load_served_model(self.model_uri, version, self.variant)
         except Exception as exc:  # TlopsError or whatever else: the served version stays
             problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if problem != self._last_problem:
@@ -832,13 +848,14 @@ def _log_to_stderr() -> None:
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: ServeLimits | None = None,
           threads: int = 1, graceful_s: int = 10, max_batch: int = 32, batch_window_ms: float = 5.0,
-          poll_s: float = 10.0) -> None:
+          poll_s: float = 10.0, variant: bool = True) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``graceful_s`` seconds to finish.
 
     ``threads``: torch CPU threads (0: torch's default, every core of the machine). One is the default, as the
     gate measures latency: torch does not see a container's CPU limit, and more threads than cores stall.
     ``max_batch``, ``batch_window_ms``: dynamic batching (:class:`Batcher`; 1 turns it off). ``poll_s``: for a
-    ``models:/NAME@ALIAS`` URI, how often the alias is looked up, a new version swapped in (0: never)."""
+    ``models:/NAME@ALIAS`` URI, how often the alias is looked up, a new version swapped in (0: never).
+    ``variant``: serve a version's ONNX serving variant when it has one (False: its PyTorch model)."""
     import uvicorn
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a server log
@@ -855,7 +872,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     if poll_s < 0:
         raise TlopsError(f"--poll-s {poll_s:g}: expected seconds between looks at the alias (0: never)")
     sock = bind(host, port)
-    holder = ModelHolder(load_served_model(model_uri))
+    holder = ModelHolder(load_served_model(model_uri, variant=variant))
     model = holder.current
     used_threads = 1  # an ONNX variant (tlops.compress.runtime) runs on one thread of its own, without torch
     if model.info.get("runtime") != "onnxruntime":
@@ -866,7 +883,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
         used_threads = torch.get_num_threads()
     follower = None
     if poll_s and model_uri.startswith("models:/") and "@" in model_uri:
-        follower = AliasFollower(holder, model_uri, poll_s).start()
+        follower = AliasFollower(holder, model_uri, poll_s, variant).start()
     batcher = Batcher(max_batch, batch_window_ms / 1000)
     # No uvicorn limit_concurrency: it counts idle connections, so 64 silent sockets made every client get 503.
     # The guard bounds connections, the app the requests past their body and the bytes held.

@@ -98,22 +98,21 @@ def compress(cfg: Config, model_uri: str, test_rows: pd.DataFrame, train_rows: p
 
 
 def _pruned(cfg: Config, model: Any, spec: Any, meta: dict[str, Any], train_rows: pd.DataFrame, target: Path) -> Any:
+    """Prune to the target, then recover: BatchNorm statistics re-estimated and the classifier fitted again on the
+    pruned features of the training images, then ``deploy.prune_epochs`` epochs of every layer (distillation
+    from the candidate and the labels), then export."""
     import torch
 
     from tlops.vision.preprocessing import build_transform
 
     goal = V.target_bytes(V._weights_bytes(model), cfg.deploy.prune_target_mb, cfg.deploy.prune_target_fraction)
-    pruned = V.prune(model, spec.crop_size, goal)
-    losses: list[float] = []
-    if cfg.deploy.prune_epochs:
-        transform = build_transform(spec)
-        tensors = torch.stack([transform(Path(p).read_bytes()) for p in train_rows["path"]])
-        losses = V.recover(pruned, model, tensors, cfg.deploy.prune_epochs, seed=cfg.evaluation.seed)
-    V.build_onnx(pruned, spec, meta, target, name="pruned",
-                 extra={"pruning": "torch-pruning MetaPruner, GroupMagnitudeImportance(p=2)",
-                        "weights_bytes": V._weights_bytes(pruned), "target_bytes": goal,
-                        "recovery_epochs": cfg.deploy.prune_epochs, "recovery_losses": losses})
-    return pruned
+    V.prune(model, spec.crop_size, goal, dry_run=True)  # an unreachable target: refused before the images are read
+    transform = build_transform(spec)
+    tensors = torch.stack([transform(Path(p).read_bytes()) for p in train_rows["path"]])
+    classes = [str(c) for c in meta["classes"]]
+    labels = torch.tensor([classes.index(str(y)) for y in train_rows["label"]])
+    return V.build_pruned(model, spec, meta, tensors, labels, goal, cfg.deploy.prune_epochs, cfg.deploy.prune_lr,
+                          target, seed=cfg.evaluation.seed)
 
 
 def log_to_run(record: dict[str, Any], out: Path) -> None:
