@@ -390,8 +390,8 @@ def schedule_cmd(
     typer.echo(f"  {url}/#/recurringrun/details/{made.recurring_run_id}")
 
 
-def _tracking(config: Path | None, overrides: list[str] | None, output_format: str = "table") -> None:
-    """Point MLflow at the run's store for the registry commands, after checking their --format."""
+def _tracking(config: Path | None, overrides: list[str] | None, output_format: str = "table") -> Any:
+    """Point MLflow at the run's store for the registry commands, after checking their --format; the config."""
     from tlops import tracking
 
     if output_format not in ("table", "json"):
@@ -408,6 +408,7 @@ def _tracking(config: Path | None, overrides: list[str] | None, output_format: s
     tracking.apply_retry_policy(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    return cfg
 
 
 @app.command("parity")
@@ -535,15 +536,25 @@ def serve_cmd(
                                                    "already on their way, in ms (never when none is).")] = 5.0,
     poll_s: Annotated[float, typer.Option("--poll-s", help="With models:/NAME@ALIAS: seconds between looks at the "
                                           "alias; a new version is loaded, then swapped in (0: pinned).")] = 10.0,
+    sample_rate: Annotated[float | None, typer.Option("--sample-rate", help="Share of served images written to "
+                                                      "the prediction log (0: none). Default: "
+                                                      "monitoring.sample_rate.")] = None,
+    log_uri: Annotated[str | None, typer.Option("--log-uri", help="Prediction log: a directory or s3:// prefix. "
+                                                "Default: monitoring.log_uri, else <workdir>/prediction-log.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Serve a registered model over MLflow's scoring protocol (POST /invocations) until SIGTERM or Ctrl-C."""
+    """Serve a registered model over MLflow's scoring protocol (POST /invocations) until SIGTERM or Ctrl-C;
+    metrics at GET /metrics, a sample of the predictions to the prediction log."""
     from tlops.server import ServeLimits, serve
 
-    _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait, one line
+    cfg = _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait
+    mon = cfg.monitoring
+    rate = mon.sample_rate if sample_rate is None else sample_rate
+    where = log_uri or mon.log_uri or str(Path(cfg.workdir) / "prediction-log")
     serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads,
-          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s)
+          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s, sample_rate=rate, log_uri=where,
+          log_images=mon.log_images)
 
 
 @app.command("select")

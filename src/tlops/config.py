@@ -394,6 +394,17 @@ class SelectionConfig(_Section):
         return self
 
 
+class MonitoringConfig(_Section):
+    """The served champion's prediction log (``tlops serve``) and ``tlops monitor`` (tlops.monitoring)."""
+
+    # Share of served images logged (0: no log). Each record holds the image's hash, size, mode, brightness, the
+    # prediction, top-k probabilities and the backbone embedding; the image bytes only with log_images.
+    sample_rate: float = Field(0.1, ge=0.0, le=1.0)
+    # A directory or s3:// prefix; unset: <workdir>/prediction-log.
+    log_uri: str | None = None
+    log_images: bool = False
+
+
 class RegistryConfig(_Section):
     model_name: str = Field("tlops-digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -607,6 +618,7 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     selection: SelectionConfig = SelectionConfig()
     deploy: DeployConfig = DeployConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
