@@ -403,6 +403,16 @@ class MonitoringConfig(_Section):
     # A directory or s3:// prefix; unset: <workdir>/prediction-log.
     log_uri: str | None = None
     log_images: bool = False
+    # The reference the evaluate step records with each candidate: training images embedded (a stratified sample).
+    reference_sample: int = Field(500, ge=10, le=20_000)
+    # tlops monitor: the level of each test (Bonferroni over the tests of the verdict), the held-out quantile of
+    # the nearest-training-embedding distance past which an image counts as out of distribution, the fewest
+    # records a window needs, the bootstrap resamples of the accuracy estimate's interval.
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    ood_quantile: float = Field(0.95, gt=0.5, lt=1.0)
+    min_records: int = Field(20, ge=2)
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
+    mmd_sample: int = Field(300, ge=10)
 
 
 class RegistryConfig(_Section):
