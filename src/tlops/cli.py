@@ -557,6 +557,35 @@ def serve_cmd(
           log_images=mon.log_images)
 
 
+@app.command("monitor")
+def monitor_cmd(
+    model: Annotated[str, typer.Option("--model", help="NAME@champion (or NAME/VERSION, or models:/…): the version "
+                                       "whose served traffic is checked.")],
+    since: Annotated[str | None, typer.Option("--since", help="Window start: ISO 8601 (UTC unless it says) or a "
+                                              "duration before now (24h, 7d). Default: the log's start.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Window end (excluded), as --since. Default: "
+                                              "now.")] = None,
+    log_uri: Annotated[str | None, typer.Option("--log-uri", help="The prediction log. Default: monitoring.log_uri, "
+                                                "else <workdir>/prediction-log.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory for report.html and "
+                                                "monitor.json. Default: <workdir>/monitor/NAME-vVERSION-TIME.")] = None,
+    output_format: FormatOpt = "table",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compare a window of served traffic with the model's training data: drift, out-of-distribution rate and a
+    label-free accuracy estimate. Exit 0 quiet, 1 drift or an estimate below the gate's floor."""
+    from tlops.monitoring.report import run_monitor
+
+    cfg = _tracking(config, set_, output_format)
+    result, table = run_monitor(cfg, model, since, until, log_uri, str(output) if output else None)
+    typer.echo(json.dumps(result, indent=2, default=float) if output_format == "json" else table)
+    if output_format == "table":
+        typer.echo(f"report: {result['report']}; MLflow run {result['mlflow_run_id']}")
+    if result["verdict"] != "quiet":
+        raise typer.Exit(1)
+
+
 @app.command("select")
 def select_cmd(
     data: Annotated[str | None, typer.Option(help="Data: a directory, a CSV manifest, or s3://bucket/prefix.")] = None,

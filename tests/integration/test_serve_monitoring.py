@@ -58,4 +58,4 @@ def test_served_images_reach_the_s3_log_and_the_metrics(mlflow_server: str, tiny
     assert len(frame) == len(files) and sorted(frame["predicted"]) == sorted(labels)
     assert set(frame["model_name"]) == {"serve-monitored"} and set(frame["model_version"]) == {started["version"]}
     assert len(frame["embedding"].iloc[0]) == 1280  # EfficientNet-Lite0's features
-    assert "prediction log: %d records written, 0 dropped" % len(files) in started["log"].read_text()
+    assert f"prediction log: {len(files)} records written, 0 dropped" in started["log"].read_text()

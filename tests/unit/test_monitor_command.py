@@ -1,0 +1,166 @@
+"""`tlops monitor` end to end on a real registry (SQLite store), a real model whose run holds the reference the
+evaluate step records, and prediction logs written by the log writer: quiet traffic exits 0, shifted traffic
+exits 1, and bad input is one line, exit 2, with no report written."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageOps
+
+from tests.conftest import write_config
+from tests.registry_fixtures import log_model_run, new_version, restored_mlflow_uris, use_store
+
+NAME = "monitored-digits"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path, tiny_models: dict[str, Path]) -> Iterator[dict]:
+    import io
+
+    import mlflow
+    from sklearn.datasets import load_digits
+
+    from tlops import registry
+    from tlops.config import load_config
+    from tlops.data import build_manifest
+    from tlops.monitoring.predlog import PredictionLog, Served
+    from tlops.monitoring.reference import log_reference
+    from tlops.serving import Predictor, load_model_dir
+
+    root = tmp_path_factory.mktemp("monitor-lab")
+    with restored_mlflow_uris():
+        db = f"sqlite:///{root / 'mlflow.db'}"
+        cfg_path = write_config(root / "config.yaml", root / "work", tracking__uri=db,
+                                monitoring__bootstrap_resamples=200)
+        cfg = load_config(cfg_path)
+        experiment = use_store(db, root / "artifacts")
+        run_id, model_uri = log_model_run(experiment, tiny_models["good"])
+        seen = {int(p.stem.split("_")[1]) for p in tiny_digits.rglob("*.png")}
+        d = load_digits()
+        unseen = [(Image.fromarray((255.0 - d.images[i] * (255.0 / 16.0)).round().astype("uint8")), str(t))
+                  for i, t in enumerate(d.target) if int(t) in (0, 1, 7) and i not in seen]
+        # sklearn orders the scans by writer: shuffled, the held-out split and the traffic share their writers.
+        unseen = [unseen[i] for i in np.random.default_rng(0).permutation(len(unseen))]
+        # The run's manifest as the pipeline sees it: the tiny set to train on, 150 unseen digits held out.
+        val_dir = root / "val"
+        for i, (img, label) in enumerate(unseen[120:270]):
+            (val_dir / label).mkdir(parents=True, exist_ok=True)
+            img.save(val_dir / label / f"v{i}.png")
+        manifest = build_manifest(str(tiny_digits), root / "cache")
+        manifest["split"] = "train"
+        held_rows = build_manifest(str(val_dir), root / "cache")
+        held_rows["split"] = "val"
+        manifest = pd.concat([manifest, held_rows], ignore_index=True)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_dict(cfg.model_dump(mode="json"), "config/config.json")
+            assert log_reference(cfg, model_uri, manifest, lambda rows: rows) is not None
+        version = new_version(model_uri, NAME)
+        registry.client().set_registered_model_alias(NAME, "champion", version)
+        bare_run, bare_uri = log_model_run(experiment, tiny_models["good"])  # no reference: evaluated before
+        bare = new_version(bare_uri, "unreferenced-digits")
+
+        model, spec, classes = load_model_dir(tiny_models["good"])
+        predictor = Predictor(model, spec, classes)
+        held = [img for img, _ in unseen[:120]]
+        info = {"name": NAME, "version": version, "classes": classes, "preprocess_fingerprint": spec.fingerprint}
+
+        def serve_to(log_dir: Path, images: list[Image.Image]) -> None:
+            files = []
+            for img in images:
+                out = io.BytesIO()
+                img.save(out, format="PNG")
+                files.append(out.getvalue())
+            proba, emb = predictor.proba_embed(predictor.tensors(files))
+            log = PredictionLog(str(log_dir), batch_records=50, flush_s=60)
+            for i, f in enumerate(files):
+                log.offer(Served(time.time(), info, f, proba[i], emb[i]))
+            log.close()
+            assert log.written == len(files)
+
+        serve_to(root / "quiet-log", held)
+        serve_to(root / "shifted-log", [img.resize((24, 24)).rotate(90) for img in held[:60]]
+                 + [ImageOps.invert(img) for img in held[60:]])
+        yield {"root": root, "config": cfg_path, "version": version, "bare": bare, "bare_run": bare_run}
+
+
+def _tlops(*args: str) -> int:
+    from tlops.cli import main
+
+    with restored_mlflow_uris():
+        try:
+            return main(list(args))
+        except SystemExit as exc:
+            return int(exc.code or 0)
+
+
+def test_quiet_traffic_exits_0_with_a_report_and_a_run(lab: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    out = lab["root"] / "quiet-report"
+    code = _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / "quiet-log"),
+                  "--output", str(out), "--config", str(lab["config"]))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "QUIET" in printed and "estimated accuracy" in printed
+    result = json.loads((out / "monitor.json").read_text())
+    assert result["verdict"] == "quiet" and result["window"]["records"] == 120
+    assert result["estimate"]["floor"] == 0.5
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and f"{NAME} version {lab['version']}" in page
+
+    import mlflow
+
+    with restored_mlflow_uris():
+        mlflow.set_tracking_uri(f"sqlite:///{lab['root'] / 'mlflow.db'}")
+        run = mlflow.get_run(result["mlflow_run_id"])
+    assert run.data.tags["monitor.verdict"] == "quiet" and run.data.tags["monitor.version"] == lab["version"]
+    assert run.data.metrics["records"] == 120
+
+
+def test_shifted_traffic_exits_1(lab: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    out = lab["root"] / "shifted-report"
+    code = _tlops("monitor", "--model", f"models:/{NAME}@champion", "--log-uri", str(lab["root"] / "shifted-log"),
+                  "--output", str(out), "--config", str(lab["config"]), "--format", "json")
+    assert code == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["verdict"] == "drift"
+    assert {"feature drift (MMD)", "image sizes"} <= {c["name"] for c in result["checks"] if c["flagged"]}
+
+
+@pytest.mark.parametrize("case", ["empty window", "no reference", "corrupt file", "foreign file", "no log",
+                                  "bad time"])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(lab: dict, case: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    log_dir = tmp_path / "log"
+    shutil.copytree(lab["root"] / "quiet-log", log_dir)
+    model, extra = f"{NAME}@champion", []
+    if case == "empty window":
+        extra = ["--since", "2020-01-01", "--until", "2020-01-02"]
+        expected = "0 records of"
+    elif case == "no reference":
+        model, expected = f"unreferenced-digits/{lab['bare']}", "has no monitoring reference"
+    elif case == "corrupt file":
+        day = next(log_dir.iterdir())
+        (day / "part-20261201T000000-broken.parquet").write_bytes(b"PAR1 truncated")
+        expected = "cannot be read as Parquet"
+    elif case == "foreign file":
+        (next(log_dir.iterdir()) / "export.csv").write_text("a,b\n")
+        expected = "is not a prediction log file"
+    elif case == "no log":
+        log_dir, expected = tmp_path / "nowhere", "does not exist"
+    else:
+        extra, expected = ["--since", "last tuesday"], "not a time"
+    out = tmp_path / "report"
+    code = _tlops("monitor", "--model", model, "--log-uri", str(log_dir), "--output", str(out),
+                  "--config", str(lab["config"]), *extra)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
