@@ -383,8 +383,9 @@ class SelectionConfig(_Section):
     drift_permutations: int = Field(200, ge=20, le=10_000)
     drift_alpha: float = Field(0.05, gt=0.0, lt=1.0)
     # never: always train. unchanged: skip when the manifest equals the champion's. no-drift: skip also when
-    # the data changed but shows no feature drift (needs drift: true). A skipped run trains nothing.
-    skip_when: Literal["never", "unchanged", "no-drift"] = "never"
+    # the data changed but shows no feature drift (needs drift: true). no-served-drift: skip when the latest
+    # `tlops monitor` verdict on the champion's served traffic is quiet. A skipped run trains nothing.
+    skip_when: Literal["never", "unchanged", "no-drift", "no-served-drift"] = "never"
     seed: int = 0
 
     @model_validator(mode="after")

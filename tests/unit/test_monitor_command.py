@@ -118,6 +118,7 @@ def test_quiet_traffic_exits_0_with_a_report_and_a_run(lab: dict, capsys: pytest
     with restored_mlflow_uris():
         mlflow.set_tracking_uri(f"sqlite:///{lab['root'] / 'mlflow.db'}")
         run = mlflow.get_run(result["mlflow_run_id"])
+        assert mlflow.get_experiment(run.info.experiment_id).name == "tlops-monitor"
     assert run.data.tags["monitor.verdict"] == "quiet" and run.data.tags["monitor.version"] == lab["version"]
     assert run.data.metrics["records"] == 120
 
@@ -164,3 +165,37 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(lab: dict, case: str, 
     assert code == 2, err
     assert expected in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_scheduled_run_skips_only_when_the_latest_verdict_is_quiet(lab: dict, capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path) -> None:
+    import mlflow
+
+    from tlops.config import load_config
+    from tlops.drift import decide_skip, run_skipped
+
+    cfg = load_config(lab["config"], [f"registry.model_name={NAME}", "selection.skip_when=no-served-drift"])
+    manifest = pd.DataFrame({"path": [], "label": [], "split": [], "sha256": [], "decodable": []})
+
+    def decide() -> tuple[dict, str | None, dict[str, str]]:
+        with restored_mlflow_uris():
+            from tlops import tracking
+
+            experiment = tracking.setup(cfg)
+            with mlflow.start_run(experiment_id=experiment) as run:
+                out = decide_skip(cfg, manifest)
+            return out, run_skipped(cfg, run.info.run_id), mlflow.get_run(run.info.run_id).data.tags
+
+    for kind, expected_exit in (("shifted", 1), ("quiet", 0)):
+        assert _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / f"{kind}-log"),
+                      "--output", str(tmp_path / kind), "--config", str(lab["config"])) == expected_exit
+        result = json.loads((tmp_path / kind / "monitor.json").read_text())
+        out, why, tags = decide()
+        assert out["served"].get("monitor_run") == result["mlflow_run_id"], (out, result["mlflow_run_id"])
+        assert tags["served.monitor_run"] == result["mlflow_run_id"]
+        assert result["window"]["first"] in tags["served.window"]
+        if kind == "quiet":
+            assert out["skipped"] and why is not None and "no served drift" in why and result["window"]["first"] in why
+        else:
+            assert not out["skipped"] and why is None and "served drift" in out["skip_reason"]
+    capsys.readouterr()

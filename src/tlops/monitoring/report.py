@@ -115,13 +115,15 @@ def log_run(cfg: Config, result: dict[str, Any], page: str, pngs: dict[str, byte
     from tlops import tracking
 
     experiment = f"{cfg.tracking.experiment}-monitor"
-    tracking.setup(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": experiment})}))
+    experiment_id = tracking.setup(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"experiment": experiment})}))
     window = result["window"]
     tags = {MODEL_TAG: result["model"], VERSION_TAG: result["version"], VERDICT_TAG: result["verdict"],
             "monitor.reasons": "; ".join(result["reasons"])[:5000], "monitor.log_uri": window["log_uri"]}
     for tag in WINDOW_TAGS:
         tags[tag] = str(window[tag.rsplit(".", 1)[1]] or "")
-    with mlflow.start_run(run_name=f"monitor-{result['model']}-v{result['version']}", tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor-{result['model']}-v{result['version']}",
+                          tags=tags) as run:
         metrics = {"records": float(window["records"]), "estimate.accuracy": result["estimate"]["accuracy"],
                    "estimate.low": result["estimate"]["low"], "estimate.high": result["estimate"]["high"]}
         for c in result["checks"]:
