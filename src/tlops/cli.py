@@ -569,15 +569,24 @@ def monitor_cmd(
                                                 "else <workdir>/prediction-log.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory for report.html and "
                                                 "monitor.json. Default: <workdir>/monitor/NAME-vVERSION-TIME.")] = None,
+    export_queue: Annotated[int | None, typer.Option("--export-queue", help="Instead of the report: the N served "
+                                                     "images most worth labelling (uncertain, novel, spread over "
+                                                     "classes) as a Label Studio import and a CSV template; needs "
+                                                     "monitoring.log_images.")] = None,
     output_format: FormatOpt = "table",
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Compare a window of served traffic with the model's training data: drift, out-of-distribution rate and a
     label-free accuracy estimate. Exit 0 quiet, 1 drift or an estimate below the gate's floor."""
+    from tlops.monitoring.report import export_queue as export
     from tlops.monitoring.report import run_monitor
 
     cfg = _tracking(config, set_, output_format)
+    if export_queue is not None:
+        where, count = export(cfg, model, since, until, log_uri, str(output) if output else None, export_queue)
+        typer.echo(f"labelling queue: {count} images in {where} (labelstudio.json to import, manifest.csv to fill)")
+        return
     result, table = run_monitor(cfg, model, since, until, log_uri, str(output) if output else None)
     typer.echo(json.dumps(result, indent=2, default=float) if output_format == "json" else table)
     if output_format == "table":

@@ -71,22 +71,23 @@ def lab(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path, tiny_models
         held = [img for img, _ in unseen[:120]]
         info = {"name": NAME, "version": version, "classes": classes, "preprocess_fingerprint": spec.fingerprint}
 
-        def serve_to(log_dir: Path, images: list[Image.Image]) -> None:
+        def serve_to(log_dir: Path, images: list[Image.Image], keep_images: bool = False) -> None:
             files = []
             for img in images:
                 out = io.BytesIO()
                 img.save(out, format="PNG")
                 files.append(out.getvalue())
             proba, emb = predictor.proba_embed(predictor.tensors(files))
-            log = PredictionLog(str(log_dir), batch_records=50, flush_s=60)
+            log = PredictionLog(str(log_dir), batch_records=50, flush_s=60, keep_images=keep_images)
             for i, f in enumerate(files):
                 log.offer(Served(time.time(), info, f, proba[i], emb[i]))
             log.close()
             assert log.written == len(files)
 
         serve_to(root / "quiet-log", held)
-        serve_to(root / "shifted-log", [img.resize((24, 24)).rotate(90) for img in held[:60]]
-                 + [ImageOps.invert(img) for img in held[60:]])
+        shifted = [img.resize((24, 24)).rotate(90) for img in held[:60]] + [ImageOps.invert(img) for img in held[60:]]
+        serve_to(root / "shifted-log", shifted)
+        serve_to(root / "bytes-log", shifted, keep_images=True)
         yield {"root": root, "config": cfg_path, "version": version, "bare": bare, "bare_run": bare_run}
 
 
@@ -199,3 +200,29 @@ def test_scheduled_run_skips_only_when_the_latest_verdict_is_quiet(lab: dict, ca
         else:
             assert not out["skipped"] and why is None and "served drift" in out["skip_reason"]
     capsys.readouterr()
+
+
+def test_export_queue_spreads_uncertain_and_novel_images_over_classes(lab: dict, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from tlops.monitoring.predlog import read_log
+
+    # Without image bytes: one line, exit 2, nothing written.
+    assert _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / "shifted-log"),
+                  "--export-queue", "5", "--output", str(tmp_path / "none"), "--config", str(lab["config"])) == 2
+    assert "monitoring.log_images" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    # The same traffic logged as a server with monitoring.log_images logs it: each served image's bytes kept.
+    assert read_log(str(lab["root"] / "bytes-log"))["image"].notna().all()
+    out = tmp_path / "queue"
+    assert _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / "bytes-log"),
+                  "--export-queue", "12", "--output", str(out), "--config", str(lab["config"])) == 0, \
+        capsys.readouterr().err
+    tasks = json.loads((out / "labelstudio.json").read_text())
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert len(tasks) == len(manifest) == 12 and manifest["label"].isna().all()
+    assert all((out / t["data"]["image"]).is_file() for t in tasks)
+    assert manifest["sha256"].is_unique
+    # Spread over the predicted classes, and the least sure of each class first.
+    counts = manifest["predicted"].astype(str).value_counts()
+    assert len(counts) == 3 and counts.max() - counts.min() <= 1
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"][0] == str(manifest["predicted"][0])
+    assert (out / "labeling_config.xml").read_text().count("<Choice ") == 3

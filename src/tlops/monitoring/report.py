@@ -179,3 +179,25 @@ def run_monitor(cfg: Config, model: str, since: str | None, until: str | None, l
     write_json(out / "monitor.json", json.loads(json.dumps(result, default=float)))
     result["report"] = str(out / "report.html")
     return result, format_table(result)
+
+
+def export_queue(cfg: Config, model: str, since: str | None, until: str | None, log_uri: str | None,
+                 output: str | None, n: int) -> tuple[Path, int]:
+    """``tlops monitor --export-queue N``: the queue directory and how many images it holds."""
+    from tlops.errors import TlopsError
+    from tlops.monitoring.monitor import fetch_reference, resolve_model, window_records
+    from tlops.monitoring.predlog import parse_when
+    from tlops.monitoring.queue import pick, write_queue
+
+    if n < 1:
+        raise TlopsError(f"--export-queue {n}: expected a number of images, at least 1")
+    uri = log_uri or cfg.monitoring.log_uri or str(Path(cfg.workdir) / "prediction-log")
+    champion = resolve_model(model)
+    with tempfile.TemporaryDirectory(prefix="tlops-reference-") as tmp:
+        reference = fetch_reference(champion, tmp)
+    frame, _window = window_records(uri, champion, parse_when(since) if since else None,
+                                    parse_when(until) if until else None, 1)
+    picked = pick(frame, reference, n)
+    out = Path(output) if output else Path(cfg.workdir) / "queue" / (
+        f"{champion.name}-v{champion.version}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}")
+    return write_queue(picked, [str(c) for c in reference.classes], out), len(picked)
