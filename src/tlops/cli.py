@@ -643,6 +643,27 @@ def labels_curve_cmd(
         typer.echo(f"plot: {out}; table: {out.with_suffix('.json')}")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Data store operations.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("merge")
+def data_merge_cmd(
+    labels: Annotated[Path, typer.Option("--labels", help="The labelled queue: its manifest.csv with the label "
+                                         "column filled, or Label Studio's JSON export of its tasks.")],
+    into: Annotated[Path, typer.Option("--into", help="The CSV manifest (path,label[,split]) of the data to add "
+                                       "the images to; made when absent.")],
+    queue: Annotated[Path | None, typer.Option("--queue", help="The queue directory tlops monitor --export-queue "
+                                               "wrote. Default: the directory of --labels.")] = None,
+) -> None:
+    """Add labelled served images to the data, with provenance columns; the next run validates them."""
+    from tlops.monitoring.merge import merge
+
+    counts = merge(labels, into, queue)
+    typer.echo(f"{into}: {counts['added']} images added, {counts['present']} already there, "
+               f"{counts['unlabelled']} left unlabelled")
+
+
 @app.command("demo-data")
 def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")]) -> None:
     """Export scikit-learn's real digits set as an ImageFolder of PNG files."""

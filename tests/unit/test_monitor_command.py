@@ -71,7 +71,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path, tiny_models
         held = [img for img, _ in unseen[:120]]
         info = {"name": NAME, "version": version, "classes": classes, "preprocess_fingerprint": spec.fingerprint}
 
-        def serve_to(log_dir: Path, images: list[Image.Image], keep_images: bool = False) -> None:
+        def serve_to(log_dir: Path, images: list[Image.Image], keep_images: bool = False) -> list[bytes]:
             files = []
             for img in images:
                 out = io.BytesIO()
@@ -83,12 +83,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path, tiny_models
                 log.offer(Served(time.time(), info, f, proba[i], emb[i]))
             log.close()
             assert log.written == len(files)
+            return files
 
         serve_to(root / "quiet-log", held)
         shifted = [img.resize((24, 24)).rotate(90) for img in held[:60]] + [ImageOps.invert(img) for img in held[60:]]
         serve_to(root / "shifted-log", shifted)
-        serve_to(root / "bytes-log", shifted, keep_images=True)
-        yield {"root": root, "config": cfg_path, "version": version, "bare": bare, "bare_run": bare_run}
+        import hashlib
+
+        sent = serve_to(root / "bytes-log", shifted, keep_images=True)
+        truth = {hashlib.sha256(f).hexdigest(): label for f, (_img, label) in zip(sent, unseen[:120], strict=True)}
+        yield {"root": root, "config": cfg_path, "version": version, "bare": bare, "bare_run": bare_run,
+               "truth": truth}
 
 
 def _tlops(*args: str) -> int:
@@ -226,3 +231,50 @@ def test_export_queue_spreads_uncertain_and_novel_images_over_classes(lab: dict,
     assert len(counts) == 3 and counts.max() - counts.min() <= 1
     assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"][0] == str(manifest["predicted"][0])
     assert (out / "labeling_config.xml").read_text().count("<Choice ") == 3
+
+
+def test_a_labelled_queue_merges_into_the_data_with_provenance(lab: dict, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tlops.data import build_manifest
+
+    queue = tmp_path / "queue"
+    assert _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / "bytes-log"),
+                  "--export-queue", "9", "--output", str(queue), "--config", str(lab["config"])) == 0
+    template = pd.read_csv(queue / "manifest.csv", dtype=str, keep_default_na=False)
+    # A person labels them from the known answers: 8 in the CSV template, 9 in Label Studio.
+    template["label"] = [lab["truth"][sha] for sha in template["sha256"]]
+    template.loc[0, "label"] = ""
+    template.to_csv(tmp_path / "labelled.csv", index=False)
+    tasks = json.loads((queue / "labelstudio.json").read_text())
+    for task in tasks:
+        task["annotations"] = [{"was_cancelled": False, "completed_by": {"email": "ann@example.org"},
+                                "result": [{"value": {"choices": [lab["truth"][task["data"]["sha256"]]]}}]}]
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    before = {p: p.read_bytes() for p in queue.rglob("*") if p.is_file()}
+
+    data = tmp_path / "data" / "manifest.csv"
+    assert _tlops("data", "merge", "--labels", str(tmp_path / "labelled.csv"), "--queue", str(queue),
+                  "--into", str(data)) == 0
+    assert "8 images added, 0 already there, 1 left unlabelled" in capsys.readouterr().out
+    assert _tlops("data", "merge", "--labels", str(tmp_path / "export.json"), "--queue", str(queue),
+                  "--into", str(data)) == 0
+    assert "1 images added, 8 already there, 0 left unlabelled" in capsys.readouterr().out
+    merged = pd.read_csv(data, dtype=str, keep_default_na=False)
+    assert len(merged) == 9 and set(merged["source"]) == {"served"}
+    assert set(merged["model_version"]) == {lab["version"]} and "ann@example.org" in set(merged["labelled_by"])
+    assert all(lab["truth"][sha] == label for sha, label in zip(merged["sha256"], merged["label"], strict=True))
+    rows = build_manifest(str(data), tmp_path / "cache")  # the next run reads it as data like any other
+    assert len(rows) == 9 and rows["decodable"].astype(bool).all()
+    assert before == {p: p.read_bytes() for p in queue.rglob("*") if p.is_file()}  # the queue is untouched
+
+    # A changed image: one line, exit 2, nothing written.
+    victim = next((queue / "images").iterdir())
+    tampered = tmp_path / "tampered"
+    import shutil
+
+    shutil.copytree(queue, tampered)
+    (tampered / "images" / victim.name).write_bytes(b"not the served image")
+    elsewhere = tmp_path / "other" / "manifest.csv"
+    assert _tlops("data", "merge", "--labels", str(tmp_path / "export.json"), "--queue", str(tampered),
+                  "--into", str(elsewhere)) == 2
+    assert "does not match the sha256" in capsys.readouterr().err and not elsewhere.parent.exists()
