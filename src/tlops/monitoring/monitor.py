@@ -15,7 +15,8 @@ record (:mod:`tlops.monitoring.reference`):
   the confidence above which the held-out split has as many images as it has right answers; the estimate is
   the window's share of images above it; the interval a bootstrap over both the held-out split and the window.
 
-Each test is flagged at ``alpha`` divided by the number of tests (Bonferroni); the verdict is "drift" when
+Every statistic is over the window's distinct images (by sha256). Each test is flagged at ``alpha`` divided by the
+number of tests (Bonferroni); the verdict is "drift" when
 any is, or when the estimate is below the gate's accuracy floor.
 """
 
@@ -117,6 +118,9 @@ def assess(reference: Reference, frame: Any, floor: float | None, alpha: float =
 
     classes = [str(c) for c in reference.classes]
     n = len(frame)
+    # One observation per distinct image: the same file served again says nothing new about the inputs, and
+    # repeats would make every test see a difference that is only the repetition.
+    frame = frame.drop_duplicates("image_sha256").reset_index(drop=True)
     checks: list[Check] = []
     arrays: dict[str, Any] = {}
 
@@ -182,6 +186,7 @@ def assess(reference: Reference, frame: Any, floor: float | None, alpha: float =
                   val_predicted=val_pred, classes=classes)
     return {
         "records": n,
+        "distinct_images": len(frame),
         "checks": [asdict(c) for c in checks],
         "level": level,
         "estimate": {"method": "average thresholded confidence", "accuracy": estimate, "low": low, "high": high,
