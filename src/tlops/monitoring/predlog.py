@@ -96,9 +96,27 @@ def to_row(item: Served, top_k: int, keep_image: bool) -> dict[str, Any]:
         "width": width, "height": height, "mode": mode, "format": fmt, "brightness": brightness,
         "predicted": names[0], "confidence": float(proba[order[0]]),
         "top_classes": names, "top_probabilities": [float(proba[i]) for i in order],
-        "embedding": None if item.embedding is None else np.asarray(item.embedding, dtype=np.float32).tolist(),
+        "embedding": None if item.embedding is None else np.asarray(item.embedding, dtype=np.float32),
         "image": item.image if keep_image else None,
     }
+
+
+def table_of(rows: list[dict[str, Any]]) -> Any:
+    """The rows as an Arrow table of the log's schema. The embeddings go in as one numpy buffer, not as Python
+    lists of floats: on the log's thread, that is most of the GIL time the request path would feel."""
+    import pyarrow as pa
+
+    full = schema()
+    at = full.get_field_index("embedding")
+    emb = [row.pop("embedding") for row in rows]
+    table = pa.Table.from_pylist(rows, schema=full.remove(at))
+    lengths = np.array([0 if e is None else len(e) for e in emb], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    present = [e for e in emb if e is not None]
+    values = np.concatenate(present).astype(np.float32) if present else np.zeros(0, dtype=np.float32)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float32()),
+                                      mask=pa.array([e is None for e in emb]))
+    return table.add_column(at, full.field(at), column).replace_schema_metadata(full.metadata)
 
 
 def day_of(when: dt.datetime) -> str:
@@ -193,8 +211,6 @@ class PredictionLog:
             return
         unwritten = len(batch)
         try:
-            import pyarrow as pa
-
             by_day: dict[str, list[dict[str, Any]]] = {}
             for item in batch:
                 row = to_row(item, self.top_k, self.keep_images)
@@ -204,7 +220,7 @@ class PredictionLog:
                     from tlops.storage import s3_client
 
                     self._client = s3_client()  # made once: a boto3 client takes longer to make than a write
-                write_part(self.uri, day, pa.Table.from_pylist(rows, schema=schema()), self._client)
+                write_part(self.uri, day, table_of(rows), self._client)
                 unwritten -= len(rows)
                 with self._lock:
                     self.written += len(rows)
