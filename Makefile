@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tlops-installed
 DATA   := .tlops/data/digits
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck compile scenario clean test-containers test-compress
+.PHONY: setup run test test-slow lint typecheck compile scenario clean test-containers test-compress
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -m "not slow and not gpu and not containers" --durations=30 $(PYTEST_ARGS)
+
+# The tests marked `slow` (whole pipeline runs the default suite covers more cheaply elsewhere, the retraining
+# scenario, fault runs); about half an hour on 2 cores.
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow and not gpu and not containers" --durations=30 $(PYTEST_ARGS)
 
 # The project image and the stores in real containers (rootful podman, infra/containers/): sets podman up, builds
 # the base image from Debian packages (once) and the project image (cached layers: a source change rebuilds the
