@@ -52,8 +52,10 @@ test-compress: setup
 test-monitor: setup
 	$(BIN)/python -m pytest -m slow tests/pipelines/test_monitor_scenario.py $(PYTEST_ARGS)
 
+# ruff, then the layering contracts of pyproject.toml [tool.importlinter] (imports inside functions count).
 lint: setup
-	$(BIN)/ruff check src components pipelines tests
+	$(BIN)/ruff check src components pipelines tests scenarios bench
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy src/tlops
@@ -61,7 +63,7 @@ typecheck: setup
 # The retraining story: four scheduled cycles (first data, more data, a poisoned delivery, a parity-breaking
 # config), then audit, history and the served champion. About 5-10 minutes; also a slow test.
 scenario: setup
-	$(BIN)/python -m tests.reliability.scenario --workdir .tlops/scenario
+	$(BIN)/python -m scenarios.retraining --workdir .tlops/scenario
 
 compile: setup
 	$(BIN)/tlops compile --output .tlops/tlops-pipeline.yaml

@@ -4,7 +4,7 @@
                                           [--size 32] [--epochs 6] [--mode features|finetune]
 
 Source: scikit-learn's 8x8 handwritten scans (``tlops demo-data``), ``--source-per-class`` labelled images
-per digit. Target: the same ten digits rendered from the machine's own fonts (``tlops.fontdigits``: fc-list,
+per digit. Target: the same ten digits rendered from the machine's own fonts (``tlops.data.fontdigits``: fc-list,
 /usr/share/fonts) at varied sizes, positions and strokes, reduced to the scans' 8x8, 17-level look; an
 unlabelled training pool and a disjoint labelled test set of ``--target-per-class`` images per digit each.
 
@@ -15,7 +15,7 @@ Two protocols on EfficientNet-Lite0 (ImageNet weights) at ``--size`` px, three s
   features whose BatchNorm statistics were re-estimated on the unlabelled target pool; self-training: three
   rounds of confident, class-balanced pseudo-labels on those features; MCC: the head trained with the
   Minimum Class Confusion loss on them; target-supervised: a head on the pool's own labels (the ceiling).
-- ``--mode finetune``: every layer trained (``tlops.adaptation``: source-only fine-tuning, AdaBN and
+- ``--mode finetune``: every layer trained (``tlops.training.adaptation``: source-only fine-tuning, AdaBN and
   self-training with weak/strong views on top of it, MCC fine-tuning, the ceiling); hours on a shared CPU.
 
 Prints target-test and source-test accuracy per seed, medians over seeds, and the share of the
@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from bench.common import machine, median
-from tlops.adaptation import AdaptConfig, accuracy, adabn, fine_tune_source, mcc, self_train
-from tlops.backbones import build_classifier, reference_spec
-from tlops.data import export_digits
-from tlops.fontdigits import export_font_digits
-from tlops.preprocessing import build_transform, with_resolution
+from tlops.data.discovery import export_digits
+from tlops.data.fontdigits import export_font_digits
+from tlops.training.adaptation import AdaptConfig, accuracy, adabn, fine_tune_source, mcc, self_train
+from tlops.vision.backbones import build_classifier, reference_spec
+from tlops.vision.preprocessing import build_transform, with_resolution
 
 BACKBONE = "efficientnet_lite0"
 METHODS = ("source-only", "adabn", "self-training", "mcc", "target-supervised")
@@ -96,7 +96,7 @@ def head_fit(fs: torch.Tensor, ys: torch.Tensor, seed: int, ft: torch.Tensor | N
              pseudo: tuple[torch.Tensor, torch.Tensor] | None = None, steps: int = 300) -> torch.nn.Linear:
     """A linear head on frozen features (standardised by the caller): AdamW, full batch, ``steps`` steps;
     plus MCC on the target features, or cross-entropy on pseudo-labelled target features."""
-    from tlops.adaptation import mcc_loss
+    from tlops.training.adaptation import mcc_loss
 
     torch.manual_seed(seed)
     head = torch.nn.Linear(fs.shape[1], 10)
@@ -125,10 +125,10 @@ def run_features(data: dict[str, torch.Tensor], seeds: int, threshold: float,
 
     Source-only: a head on source features (the backbone's own ImageNet BatchNorm statistics, as the
     probe uses them). AdaBN: the same head, target features with statistics re-estimated on the
-    unlabelled target pool (``tlops.adaptation.adabn``). Self-training: rounds of confident class-balanced
+    unlabelled target pool (``tlops.training.adaptation.adabn``). Self-training: rounds of confident class-balanced
     pseudo-labels on the AdaBN target features (``select_pseudo_labels``). MCC: the head trained with
     ``mcc_loss`` on the AdaBN target features. Ceiling: a head on the target pool's own labels."""
-    from tlops.adaptation import select_pseudo_labels
+    from tlops.training.adaptation import select_pseudo_labels
 
     src = build_classifier(BACKBONE, num_classes=10).backbone  # ImageNet statistics, as the probe uses them
     tgt = copy.deepcopy(src)

@@ -36,11 +36,11 @@ def main() -> None:
 
     import torch
 
-    from tlops.compress import variants as V
-    from tlops.compress.runtime import OnnxPredictor
-    from tlops.evaluation import mcnemar_p, paired_bootstrap
+    from tlops.evaluation.evaluate import mcnemar_p, paired_bootstrap
     from tlops.fileio import read_json
-    from tlops.serving import Predictor, load_model_dir
+    from tlops.serving.compress import variants as V
+    from tlops.serving.compress.runtime import OnnxPredictor
+    from tlops.serving.pyfunc import Predictor, load_model_dir
 
     print(machine())
     manifest = digits_manifest()
@@ -69,7 +69,7 @@ def main() -> None:
         elif name == "pruned":
             pruned = V.prune(model, spec.crop_size, V._weights_bytes(model) // 2)
             if args.prune_epochs:
-                from tlops.preprocessing import build_transform
+                from tlops.vision.preprocessing import build_transform
 
                 transform = build_transform(spec)
                 tensors = torch.stack([transform(Path(p).read_bytes()) for p in train["path"]])
@@ -114,12 +114,12 @@ def main() -> None:
 
 
 def _train(manifest, out: Path) -> Path:  # noqa: ANN001
-    from tlops.backbones import reference_spec
-    from tlops.config import TrainConfig
-    from tlops.data import class_names
-    from tlops.preprocessing import with_resolution
-    from tlops.serving import save_model_dir
-    from tlops.training import linear_probe
+    from tlops.config.settings import TrainConfig
+    from tlops.data.discovery import class_names
+    from tlops.serving.pyfunc import save_model_dir
+    from tlops.training.probe import linear_probe
+    from tlops.vision.backbones import reference_spec
+    from tlops.vision.preprocessing import with_resolution
 
     classes = class_names(manifest)
     spec = with_resolution(reference_spec("efficientnet_lite0"), 96)

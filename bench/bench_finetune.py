@@ -31,11 +31,11 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from bench.common import Files, digits_manifest, machine, median, split
-from tlops.backbones import build_classifier, reference_spec
-from tlops.config import TrainConfig
-from tlops.data import class_names
-from tlops.preprocessing import build_transform, with_resolution
-from tlops.training import train_gradient
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import class_names
+from tlops.training.loop import train_gradient
+from tlops.vision.backbones import build_classifier, reference_spec
+from tlops.vision.preprocessing import build_transform, with_resolution
 
 BACKBONE = "efficientnet_lite0"
 

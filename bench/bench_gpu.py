@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from bench.common import digits_manifest, machine, median
-from tlops.backbones import build_classifier, reference_spec
-from tlops.config import TrainConfig
-from tlops.data import class_names
-from tlops.training import train_gradient
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import class_names
+from tlops.training.loop import train_gradient
+from tlops.vision.backbones import build_classifier, reference_spec
 
 NVIDIA_A100_AMP_BS256 = 2470.0
 

@@ -7,7 +7,7 @@ digits for ``--epochs`` epochs, and score it on the test split:
 
 - tutorial: a DataLoader over the image files (decode + the spec's transform) and the frozen backbone (eval
   mode, no gradients) in every step of every epoch, as the usual "ConvNet as fixed feature extractor" loop;
-- tlops, cold: the features of each split computed once into an empty feature cache (tlops.features), then
+- tlops, cold: the features of each split computed once into an empty feature cache (tlops.vision.features), then
   the head trained on the cached tensors;
 - tlops, warm: the same run again: the cache is hit, the backbone never runs.
 
@@ -27,10 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bench.common import Files, digits_manifest, machine, median, split
-from tlops.backbones import feature_extractor, get_info, reference_spec
-from tlops.data import class_names
-from tlops.features import FeatureCache
-from tlops.preprocessing import build_transform, with_resolution
+from tlops.data.discovery import class_names
+from tlops.vision.backbones import feature_extractor, get_info, reference_spec
+from tlops.vision.features import FeatureCache
+from tlops.vision.preprocessing import build_transform, with_resolution
 
 BACKBONE = "efficientnet_lite0"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tlops.data import _inspect, build_manifest
+from tlops.data.discovery import _inspect, build_manifest
 
 
 def make_images(root: Path, n: int, size: int) -> list[Path]:

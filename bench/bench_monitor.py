@@ -85,10 +85,10 @@ def monitor_time(work: Path, model_dir: Path, records: int) -> dict[str, Any]:
     import pyarrow as pa
 
     from tlops.monitoring.monitor import assess
-    from tlops.monitoring.predlog import read_log, schema, write_part
     from tlops.monitoring.reference import build_reference
     from tlops.monitoring.report import figures, html
-    from tlops.serving import Predictor, load_model_dir
+    from tlops.serving.predlog import read_log, schema, write_part
+    from tlops.serving.pyfunc import Predictor, load_model_dir
 
     logged = read_log(str(work / "log-1"))
     if logged.empty:

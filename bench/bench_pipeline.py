@@ -32,10 +32,10 @@ import json, sys, time
 t0 = time.perf_counter()
 import kfp, mlflow, pandas, timm, torch
 t1 = time.perf_counter()
-from tlops.backbones import feature_extractor, reference_spec
-from tlops.data import build_manifest
-from tlops.features import extract_features
-from tlops.preprocessing import with_resolution
+from tlops.vision.backbones import feature_extractor, reference_spec
+from tlops.data.discovery import build_manifest
+from tlops.vision.features import extract_features
+from tlops.vision.preprocessing import with_resolution
 backbone = feature_extractor("efficientnet_lite0", pretrained=True)
 t2 = time.perf_counter()
 manifest = build_manifest(sys.argv[1], sys.argv[2])

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = DEMO_DATA
     if not data.is_dir():
-        from tlops.data import export_digits
+        from tlops.data.discovery import export_digits
 
         data = Path(tempfile.mkdtemp(prefix="tlops-bench-")) / "digits"
         export_digits(data)

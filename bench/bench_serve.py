@@ -42,13 +42,13 @@ def build_demo_model(work: Path) -> tuple[str, str, list[bytes]]:
     import mlflow
 
     from tlops import __version__, registry
-    from tlops.backbones import reference_spec
-    from tlops.config import TrainConfig
-    from tlops.data import class_names
-    from tlops.preprocessing import with_resolution
-    from tlops.serving import save_model_dir
+    from tlops.config.settings import TrainConfig
+    from tlops.data.discovery import class_names
+    from tlops.serving.pyfunc import save_model_dir
     from tlops.steps import log_pyfunc_model
-    from tlops.training import linear_probe
+    from tlops.training.probe import linear_probe
+    from tlops.vision.backbones import reference_spec
+    from tlops.vision.preprocessing import with_resolution
 
     manifest = digits_manifest()
     classes = class_names(manifest)

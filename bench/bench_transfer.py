@@ -3,10 +3,12 @@
     .venv/bin/python -m bench.bench_transfer [--fraction 0.1] [--seeds 3] [--epochs 12] [--size 96]
 
 For each seed, a stratified ``--fraction`` of the training split is kept (the validation and test splits stay
-whole), and every strategy trains on it as the fine-tune step does (``tlops.training.fine_tune``):
-linear-probe (L-BFGS on cached features), full, gradual, and scratch (the same architecture from random
-weights: the baseline). Test accuracy is measured with the spec's eval transform. Prints per-seed numbers,
-medians over seeds, and each strategy's gain over scratch. Not a test.
+whole), and every strategy trains on it as the fine-tune step does (``tlops.training.finetune.fine_tune``):
+linear-probe (L-BFGS on cached features), lp-ft (full fine-tuning from the probe's head with the pre-trained
+BatchNorm statistics kept: the default start of a gradient strategy), full and gradual from a random head
+(fine-tuning before LP-FT), and scratch (the same architecture from random weights: the baseline). Test
+accuracy is measured with the spec's eval transform. Prints per-seed numbers, medians over seeds, and each
+strategy's gain over scratch. Not a test.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import pandas as pd
 import torch
 
 from bench.common import digits_manifest, machine, median, split
-from tlops.backbones import reference_spec
-from tlops.config import TrainConfig
-from tlops.data import class_names
-from tlops.preprocessing import build_transform, with_resolution
-from tlops.training import fine_tune
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import class_names
+from tlops.training.finetune import fine_tune
+from tlops.vision.backbones import reference_spec
+from tlops.vision.preprocessing import build_transform, with_resolution
 
 BACKBONE = "efficientnet_lite0"
-STRATEGIES = ("linear-probe", "full", "gradual", "scratch")
+STRATEGIES = ("linear-probe", "lp-ft", "full", "gradual", "scratch")
 
 
 def few_labels(manifest: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
@@ -50,8 +52,13 @@ def test_accuracy(model: torch.nn.Module, paths: list[str], labels: list[int], s
 def config(strategy: str, epochs: int, seed: int) -> TrainConfig:
     if strategy == "linear-probe":
         return TrainConfig(seed=seed)
+    if strategy == "lp-ft":  # full fine-tuning from the probe's head, BatchNorm statistics kept, one rate for all
+        return TrainConfig(strategy="full", epochs=epochs, batch_size=16, seed=seed, patience=None, resume=False,
+                           warmup_epochs=0.0, lr=3e-4, backbone_lr_factor=1.0, head_init="probe",
+                           keep_better_probe=False)  # its own score, even where the probe's would be kept
+    # The others from a random head, as before LP-FT (what fine-tuning gave without it).
     common = {"strategy": strategy, "epochs": epochs, "batch_size": 16, "seed": seed, "patience": None,
-              "resume": False, "warmup_epochs": 1.0}
+              "resume": False, "warmup_epochs": 1.0, "head_init": "random"}
     if strategy == "scratch":  # every layer at the same rate, as one trains from scratch
         return TrainConfig(**common, lr=2e-3)
     if strategy == "gradual":
@@ -67,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--first-seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     full = digits_manifest()
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     strategies = args.strategies.split(",")
     print(f"machine: {machine()}")
     results: dict[str, list[float]] = {s: [] for s in strategies}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         manifest = few_labels(full, args.fraction, seed)
         n_train = int((manifest["split"] == "train").sum())
         for strategy in strategies:

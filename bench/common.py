@@ -17,7 +17,7 @@ DEMO_DATA = Path(".tlops/data/digits")
 
 def digits_manifest(data: Path | None = None) -> pd.DataFrame:
     """The demo digits (exported to a temporary directory when ``.tlops/data/digits`` is absent)."""
-    from tlops.data import build_manifest, export_digits
+    from tlops.data.discovery import build_manifest, export_digits
 
     root = data or DEMO_DATA
     if not root.is_dir():

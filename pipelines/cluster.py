@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tlops.config import Config
+from tlops.config.settings import Config
 from tlops.errors import TlopsError
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"

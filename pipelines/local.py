@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from pipelines.view import LiveView, PlainView, make_view, parse_event
 from tlops import progress
-from tlops.config import Config
+from tlops.config.settings import Config
 from tlops.errors import GateFailed, TlopsError
 from tlops.steps import ERROR_FILE_ENV
 

@@ -9,7 +9,8 @@ from kfp import compiler, dsl, kubernetes
 
 from components import compress, evaluate, fine_tune, gate, parity, skip, validate
 from components.image import resolve_image
-from tlops.config import AcceleratorConfig, ClusterConfig, Config
+from tlops.config.kubernetes import ClusterConfig
+from tlops.config.settings import AcceleratorConfig, Config
 
 PIPELINE_NAME = "tlops-transfer-learning"
 DESCRIPTION = ("Validate data, prove preprocessing parity, fine-tune a pre-trained backbone, evaluate it against "

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers.processes import free_port, stop, wait_until_up
+
+__all__ = ["free_port", "stop", "wait_until_up"]  # tests import them from here too
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real digits, three classes, 30 images each: enough for every split and a meaningful probe."""
-    from tlops.data import export_digits
+    from tlops.data.discovery import export_digits
 
     root = tmp_path_factory.mktemp("data") / "digits"
     export_digits(root, classes=[0, 1, 7], per_class=30)
@@ -87,53 +87,11 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path) -> dict[str, Path]:
     """A real linear probe on the tiny digits ("good") and the same with two classes swapped ("worse")."""
-    from tests.registry_fixtures import degrade, train_tiny_model
+    from tests.helpers.registry import degrade, train_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     good = train_tiny_model(tiny_digits, root / "good")
     return {"good": good, "worse": degrade(good, root / "worse")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_free_port = free_port
-
-
-def stop(proc: subprocess.Popen, group: bool = False, abrupt: bool = False) -> None:
-    """SIGTERM, then SIGKILL after 20 s; ``abrupt``: SIGKILL at once, as a crash. ``group``: the process was
-    started in a session of its own, and every process of it (a server's workers too) gets the signal."""
-    def send(sig: int) -> None:
-        if group:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-
-    send(signal.SIGKILL if abrupt else signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        send(signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Poll ``url`` until it answers 200; False when ``proc`` exits first or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return True
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
 
 
 @contextlib.contextmanager

@@ -12,59 +12,7 @@ from tlops.errors import TlopsError
 from tlops.fileio import read_json
 
 if TYPE_CHECKING:  # imported where used: `tlops serve` reads model URIs here, and an ONNX variant needs no torch
-    from tlops.preprocessing import PreprocessSpec
-
-
-def parse_model_uri(uri: str) -> tuple[str, str]:
-    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` to (name, version)."""
-    from mlflow.exceptions import MlflowException
-
-    from tlops.registry import client
-
-    if not uri.startswith("models:/"):
-        raise TlopsError(f"--model {uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    rest = uri[len("models:/") :]
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            try:
-                return name, str(client().get_model_version_by_alias(name, alias).version)
-            except MlflowException as exc:
-                from tlops.tracking import unreachable_error
-
-                if unreachable_error(exc) is not None:
-                    raise
-                raise _unknown_alias(uri, name, alias) from None
-        name, _, version = rest.partition("/")
-        if not version:
-            raise TlopsError(f"--model {uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-        return name, str(client().get_model_version(name, version).version)
-    except MlflowException as exc:
-        from tlops.tracking import unreachable_error
-
-        raise (unreachable_error(exc) or TlopsError(f"--model {uri}: no such model version in the registry")) from None
-
-
-def _unknown_alias(uri: str, name: str, alias: str) -> Exception:
-    """Why ``models:/NAME@ALIAS`` names no version: the model, or the alias, is not there (with the aliases
-    that are, and the closest one); a registry that does not answer is said as such by the caller."""
-    import difflib
-
-    from mlflow.exceptions import MlflowException
-
-    from tlops.registry import client
-
-    try:
-        aliases = sorted((client().get_registered_model(name).aliases or {}).keys())
-    except MlflowException as exc:
-        from tlops.tracking import unreachable_error
-
-        return unreachable_error(exc) or TlopsError(f"--model {uri}: registered model {name!r} does not exist "
-                                                    "in the MLflow registry")
-    close = difflib.get_close_matches(alias, aliases, n=1)
-    hint = f"; did you mean @{close[0]}?" if close else ""
-    return TlopsError(f"--model {uri}: no alias {alias!r} on model {name}; aliases: "
-                      f"{', '.join(aliases) or 'none yet'}{hint}")
+    from tlops.vision.preprocessing import PreprocessSpec
 
 
 def model_files(name: str, version: str) -> Path:
@@ -87,8 +35,8 @@ def reference_for(files: Path) -> tuple[PreprocessSpec, str]:
 
     Returns the spec and where it came from ("current" or "stored").
     """
-    from tlops.backbones import reference_spec
-    from tlops.preprocessing import PreprocessSpec
+    from tlops.vision.backbones import reference_spec
+    from tlops.vision.preprocessing import PreprocessSpec
 
     meta = read_json(files / "model.json")
     try:
@@ -103,10 +51,10 @@ def parity_for_version(name: str, version: str) -> dict[str, Any]:
     """Re-run the parity checks on a logged model: spec vs reference, golden images, serving path."""
     import mlflow
 
-    from tlops.parity import GOLDEN_ATOL, edge_case_images, golden_check, serving_check
-    from tlops.preprocessing import spec_diff
     from tlops.registry import PreprocessEvidence, client
-    from tlops.serving import load_model_dir
+    from tlops.serving.pyfunc import load_model_dir
+    from tlops.vision.parity import GOLDEN_ATOL, edge_case_images, golden_check, serving_check
+    from tlops.vision.preprocessing import spec_diff
 
     mv = client().get_model_version(name, version)
     files = model_files(name, version)
@@ -130,7 +78,7 @@ def parity_for_version(name: str, version: str) -> dict[str, Any]:
                for g in numbers if not g["ok"]]
     serving = serving_check(model, spec, mlflow.pyfunc.load_model(f"models:/{name}/{version}"), golden)
     errors += serving["errors"]
-    from tlops.compress.step import variant_parity
+    from tlops.serving.compress.step import variant_parity
 
     variant = variant_parity(name, version, model, spec, golden)  # the serving variant, when the version has one
     errors += variant["errors"] if variant else []
@@ -181,7 +129,7 @@ def audit_model(name: str) -> list[VersionAudit]:
         current_ref = ""
         try:
             files = model_files(name, str(mv.version))
-            from tlops.preprocessing import PreprocessSpec
+            from tlops.vision.preprocessing import PreprocessSpec
 
             stored = PreprocessSpec.from_record(read_json(files / "preprocess.json")).fingerprint
             current_ref = reference_for(files)[0].fingerprint

@@ -19,7 +19,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tlops.config import Config
+from tlops import logs
+from tlops.config.settings import Config
 from tlops.errors import GateFailed, TlopsError
 from tlops.fileio import read_json, write_json, write_text
 
@@ -32,19 +33,6 @@ ERROR_FILE_ENV = "TLOPS_ERROR_FILE"
 PRIVATE_WORKDIR_ENV = "TLOPS_PRIVATE_WORKDIR"
 FULL_EXIT_ENV = "TLOPS_FULL_EXIT"
 _PRIVATE_WORKDIR: ContextVar[str | None] = ContextVar("tlops_private_workdir", default=None)
-
-
-def _configure_logging() -> None:
-    # The kfp executor configures the root logger for itself; tlops lines get their own handler.
-    root = logging.getLogger("tlops")
-    if not any(getattr(h, "_tlops", False) for h in root.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[tlops] %(asctime)s %(levelname)s %(name)s: %(message)s",
-                                               "%H:%M:%S"))
-        handler._tlops = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
 
 
 @contextlib.contextmanager
@@ -123,7 +111,7 @@ def step(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tlops import progress
 
-        _configure_logging()
+        logs.to_stderr()  # the kfp executor configures the root logger for itself
         name = fn.__name__.removesuffix("_step").replace("_", "-")
         try:
             try:
@@ -181,19 +169,21 @@ def _system_metrics(cfg: Config, run_id: str) -> Iterator[None]:
 
 def _pixels(cfg: Config, rows: Any) -> Any:
     """``rows`` of the run's manifest with ``path`` naming this step's own copy of each file (checked by sha256)."""
-    from tlops.manifest import localize
+    from tlops.data.manifest import localize
 
     return localize(rows, Path(cfg.workdir) / "cache")
 
 
 def _feature_cache(cfg: Config) -> Any:
     """The feature cache fine-tune uses: this step's work directory, and ``state_uri`` when set."""
-    from tlops.features import FeatureCache
+    from tlops.vision.features import FeatureCache
 
     remote = f"{cfg.state_uri.rstrip('/')}/features" if cfg.state_uri else None
     return FeatureCache(Path(cfg.workdir) / "cache" / "features", remote)
 
 
+# Over 60 lines: the step's MLflow run set-up, the data checks, the plan and the outputs kfp declares, in
+# the order the run records them (steps.py is kept as it is while the monitoring work changes it).
 @step
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
                   pipeline_run: str = "", html_path: str = "", plan_path: str = "",
@@ -206,17 +196,19 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
     (``plan_path``: the resolved config, train or skip and why, the MLflow run id), which every later step
     takes as its input. Returns the plan's decision, ``train`` or ``skip``.
 
-    ``parameters`` are the pipeline's typed parameters (``tlops.config.with_parameters``: over ``config_json``);
-    an empty ``data_uri`` means the config's ``data.uri``. ``kfp_run`` (``id``, ``name``) names the KFP run,
-    recorded as MLflow tags with a link to it when ``cluster.host`` is known; ``links_path`` receives a
-    Markdown page with the link to the MLflow run.
+    ``parameters`` are the pipeline's typed parameters (``tlops.config.settings.with_parameters``: over
+    ``config_json``); an empty ``data_uri`` means the config's ``data.uri``. ``kfp_run`` (``id``, ``name``) names
+    the KFP run, recorded as MLflow tags with a link to it when ``cluster.host`` is known; ``links_path`` receives
+    a Markdown page with the link to the MLflow run.
     """
     import mlflow
 
-    from tlops import data, tracking
-    from tlops.config import with_parameters
-    from tlops.plan import RunPlan
-    from tlops.validation import training_manifest, validate_data, write_outputs
+    from tlops import tracking
+    from tlops.config.plan import RunPlan
+    from tlops.config.settings import with_parameters
+    from tlops.data import discovery as data
+    from tlops.data.validation import training_manifest, write_outputs
+    from tlops.selection.planner import validate_data
 
     cfg = with_parameters(config_json, **(parameters or {}))
     data_uri = data_uri or cfg.data.uri
@@ -262,7 +254,7 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
                 mlflow.log_dict(cfg.model_dump(mode="json"), "config/config.json")
                 raise GateFailed("data validation failed: " + "; ".join(c.name + ": " + c.detail
                                                                        for c in report.failures()))
-            from tlops.selection import plan_run, resolved_config
+            from tlops.selection.planner import plan_run, resolved_config
 
             choices = plan_run(work, used)  # backbone/strategy auto, feature drift, skip decision
             resolved = resolved_config(cfg, choices)
@@ -313,10 +305,10 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     import mlflow
 
     from tlops import progress
-    from tlops.data import read_manifest
-    from tlops.manifest import golden_rows
-    from tlops.parity import check_parity, eval_spec, golden_set, report_html
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import read_manifest
+    from tlops.data.manifest import golden_rows
+    from tlops.vision.parity import check_parity, eval_spec, golden_set, report_html
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -350,6 +342,8 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
     return spec.fingerprint
 
 
+# Over 60 lines: the step's inputs read, the training mode run, the model logged and its serving check,
+# in the order the run records them (steps.py is kept as it is while the monitoring work changes it).
 @step
 def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir: str,
                    serving_path: str = "") -> str:
@@ -362,14 +356,14 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     from mlflow.entities import Metric
 
     from tlops import __version__, progress
-    from tlops.curves import plot_history
-    from tlops.data import class_names, read_manifest
-    from tlops.manifest import golden_rows, usable
-    from tlops.parity import golden_set, serving_check
-    from tlops.plan import RunPlan
-    from tlops.preprocessing import PreprocessSpec
-    from tlops.serving import save_model_dir
-    from tlops.training import fine_tune
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import class_names, read_manifest
+    from tlops.data.manifest import golden_rows, usable
+    from tlops.serving.pyfunc import save_model_dir
+    from tlops.training.curves import plot_history
+    from tlops.training.finetune import fine_tune
+    from tlops.vision.parity import golden_set, serving_check
+    from tlops.vision.preprocessing import PreprocessSpec
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -397,7 +391,11 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
                                                           "amp_dtype") if k in env})
         mlflow.set_tags({"train.strategy": result.strategy,
                          "train.resumed_at_step": "none" if result.resumed_at_step is None
-                         else str(result.resumed_at_step)})
+                         else str(result.resumed_at_step),
+                         # LP-FT: the fine-tuned model lost to the probe it started from on validation
+                         **({"train.probe_kept_over": result.kept_over} if result.kept_over else {})})
+        if "probe_val_accuracy" in env:
+            mlflow.log_metric("probe.best_val_accuracy", env["probe_val_accuracy"])
         curves = Path(tmp) / "curves.png"
         curves.write_bytes(plot_history(result.history, result.strategy))
         mlflow.log_artifact(str(curves), "train")
@@ -431,7 +429,7 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None, na
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from tlops.serving import bundle_code, pyfunc_requirements
+    from tlops.serving.pyfunc import bundle_code, pyfunc_requirements
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
@@ -440,7 +438,7 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None, na
     with tempfile.TemporaryDirectory(prefix="tlops-code-") as tmp:
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            python_model=str(Path(__file__).with_name("serving") / "pyfunc_entry.py"),
             artifacts={"model_dir": model_dir},
             code_paths=[str(bundle_code(tmp))],
             signature=signature,
@@ -461,10 +459,12 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     """
     import mlflow
 
-    from tlops import evaluation, progress
-    from tlops.data import read_manifest
-    from tlops.manifest import split_rows
-    from tlops.plan import RunPlan
+    from tlops import progress
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import read_manifest
+    from tlops.data.manifest import split_rows
+    from tlops.evaluation import evaluate as evaluation
+    from tlops.evaluation import report
     from tlops.registry import champion_version
 
     plan = RunPlan.read(plan_path)
@@ -484,8 +484,8 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion,
                                      features=_feature_cache(cfg) if cfg.evaluation.feature_cache else None)
         progress.phase("drawing the figures and writing the report")
-        pngs = evaluation.figures(result)
-        page = evaluation.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
+        pngs = report.figures(result)
+        page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
         for name, data in pngs.items():
             (Path(tmp) / name).write_bytes(data)
             mlflow.log_artifact(str(Path(tmp) / name), "evaluation")
@@ -523,9 +523,9 @@ def compress_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     """Build the compressed serving variants of ``deploy.variants`` (none: nothing to do), check their parity,
     measure them on the test split against the uncompressed candidate; the gate decides on them. Returns the
     variants built, comma-separated."""
-    from tlops.compress.step import run_step
-    from tlops.data import read_manifest
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import read_manifest
+    from tlops.serving.compress.step import run_step
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -582,6 +582,8 @@ def _release(run: Any, plan: Any, evidence: dict[str, str], decision: Any, name:
     }
 
 
+# Over 60 lines: register, decide under the lock, record the evidence and the report on the version, in
+# the order the registry records them (steps.py is kept as it is while the monitoring work changes it).
 @step
 def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: str, serving_path: str,
               decision_path: str, compression_path: str = "", markdown_path: str = "", html_path: str = "") -> str:
@@ -593,8 +595,9 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     run and written to ``html_path``) and ``markdown_path`` (the KFP Markdown output)."""
     import mlflow
 
-    from tlops import evaluation, progress, registry, tracking
-    from tlops.plan import RunPlan
+    from tlops import progress, registry, tracking
+    from tlops.config.plan import RunPlan
+    from tlops.evaluation import report
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
@@ -624,7 +627,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
         variants = None
         if compression_path:  # compressed variants: the chosen one becomes the version's serving artifact
-            from tlops.compress.step import record_on_version
+            from tlops.serving.compress.step import record_on_version
 
             variants = record_on_version(name, version, read_json(compression_path), cfg.gate)
         summary = {
@@ -654,10 +657,10 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
         mlflow.log_dict(summary, "gate/decision.json")
         with tempfile.TemporaryDirectory(prefix="tlops-gate-") as tmp:
             release = _release(run, plan, evidence_in, decision, name, version, tmp)
-        page = evaluation.report_html(metrics, evaluation.figures(metrics),
+        page = report.report_html(metrics, report.figures(metrics),
                                       f"tlops evaluation: {name} version {version}", release)
         mlflow.log_text(page, "evaluation/report.html")
-        markdown = evaluation.release_markdown(release, metrics, run.info.run_id)
+        markdown = report.release_markdown(release, metrics, run.info.run_id)
         mlflow.log_text(markdown, "gate/decision.md")
     if html_path:
         write_text(html_path, page)
@@ -675,7 +678,7 @@ def skip_step(plan_path: str, decision_path: str) -> str:
     import mlflow
 
     from tlops import registry, tracking
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tlops.config import Config
+from tlops.config.settings import Config
 from tlops.errors import TlopsError
 
 ENV_URI = "MLFLOW_TRACKING_URI"

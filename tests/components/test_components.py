@@ -11,7 +11,7 @@ from kfp.dsl import Artifact, Dataset
 
 from components import compress, evaluate, fine_tune, gate, parity, validate
 from tests.conftest import write_config
-from tlops.config import load_config
+from tlops.config.settings import load_config
 from tlops.fileio import read_json
 
 
@@ -51,8 +51,8 @@ def validated(env: dict):
 
 
 def test_validate_builds_the_manifest_and_opens_the_run(validated) -> None:
-    from tlops.data import read_manifest
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
+    from tlops.data.discovery import read_manifest
 
     report = read_json(validated.path("report"))
     assert report["success"] is True

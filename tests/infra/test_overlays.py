@@ -260,8 +260,8 @@ def test_serving_and_recurring_run_call_real_cli_options(overlay: tuple[str, Obj
     import typer.main
 
     from tlops.cli import app
-    from tlops.config import load_config
-    from tlops.server import ROUTES
+    from tlops.config.settings import load_config
+    from tlops.serving.server import ROUTES
 
     _, objects = overlay
     secrets = {"MLFLOW_TRACKING_URI": "http://tlops-mlflow.tlops.svc.cluster.local:5000",

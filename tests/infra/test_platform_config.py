@@ -70,7 +70,7 @@ def step_configs(compiled: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, d
 
 
 def cluster_config() -> Any:
-    from tlops.config import load_config
+    from tlops.config.settings import load_config
 
     return load_config(CLUSTER_CONFIG).cluster
 
@@ -219,7 +219,7 @@ def test_plain_env_of_the_steps_names_services_infra_defines(
 
 
 def test_buckets_of_the_cluster_config_are_ones_infra_creates(local_objects: Objects) -> None:
-    from tlops.config import load_config
+    from tlops.config.settings import load_config
 
     cfg = load_config(CLUSTER_CONFIG)
     (job,) = local_objects[("Job", "tlops-minio-buckets")]["spec"]["template"]["spec"]["containers"]

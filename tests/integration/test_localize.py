@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_config
-from tlops.data import build_manifest
-from tlops.manifest import DataChanged, golden_rows, localize, usable
+from tlops.data.discovery import build_manifest
+from tlops.data.manifest import DataChanged, golden_rows, localize, usable
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +24,7 @@ def _sha(path: str) -> str:
 
 
 def test_s3_rows_are_fetched_into_the_steps_cache_and_checked(bucket: str, tmp_path: Path) -> None:
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     manifest = build_manifest(bucket, tmp_path / "validate-disk")  # what the validate step saw
     rows = usable(manifest).head(12).assign(path=None)  # as a later step reads the declared manifest
@@ -40,7 +40,7 @@ def test_s3_rows_are_fetched_into_the_steps_cache_and_checked(bucket: str, tmp_p
 
 def test_an_object_changed_after_validation_is_named_and_not_kept(bucket: str, tmp_path: Path,
                                                                   tiny_digits: Path) -> None:
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     manifest = build_manifest(bucket, tmp_path / "validate-disk")
     row = golden_rows(manifest, 1)
@@ -78,7 +78,7 @@ def test_an_object_changed_between_validate_and_fine_tune_stops_the_run(bucket: 
 
     import mlflow
 
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     manifest = build_manifest(bucket, tmp_path / "look")
     golden = set(golden_rows(manifest)["uri"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.registry_fixtures import log_model_run, new_version, race_worker, restored_mlflow_uris, use_store
+from tests.helpers.registry import log_model_run, new_version, race_worker, restored_mlflow_uris, use_store
 from tlops import registry
 from tlops.errors import TlopsError
 from tlops.registry import Decision, LockSettings
@@ -91,9 +91,9 @@ def test_a_champion_deleted_from_the_server_is_a_clear_error(server: dict, tiny_
                                                              tiny_digits: Path) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from tlops import evaluation
-    from tlops.config import EvaluationConfig
-    from tlops.data import build_manifest
+    from tlops.config.settings import EvaluationConfig
+    from tlops.data.discovery import build_manifest
+    from tlops.evaluation import evaluate as evaluation
 
     use_store(server["url"])
     name = "it-lost"

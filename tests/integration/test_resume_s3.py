@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlops.backbones import reference_spec
-from tlops.config import TrainConfig
-from tlops.data import build_manifest, class_names
-from tlops.preprocessing import with_resolution
-from tlops.training import fine_tune
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import build_manifest, class_names
+from tlops.training.finetune import fine_tune
+from tlops.vision.backbones import reference_spec
+from tlops.vision.preprocessing import with_resolution
 
 pytestmark = pytest.mark.integration
 BACKBONE = "efficientnet_lite0"
@@ -21,12 +21,12 @@ BACKBONE = "efficientnet_lite0"
 
 def test_checkpoints_go_to_s3_and_a_rerun_resumes_from_there(s3_endpoint: dict[str, str], tiny_digits: Path,
                                                              tmp_path: Path) -> None:
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     s3_client().create_bucket(Bucket="runs")
     manifest = build_manifest(str(tiny_digits), tmp_path / "manifest-cache")
     spec = with_resolution(reference_spec(BACKBONE), 32)
-    cfg = TrainConfig(strategy="partial", frozen_stages=7, epochs=1, batch_size=16, num_threads=2,
+    cfg = TrainConfig(strategy="partial", frozen_stages=7, epochs=1, batch_size=16, num_threads=2, head_init="random",
                       checkpoint_dir="s3://runs/tiny/ckpt")
     first = fine_tune(BACKBONE, manifest, class_names(manifest), spec, cfg, workdir=tmp_path / "w")
     keys = {o["Key"] for o in s3_client().list_objects_v2(Bucket="runs", Prefix="tiny/ckpt/")["Contents"]}

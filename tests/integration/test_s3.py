@@ -14,8 +14,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_manifest_from_s3_keeps_s3_uris_and_mirrors_by_etag(bucket: str, tmp_path: Path, tiny_digits: Path) -> None:
-    from tlops.data import build_manifest, manifest_hash
-    from tlops.storage import s3_client
+    from tlops.data.discovery import build_manifest, manifest_hash
+    from tlops.data.storage import s3_client
 
     df = build_manifest(bucket, tmp_path / "cache")
     assert len(df) == 90 and df["uri"].str.startswith("s3://images/digits/").all()
@@ -39,8 +39,8 @@ def test_an_object_over_the_size_limit_is_never_downloaded(s3_endpoint: dict[str
                                                           tiny_digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused from its listed size, as a local file is: the mirror holds no byte of it, the manifest names it
     under its label with the reason, and a raised limit fetches it on the next build."""
-    from tlops.data import build_manifest
-    from tlops.storage import s3_client, upload_dir
+    from tlops.data.discovery import build_manifest
+    from tlops.data.storage import s3_client, upload_dir
 
     s3_client().create_bucket(Bucket="big")
     upload_dir(tiny_digits / "1", "s3://big/digits/1")
@@ -61,8 +61,8 @@ def test_an_object_over_the_size_limit_is_never_downloaded(s3_endpoint: dict[str
 
 
 def test_keys_that_escape_the_prefix_are_refused(s3_endpoint: dict[str, str], tmp_path: Path) -> None:
+    from tlops.data.storage import materialize, s3_client
     from tlops.errors import TlopsError
-    from tlops.storage import materialize, s3_client
 
     s3_client().create_bucket(Bucket="evil")
     s3_client().put_object(Bucket="evil", Key="data/../../outside.png", Body=b"x")
@@ -102,7 +102,7 @@ def reader_of_images_only(s3_endpoint: dict[str, str], bucket: str) -> Iterator[
 
     import boto3
 
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     s3_client().create_bucket(Bucket="locked")
     s3_client().put_object(Bucket="locked", Key="data/0/a.png", Body=b"\x89PNG\r\n\x1a\n")

@@ -91,8 +91,8 @@ def test_retries_carry_manifest_and_checkpoints_through_503s(flaky: FlakyProxy, 
                                                              tiny_digits: Path) -> None:
     import torch
 
-    from tlops.checkpoints import CheckpointStore
-    from tlops.data import build_manifest
+    from tlops.data.discovery import build_manifest
+    from tlops.training.checkpoints import CheckpointStore
 
     df = build_manifest(bucket, tmp_path / "cache")
     local = build_manifest(str(tiny_digits), tmp_path / "local-cache")
@@ -108,7 +108,7 @@ def test_retries_carry_manifest_and_checkpoints_through_503s(flaky: FlakyProxy, 
 
 def test_without_retries_the_same_endpoint_is_one_clear_error(flaky: FlakyProxy, bucket: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlops.data import build_manifest
+    from tlops.data.discovery import build_manifest
     from tlops.errors import TlopsError
 
     monkeypatch.setenv("TLOPS_S3_MAX_ATTEMPTS", "1")

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port, run_cli
-from tests.registry_fixtures import log_model_run, new_version, restored_mlflow_uris, use_store
+from tests.helpers.registry import log_model_run, new_version, restored_mlflow_uris, use_store
 
 pytestmark = pytest.mark.integration
 NAME = "serve-it"
@@ -148,7 +148,7 @@ def test_served_predictions_equal_the_offline_evaluation(server: dict, images: d
     import mlflow
     from mlflow.pyfunc import scoring_server
 
-    from tlops.evaluation import predict
+    from tlops.evaluation.evaluate import predict
 
     use_store(mlflow_server)
     files = list(images.values())
@@ -188,7 +188,7 @@ def test_served_predictions_equal_the_offline_evaluation(server: dict, images: d
     (b"[" * 100_000, "nested too deeply"),
 ])
 def test_request_shapes_refused_with_the_instance_and_the_fix(payload: dict | bytes, message: str) -> None:
-    from tlops.server import RequestError, ServeLimits, decode_request
+    from tlops.serving.server import RequestError, ServeLimits, decode_request
 
     with pytest.raises(RequestError, match=message) as refused:
         decode_request(payload if isinstance(payload, bytes) else json.dumps(payload).encode(), ServeLimits())

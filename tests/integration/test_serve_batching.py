@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 def _app(model_dir: Path, max_batch: int, window_s: float):  # noqa: ANN202
-    from tlops.server import Batcher, ScoringApp, ServedModel, ServeLimits
-    from tlops.serving import Predictor, load_model_dir
+    from tlops.serving.pyfunc import Predictor, load_model_dir
+    from tlops.serving.server import Batcher, ScoringApp, ServedModel, ServeLimits
 
     model, spec, classes = load_model_dir(model_dir)
     predictor = Predictor(model, spec, classes)

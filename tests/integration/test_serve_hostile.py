@@ -30,7 +30,7 @@ from tests.integration.test_serve import (
     _status,
     running_serve,
 )
-from tlops.server import ServeLimits
+from tlops.serving.server import ServeLimits
 
 pytestmark = pytest.mark.integration
 NAME = "serve-hostile"
@@ -348,9 +348,9 @@ def test_resized_size_is_torchvisions_and_the_aspect_limit_is_exact() -> None:
     from PIL import Image
     from torchvision.transforms import functional as F
 
-    from tlops.backbones import reference_spec
-    from tlops.preprocessing import with_resolution
-    from tlops.serving import ImageInputError, check_work, resized_size
+    from tlops.data.images import ImageInputError, check_work, resized_size
+    from tlops.vision.backbones import reference_spec
+    from tlops.vision.preprocessing import with_resolution
 
     spec = with_resolution(reference_spec("efficientnet_lite0"), 32)
     for width, height in [(1, 50), (50, 1), (37, 1800), (1800, 37), (640, 480), (7, 7)]:
@@ -367,7 +367,7 @@ def test_whatever_an_admitted_decoder_raises_is_the_images_fault(tiny_models: di
     the like) is an ImageInputError naming the instance: a 422, not a 500."""
     from PIL import Image, PngImagePlugin
 
-    from tlops.serving import ImageInputError, Predictor, load_model_dir
+    from tlops.serving.pyfunc import ImageInputError, Predictor, load_model_dir
 
     predictor = Predictor(*load_model_dir(tiny_models["good"]))
     image, jpeg = _png(np.zeros((16, 16, 3), dtype=np.uint8)), io.BytesIO()
@@ -384,7 +384,7 @@ def test_whatever_an_admitted_decoder_raises_is_the_images_fault(tiny_models: di
 
 
 def test_the_connection_guard_frees_the_longest_idle_connection_of_the_pool_that_is_full() -> None:
-    from tlops.server import ConnectionGuard
+    from tlops.serving.server import ConnectionGuard
 
     class Conn:
         def __init__(self, peer: str, idle_since: float | None) -> None:
@@ -439,7 +439,7 @@ def test_requests_waiting_for_the_model_and_bodies_held_are_bounded_with_503() -
 
     import torch
 
-    from tlops.server import ScoringApp, ServedModel, ServeLimits
+    from tlops.serving.server import ScoringApp, ServedModel, ServeLimits
 
     release = threading.Event()
 

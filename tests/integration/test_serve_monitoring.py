@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.registry import restored_mlflow_uris
 from tests.integration.test_serve import running_serve
-from tests.registry_fixtures import restored_mlflow_uris
 
 pytestmark = pytest.mark.integration
 
@@ -28,8 +28,8 @@ def test_served_images_reach_the_s3_log_and_the_metrics(mlflow_server: str, tiny
                                                         s3_endpoint: dict[str, str], tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tlops.monitoring.predlog import read_log
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
+    from tlops.serving.predlog import read_log
 
     s3_client().create_bucket(Bucket="predictions")
     files = [p.read_bytes() for p in sorted(tiny_digits.rglob("*.png"))[::9]]

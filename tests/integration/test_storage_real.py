@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli, running_mlflow_server, write_config
+from tests.helpers.registry import restored_mlflow_uris
 from tests.integration.conftest import S3_SECRET
-from tests.registry_fixtures import restored_mlflow_uris
 
 pytestmark = pytest.mark.integration
 ARTIFACT_BUCKET = "mlflow"
@@ -25,7 +25,7 @@ MODEL_NAME = "s3-digits"
 @pytest.fixture(scope="module")
 def s3_mlflow_server(s3_endpoint: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server` with a SQLite backend and its artifacts proxied to s3://mlflow/mlartifacts on moto."""
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     s3_client().create_bucket(Bucket=ARTIFACT_BUCKET)
     root = tmp_path_factory.mktemp("mlflow-s3")
@@ -39,7 +39,7 @@ def s3_mlflow_server(s3_endpoint: dict[str, str], tmp_path_factory: pytest.TempP
 
 
 def _artifact_keys() -> list[str]:
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=ARTIFACT_BUCKET, Prefix=ARTIFACT_PREFIX)
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
@@ -53,7 +53,7 @@ def test_pipeline_with_s3_data_and_mlflow_artifacts_on_s3(bucket: str, s3_endpoi
     import mlflow
     import pandas as pd
 
-    from tlops.storage import list_s3, materialize
+    from tlops.data.storage import list_s3, materialize
 
     # Every step in a fresh work directory of its own, removed when it ends, as a pod's: a step that reads a file
     # another step left on its disk (outside the declared outputs) fails here as it would on a cluster.
@@ -93,7 +93,7 @@ def test_pipeline_with_s3_data_and_mlflow_artifacts_on_s3(bucket: str, s3_endpoi
     assert any(k.startswith(model_prefix + "/") and k.endswith((".pt", ".pth", ".safetensors")) for k in keys), \
         [k for k in keys if k.startswith(model_prefix)]
     # No S3 secret in any object the run stored.
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     for key in run_keys:
         body = s3_client().get_object(Bucket=ARTIFACT_BUCKET, Key=key)["Body"].read()
@@ -119,7 +119,7 @@ def test_minio_bucket_job_creates_the_configured_buckets(s3_endpoint: dict[str, 
     import sys
 
     from tests.infra.conftest import INFRA, render, resolve_env
-    from tlops.storage import s3_client
+    from tlops.data.storage import s3_client
 
     objects = {(d["kind"], d["metadata"]["name"]): d for d in render(INFRA / "overlays" / "local")}
     (container,) = objects[("Job", "tlops-minio-buckets")]["spec"]["template"]["spec"]["containers"]

@@ -67,7 +67,8 @@ def load_compiled(path: Path) -> tuple[dict, dict[str, dict], dict[str, dict]]:
 
 
 def test_cluster_config_and_image_land_in_the_compiled_yaml(tmp_path: Path) -> None:
-    from tlops.config import DEFAULT_STEP_SETTINGS, load_config
+    from tlops.config.kubernetes import DEFAULT_STEP_SETTINGS
+    from tlops.config.settings import load_config
 
     cfg = load_config(CLUSTER_CONFIG)
     out = tmp_path / "cluster.yaml"
@@ -128,7 +129,7 @@ def test_image_from_environment_then_default_and_secrets_match_the_template(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from components.image import DEFAULT_IMAGE
     from pipelines.transfer_learning import compile_config
-    from tlops.config import load_config
+    from tlops.config.settings import load_config
 
     monkeypatch.setenv("TLOPS_IMAGE", "env.example/tlops:9")
     assert compile_config(load_config(), str(tmp_path / "env.yaml")) == "env.example/tlops:9"
@@ -157,7 +158,7 @@ def test_image_from_environment_then_default_and_secrets_match_the_template(
     ("cluster.env={MLFLOW_TRACKING_URI: 'http://me:pw@mlflow:5000'}", "MLFLOW_TRACKING_URI looks like a credential"),
 ])
 def test_bad_cluster_config_is_one_line_naming_the_field(override: str, message: str) -> None:
-    from tlops.config import load_config
+    from tlops.config.settings import load_config
     from tlops.errors import TlopsError
 
     with pytest.raises(TlopsError) as err:

@@ -59,9 +59,9 @@ def test_the_gate_registers_the_accepted_variant_as_the_serving_artifact(store: 
 
 
 def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Path) -> None:
-    from tests.registry_fixtures import restored_mlflow_uris, use_store
-    from tlops.compress.runtime import OnnxPredictor
-    from tlops.compress.step import serving_variant_dir
+    from tests.helpers.registry import restored_mlflow_uris, use_store
+    from tlops.serving.compress.runtime import OnnxPredictor
+    from tlops.serving.compress.step import serving_variant_dir
 
     images = [p.read_bytes() for p in sorted(tiny_digits.glob("*/*.png"))[:6]]
     with restored_mlflow_uris():

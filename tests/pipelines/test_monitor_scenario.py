@@ -48,7 +48,7 @@ def test_served_traffic_is_watched(tmp_path: Path) -> None:
     from skimage import data as sk
     from sklearn.datasets import load_digits
 
-    from tlops.data import export_digits
+    from tlops.data.discovery import export_digits
 
     data = tmp_path / "digits"
     export_digits(data)
@@ -58,7 +58,7 @@ def test_served_traffic_is_watched(tmp_path: Path) -> None:
     assert run.returncode == 0 and "PROMOTE" in run.stdout, run.stderr[-2000:] + run.stdout[-2000:]
 
     # Traffic: the test split's digits (held out from training and from the threshold's fit on val).
-    from tlops.data import build_manifest
+    from tlops.data.discovery import build_manifest
 
     manifest = build_manifest(str(data), tmp_path / "cache")
     test = manifest[manifest["split"] == "test"].sample(frac=1.0, random_state=0)

@@ -1,5 +1,5 @@
 """The pipeline's typed parameters (what a KFP run form shows) over the full config, and the KFP run and the MLflow
-run naming each other: in the compiled spec, in tlops.config.with_parameters, and through a kfp.local run."""
+run naming each other: in the compiled spec, in tlops.config.settings.with_parameters, and through a kfp.local run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import ir_tasks
-from tlops.config import PIPELINE_PARAMETERS, load_config, with_parameters
+from tlops.config.settings import PIPELINE_PARAMETERS, load_config, with_parameters
 from tlops.errors import TlopsError
 
 TYPED = {"data_uri": "STRING", "config_json": "STRING", "backbone": "STRING", "strategy": "STRING",
@@ -80,7 +80,7 @@ def test_parameters_override_the_config_in_a_kfp_local_run(tmp_path: Path, tiny_
     from kfp import local
 
     from components import validate
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -72,7 +72,7 @@ def test_unusable_input_exits_2_with_one_line(tmp_path: Path, case: str) -> None
 
 
 def test_drift_against_a_reference_manifest(tmp_path: Path, tiny_digits: Path) -> None:
-    from tlops.data import export_digits
+    from tlops.data.discovery import export_digits
 
     cfg = write_config(tmp_path / "c.yaml", tmp_path / ".tlops")
     first = run_cli("validate", "--data", str(tiny_digits), "--config", str(cfg), "-o", str(tmp_path / "v1"),
@@ -99,8 +99,8 @@ def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_validate_step_logs_results_to_mlflow(tmp_path: Path, tiny_digits: Path, tracking_db: str) -> None:
     import mlflow
 
-    from tlops.config import load_config
-    from tlops.plan import RunPlan
+    from tlops.config.plan import RunPlan
+    from tlops.config.settings import load_config
     from tlops.steps import validate_step
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path / ".tlops",
@@ -126,11 +126,11 @@ def test_validate_step_logs_results_to_mlflow(tmp_path: Path, tiny_digits: Path,
 def test_drift_against_the_champions_manifest(tmp_path: Path, tiny_digits: Path) -> None:
     import mlflow
 
-    from tlops.config import load_config
+    from tlops.config.plan import RunPlan
+    from tlops.config.settings import load_config
     from tlops.fileio import read_json
-    from tlops.plan import RunPlan
+    from tlops.selection.planner import load_reference
     from tlops.steps import validate_step
-    from tlops.validation import load_reference
 
     cfg_path = write_config(tmp_path / "c.yaml", tmp_path / ".tlops",
                             tracking__uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -162,7 +162,7 @@ def test_failed_validation_is_recorded_in_mlflow_before_the_step_stops(tmp_path:
 
     import mlflow
 
-    from tlops.config import load_config
+    from tlops.config.settings import load_config
     from tlops.errors import GateFailed
     from tlops.steps import validate_step
 

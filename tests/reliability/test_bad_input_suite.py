@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.registry_fixtures import restored_mlflow_uris
+from tests.helpers.registry import restored_mlflow_uris
 from tests.reliability.cli import one_line, run_inline
 from tests.unit.test_data import _bad_files
 

@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tlops.checkpoints import CheckpointStore
-from tlops.data import build_manifest, read_manifest, write_manifest
+from tlops.data.discovery import build_manifest, read_manifest, write_manifest
+from tlops.training.checkpoints import CheckpointStore
 
 LIMIT = 256 * 1024  # bytes: room for the earlier files, not for the new ones
 
@@ -33,8 +33,8 @@ WRITER = textwrap.dedent("""
     import pandas as pd
     import torch
 
-    from tlops.checkpoints import CheckpointStore
-    from tlops.data import read_manifest, write_manifest
+    from tlops.training.checkpoints import CheckpointStore
+    from tlops.data.discovery import read_manifest, write_manifest
     from tlops.errors import TlopsError
 
     target, what = Path(sys.argv[1]), sys.argv[2]

@@ -3,7 +3,7 @@
 byte-for-byte unchanged (links, FIFOs and sparse files are compared by what they are, never read); nothing
 half-written is left; nothing outside the data root is read; nothing hangs; memory stays bounded.
 
-The walk that decides what is read is ``tlops.data.walk``; a seeded generator builds random trees mixing good
+The walk that decides what is read is ``tlops.data.discovery.walk``; a seeded generator builds random trees mixing good
 images with hostile entries (``test_random_hostile_trees``). The cases that need an unprivileged user (an
 unreadable folder, file, root or store) run as ``nobody`` through setpriv: this suite runs as root here, and
 permission bits do not stop root.
@@ -33,9 +33,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.registry_fixtures import restored_mlflow_uris
+from tests.helpers.registry import restored_mlflow_uris
 from tests.reliability.cli import one_line, partials, run_inline, snapshot
-from tlops.data import build_manifest, printable
+from tlops.data.discovery import build_manifest, printable
 
 NOBODY = 65534
 SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -263,7 +263,7 @@ def test_special_files_are_never_opened(data: Path, tmp_path: Path) -> None:
 
 def test_an_elongated_image_is_refused_from_its_header(tmp_path: Path, thin_png: bytes,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlops.data import _inspect
+    from tlops.data.discovery import _inspect
 
     path = tmp_path / "thin.png"
     path.write_bytes(thin_png)
@@ -295,7 +295,7 @@ def test_files_replaced_between_the_walk_and_the_read(data: Path, outside: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Swapped after the walk admitted them: a FIFO, a link out, a deleted file, a class folder replaced by a
     link to a folder outside holding files of the same names. None is read; none hangs."""
-    from tlops import data as data_mod
+    from tlops.data import discovery as data_mod
 
     real = data_mod.inspect_files
     zero, one, seven = (sorted((data / c).glob("*.png")) for c in ("0", "1", "7"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.scenario import run_scenario
+from scenarios.retraining import run_scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

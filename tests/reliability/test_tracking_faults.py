@@ -61,7 +61,8 @@ def _tlops_run(cwd: Path, cfg: Path, data: Path, url: str, *extra: str,
 
 def _config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "tlops.yaml", tmp_path / ".tlops", registry__model_name=MODEL,
-                        train__strategy="full", train__epochs=2, train__batch_size=8, train__patience=None,
+                        train__strategy="full", train__head_init="random", train__epochs=2, train__batch_size=8,
+                        train__patience=None,
                         train__checkpoint_every_steps=2, tracking__retries=1, tracking__backoff_factor=1,
                         tracking__timeout_s=5)
 

@@ -10,7 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tlops.adaptation import (
+from tlops.data.discovery import build_manifest
+from tlops.data.fontdigits import export_font_digits
+from tlops.errors import TlopsError
+from tlops.training.adaptation import (
     AdaptConfig,
     adabn,
     adapt,
@@ -24,11 +27,8 @@ from tlops.adaptation import (
     self_train,
     target_pool,
 )
-from tlops.backbones import build_classifier, reference_spec
-from tlops.data import build_manifest
-from tlops.errors import TlopsError
-from tlops.fontdigits import export_font_digits
-from tlops.preprocessing import build_transform, with_resolution
+from tlops.vision.backbones import build_classifier, reference_spec
+from tlops.vision.preprocessing import build_transform, with_resolution
 
 CLASSES = ["0", "1", "7"]
 CFG = AdaptConfig(epochs=1, batch_size=16, rounds=1, threshold=0.0, seed=0)

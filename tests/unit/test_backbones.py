@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tlops import backbones
 from tlops.errors import TlopsError
-from tlops.preprocessing import build_transform
+from tlops.vision import backbones
+from tlops.vision.preprocessing import build_transform
 
 
 @pytest.fixture(scope="module")

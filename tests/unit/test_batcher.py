@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from tlops.server import Batcher, ServedModel
+from tlops.serving.server import Batcher, ServedModel
 
 
 class _Rows:

@@ -23,7 +23,7 @@ def test_version() -> None:
 
 
 def test_backbone_choices_are_the_catalogue() -> None:
-    from tlops.backbones import CATALOGUE
+    from tlops.vision.backbones import CATALOGUE
 
     assert tuple(sorted(CATALOGUE)) == BACKBONES
 
@@ -67,7 +67,7 @@ def test_shell_completion_offers_the_choices() -> None:
     ("zzz=1", "no such field; fields of the config: workdir, state_uri, backbone, data,"),
 ])
 def test_a_mistyped_set_key_gets_the_closest_names(setting: str, said: str) -> None:
-    from tlops.config import load_config
+    from tlops.config.settings import load_config
     from tlops.errors import TlopsError
 
     with pytest.raises(TlopsError) as err:

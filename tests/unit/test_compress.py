@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from tlops.compress import variants as V
-from tlops.compress.runtime import OnnxPredictor, served_model
-from tlops.config import GateConfig, load_config
+from tlops.config.settings import GateConfig, load_config
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
-from tlops.serving import Predictor, load_model_dir
+from tlops.serving.compress import variants as V
+from tlops.serving.compress.runtime import OnnxPredictor, served_model
+from tlops.serving.pyfunc import Predictor, load_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def onnx_dir(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 def _golden(images: tuple[list[bytes], list[str]]) -> list[tuple[str, bytes]]:
-    from tlops.parity import edge_case_images
+    from tlops.vision.parity import edge_case_images
 
     return [(f"digit-{i}.png", b) for i, b in enumerate(images[0][:4])] + edge_case_images()
 
@@ -78,7 +78,7 @@ def test_parity_catches_a_graph_that_changed_the_preprocessing(tiny_models: dict
 
 def test_gate_refuses_a_variant_that_breaks_accuracy(tiny_models: dict[str, Path], onnx_dir: Path, tmp_path: Path,
                                                      images: tuple[list[bytes], list[str]]) -> None:
-    from tlops.compress.step import gate_variants
+    from tlops.serving.compress.step import gate_variants
 
     model, spec, classes = load_model_dir(tiny_models["good"])
     labels = [classes[i] for i in Predictor(model, spec, classes).predict_proba(images[0]).argmax(1)]
@@ -122,7 +122,7 @@ def test_runtime_serves_without_importing_torch(onnx_dir: Path, images: tuple[li
                                                 tmp_path: Path) -> None:
     sample = tmp_path / "x.png"
     sample.write_bytes(images[0][0])
-    code = ("import sys, json; from tlops.compress.runtime import OnnxPredictor; "
+    code = ("import sys, json; from tlops.serving.compress.runtime import OnnxPredictor; "
             f"p = OnnxPredictor({str(onnx_dir)!r}); f = p.predict_frame([open({str(sample)!r}, 'rb').read()]); "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'label': f['label'][0]}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -150,7 +150,7 @@ def _post(app: Any, body: bytes) -> tuple[int, dict[str, Any]]:
 
 def test_served_variant_answers_as_offline_evaluation(onnx_dir: Path, images: tuple[list[bytes], list[str]],
                                                       tiny_models: dict[str, Path]) -> None:
-    from tlops.server import ScoringApp, ServeLimits
+    from tlops.serving.server import ScoringApp, ServeLimits
 
     model = served_model(onnx_dir, {"model": "test"})
     assert model.info["runtime"] == "onnxruntime"

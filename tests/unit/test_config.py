@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tlops.config import Config, load_config
+from tlops.config.settings import Config, load_config
 from tlops.errors import TlopsError
 
 
@@ -44,3 +44,20 @@ def test_bad_config_names_the_field(tmp_path: Path, text: str, overrides: list[s
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(TlopsError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_train_field_is_in_the_checkpoint_key_unless_declared_runtime() -> None:
+    """The checkpoint key takes every train field but those marked RUNTIME where they are declared: a new field
+    is in the key by default, and one that only says how a run executes is marked beside it."""
+    from pydantic import Field
+
+    from tlops.config.settings import RUNTIME, TrainConfig
+
+    class Extended(TrainConfig):
+        new_knob: int = 0
+        new_runtime_knob: int = Field(0, json_schema_extra=RUNTIME)
+
+    fields = Extended().result_fields()
+    assert "new_knob" in fields and "new_runtime_knob" not in fields
+    assert {"lr", "epochs", "strategy", "augment", "seed"} <= set(fields)
+    assert not {"device", "num_workers", "processes", "checkpoint_dir", "resume", "accelerator"} & set(fields)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlops import backbones
-from tlops.config import PreprocessConfig
+from tlops.config.settings import PreprocessConfig
 from tlops.errors import TlopsError
-from tlops.parity import check_parity, edge_case_images
+from tlops.vision import backbones
+from tlops.vision.parity import check_parity, edge_case_images
 
 PREPROCESS = {"crop_size": 64, "resize_size": 73, "interpolation": "bilinear",
               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

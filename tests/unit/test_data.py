@@ -6,7 +6,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tlops.data import build_manifest, discover, export_digits, hash_split, manifest_hash, read_manifest, write_manifest
+from tlops.data.discovery import (
+    build_manifest,
+    discover,
+    export_digits,
+    hash_split,
+    manifest_hash,
+    read_manifest,
+    write_manifest,
+)
 from tlops.errors import TlopsError
 
 
@@ -111,7 +119,7 @@ def test_manifest_round_trip_and_hash(tmp_path: Path, tiny_digits: Path) -> None
 
 
 def _inspect_bytes(tmp_path: Path, name: str, data: bytes) -> dict:
-    from tlops.data import _inspect
+    from tlops.data.discovery import _inspect
 
     p = tmp_path / name
     p.write_bytes(data)
@@ -160,7 +168,7 @@ def test_reduced_jpeg_decode_keeps_the_files_own_size_and_mode(tmp_path: Path) -
     assert info["decodable"] is True and (info["width"], info["height"], info["mode"]) == (640, 480, "RGB")
     assert info["channels"] == 3
     # The dHash of the reduced decode is the photo's: within a few bits of the full-size PNG's.
-    from tlops.data import hamming
+    from tlops.data.discovery import hamming
 
     png = _inspect_bytes(tmp_path, "photo.png", _encoded(photo, "PNG"))
     assert hamming(str(info["dhash"]), str(png["dhash"])) <= 4
@@ -170,7 +178,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path: Path, monkeypat
     import struct
     import zlib
 
-    from tlops import data
+    from tlops.data import discovery as data
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
@@ -210,7 +218,7 @@ def test_exif_orientation_is_recorded(tmp_path: Path) -> None:
 
 
 def test_perceptual_hash_survives_reencoding_but_tells_pictures_apart() -> None:
-    from tlops.data import dhash, hamming
+    from tlops.data.discovery import dhash, hamming
 
     rng = np.random.default_rng(1)
     pictures = [Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).resize((64, 64), Image.BICUBIC)
@@ -239,7 +247,7 @@ def test_symlink_loop_and_empty_class_folder(tmp_path: Path, caplog: pytest.LogC
     (root / "a" / "loop").symlink_to(root / "a", target_is_directory=True)
     (root / "a" / "self.png").symlink_to(root / "a" / "self.png")  # a file link pointing at itself
     (root / "empty").mkdir()
-    with caplog.at_level("WARNING", logger="tlops.data"):
+    with caplog.at_level("WARNING", logger="tlops.data.discovery"):
         entries = discover(root, str(root))
     assert [e.rel for e in entries] == ["a/x.png"]
     assert "empty holds no images" in caplog.text
@@ -262,7 +270,7 @@ def test_csv_listing_a_missing_file_or_no_label(tmp_path: Path) -> None:
 
 
 def test_revalidating_unchanged_data_decodes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlops import data
+    from tlops.data import discovery as data
 
     root = tmp_path / "d"
     export_digits(root, classes=[0, 1], per_class=10)
@@ -330,7 +338,7 @@ def test_manifest_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatc
     import sys
 
     from tlops import progress
-    from tlops.data import Progress
+    from tlops.data.discovery import Progress
 
     lines: list[str] = []
     monkeypatch.delenv(progress.ENV, raising=False)

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from tlops.backbones import feature_extractor, reference_spec
-from tlops.config import TrainConfig
-from tlops.data import build_manifest, class_names
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import build_manifest, class_names
 from tlops.errors import TlopsError
-from tlops.loaders import ResumableSampler
-from tlops.preprocessing import with_resolution
-from tlops.training import fine_tune
+from tlops.training.finetune import fine_tune
+from tlops.training.loaders import ResumableSampler
+from tlops.vision.backbones import feature_extractor, reference_spec
+from tlops.vision.preprocessing import with_resolution
 
 BACKBONE = "efficientnet_lite0"
 # BatchNorm statistics frozen: CPU has no SyncBatchNorm, and per-rank batch statistics would differ from
@@ -22,7 +22,8 @@ BACKBONE = "efficientnet_lite0"
 # SGD, whose update is linear in the gradient: Adam's m/sqrt(v) turns float noise in a near-zero gradient into
 # an lr-sized step, which would hide what is compared here (the all-reduced gradients).
 CFG = TrainConfig(strategy="full", epochs=1, batch_size=16, optimizer="sgd", lr=0.05, backbone_lr_factor=1.0,
-                  warmup_epochs=0.0, num_threads=2, patience=None, resume=False, freeze_bn_stats=True)
+                  warmup_epochs=0.0, num_threads=2, patience=None, resume=False, freeze_bn_stats=True,
+                  head_init="random")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_global_batch_must_split_evenly(manifest: pd.DataFrame, tmp_path: Path) 
 
 
 def test_torchrun_environment_is_recognised(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlops import ddp
+    from tlops.training import ddp
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tlops import evaluation
-from tlops.config import EvaluationConfig
+from tlops.config.settings import EvaluationConfig
+from tlops.evaluation import evaluate as evaluation
+from tlops.evaluation import report
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -135,7 +136,7 @@ def synthetic_result(n: int = 60, with_champion: bool = True, classes: list[str]
 
 
 def test_figures_are_real_pngs() -> None:
-    pngs = evaluation.figures(synthetic_result())
+    pngs = report.figures(synthetic_result())
     assert set(pngs) == {"confusion_matrix.png", "reliability.png", "per_class_recall.png"}
     for data in pngs.values():
         img = Image.open(io.BytesIO(data))
@@ -145,17 +146,17 @@ def test_figures_are_real_pngs() -> None:
 
 def test_report_is_self_contained_and_escapes_names() -> None:
     result = synthetic_result(classes=["<script>alert(1)</script>", "dog", "fox"])
-    page = evaluation.report_html(result, evaluation.figures(result), "report & co")
+    page = report.report_html(result, report.figures(result), "report & co")
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "report &amp; co" in page
-    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    embedded = re.findall(r"src=[\"']data:image/png;base64,([A-Za-z0-9+/=]+)[\"']", page)
     assert len(embedded) == 3
     assert all(Image.open(io.BytesIO(base64.b64decode(e))).format == "PNG" for e in embedded)
     assert "http://" not in page and "https://" not in page  # nothing loaded from elsewhere
     for needle in ("Headline", "Against the champion", "paired bootstrap", "McNemar", "Per class",
                    "Slices by image size", "Calibration", "latency per image, p95", "champion (version 3)"):
         assert needle in page, needle
-    alone = evaluation.report_html(synthetic_result(with_champion=False), {}, "t")
+    alone = report.report_html(synthetic_result(with_champion=False), {}, "t")
     assert "No champion yet" in alone and "Against the champion" not in alone
 
 

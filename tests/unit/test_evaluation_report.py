@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.browser import CHROMIUM, MISSING
 from tests.unit.test_evaluation import synthetic_result
-from tlops import evaluation
+from tlops.evaluation import report
 
 WIDTH, HEIGHT = 1200, 1600
 
@@ -51,7 +51,7 @@ def _figure_pixels(rgb: np.ndarray) -> int:
 def test_report_renders_with_its_figures(tmp_path: Path) -> None:
     result = synthetic_result()
     page = tmp_path / "report.html"
-    page.write_text(evaluation.report_html(result, evaluation.figures(result), "tlops evaluation"), encoding="utf-8")
+    page.write_text(report.report_html(result, report.figures(result), "tlops evaluation"), encoding="utf-8")
     rgb = screenshot(page, tmp_path / "report.png")
     non_white = (rgb.min(axis=2) < 235).mean()
     assert non_white > 0.05, f"only {non_white:.1%} of the page is not white"
@@ -67,7 +67,7 @@ def test_report_renders_with_its_figures(tmp_path: Path) -> None:
 
 def test_report_with_the_gate_decision_and_curves(tmp_path: Path) -> None:
     """The gate's report: decision badge, version, fingerprint, data summary and curves, and its KFP Markdown."""
-    from tlops.curves import plot_history
+    from tlops.training.curves import plot_history
 
     result = synthetic_result()
     history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.2 / (e + 1), "train_accuracy": 0.5 + e / 20,
@@ -77,7 +77,7 @@ def test_report_with_the_gate_decision_and_curves(tmp_path: Path) -> None:
                "declared": "none", "data": {"uri": "s3://data/digits", "manifest_hash": "a" * 64, "files": 90,
                                             "classes": 3, "splits": {"train": 53, "val": 17, "test": 20}},
                "curves": plot_history(history, "full")}
-    text = evaluation.report_html(result, evaluation.figures(result), "tlops evaluation", release)
+    text = report.report_html(result, report.figures(result), "tlops evaluation", release)
     for expected in ("REJECT", "digits version <b>4</b>", "compared with champion version 3", "f" * 64,
                      "s3://data/digits", "53 images", "Training curves", "accuracy 0.6000 &lt; minimum 0.9000"):
         assert expected in text, expected
@@ -86,6 +86,6 @@ def test_report_with_the_gate_decision_and_curves(tmp_path: Path) -> None:
     rgb = screenshot(page, tmp_path / "report.png")
     badge = (np.abs(rgb - np.array([254, 215, 215])).sum(axis=2) < 20).sum()  # the REJECT badge's pale red
     assert badge > 1500, badge
-    markdown = evaluation.release_markdown(release, result, "run123")
+    markdown = report.release_markdown(release, result, "run123")
     assert markdown.startswith("## Gate: REJECT — digits version 4\n") and "- accuracy 0.6000 < minimum" in markdown
     assert "| test accuracy |" in markdown and "train 53, val 17, test 20 images" in markdown

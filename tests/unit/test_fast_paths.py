@@ -15,13 +15,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.registry_fixtures import EVIDENCE, gate_lab, restored_mlflow_uris, step_inputs
-from tlops import evaluation, registry, tracking
-from tlops.data import read_manifest
-from tlops.features import FeatureCache
+from tests.helpers.registry import EVIDENCE, gate_lab, restored_mlflow_uris, step_inputs
+from tlops import registry, tracking
+from tlops.data.discovery import read_manifest
+from tlops.data.manifest import localize, split_rows
+from tlops.evaluation import evaluate as evaluation
 from tlops.fileio import read_json
-from tlops.manifest import localize, split_rows
 from tlops.steps import evaluate_step, gate_step
+from tlops.vision.features import FeatureCache
 
 # What differs between two evaluations of the same models by design: when, how long a call took, which run.
 VOLATILE = {"evaluated_at", "latency", "report", "model_uri"}

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tlops.backbones import feature_extractor, reference_spec
-from tlops.config import TrainConfig
-from tlops.data import build_manifest, class_names
-from tlops.preprocessing import with_resolution
-from tlops.stages import split_stages
-from tlops.training import fine_tune
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import build_manifest, class_names
+from tlops.training.finetune import fine_tune
+from tlops.vision.backbones import feature_extractor, reference_spec
+from tlops.vision.preprocessing import with_resolution
+from tlops.vision.stages import split_stages
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -27,7 +27,7 @@ def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.
 
 def cfg(**kw: object) -> TrainConfig:
     base: dict[str, object] = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "patience": None, "resume": False,
-                               "device": "cuda"}
+                               "device": "cuda", "head_init": "random"}
     return TrainConfig(**{**base, **kw})
 
 

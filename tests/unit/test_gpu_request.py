@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import ir_tasks
-from tlops.config import AcceleratorConfig, load_config
+from tlops.config.settings import AcceleratorConfig, load_config
 
 
 def fine_tune_resources(ir_path: Path) -> dict:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_cli, write_config
 from tlops.errors import TlopsError
-from tlops.labels_curve import DEFAULT_FRACTIONS, parse_fractions, subset, t_interval
+from tlops.training.labels_curve import DEFAULT_FRACTIONS, parse_fractions, subset, t_interval
 
 
 def test_subsets_are_stratified_nested_in_size_and_reproducible() -> None:

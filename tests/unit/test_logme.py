@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tlops.errors import TlopsError
-from tlops.selection import logme
+from tlops.selection.ranking import logme
 
 
 def log_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:

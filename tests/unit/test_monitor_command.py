@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from tests.conftest import write_config
-from tests.registry_fixtures import log_model_run, new_version, restored_mlflow_uris, use_store
+from tests.helpers.registry import log_model_run, new_version, restored_mlflow_uris, use_store
 
 NAME = "monitored-digits"
 
@@ -28,11 +28,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory, tiny_digits: Path, tiny_models
     from sklearn.datasets import load_digits
 
     from tlops import registry
-    from tlops.config import load_config
-    from tlops.data import build_manifest
-    from tlops.monitoring.predlog import PredictionLog, Served
+    from tlops.config.settings import load_config
+    from tlops.data.discovery import build_manifest
     from tlops.monitoring.reference import log_reference
-    from tlops.serving import Predictor, load_model_dir
+    from tlops.serving.predlog import PredictionLog, Served
+    from tlops.serving.pyfunc import Predictor, load_model_dir
 
     root = tmp_path_factory.mktemp("monitor-lab")
     with restored_mlflow_uris():
@@ -177,8 +177,8 @@ def test_scheduled_run_skips_only_when_the_latest_verdict_is_quiet(lab: dict, ca
                                                                    tmp_path: Path) -> None:
     import mlflow
 
-    from tlops.config import load_config
-    from tlops.drift import decide_skip, run_skipped
+    from tlops.config.settings import load_config
+    from tlops.selection.drift import SKIP_REASON_TAG, SKIP_TAG, decide_skip
 
     cfg = load_config(lab["config"], [f"registry.model_name={NAME}", "selection.skip_when=no-served-drift"])
     manifest = pd.DataFrame({"path": [], "label": [], "split": [], "sha256": [], "decodable": []})
@@ -190,7 +190,8 @@ def test_scheduled_run_skips_only_when_the_latest_verdict_is_quiet(lab: dict, ca
             experiment = tracking.setup(cfg)
             with mlflow.start_run(experiment_id=experiment) as run:
                 out = decide_skip(cfg, manifest)
-            return out, run_skipped(cfg, run.info.run_id), mlflow.get_run(run.info.run_id).data.tags
+            tags = mlflow.get_run(run.info.run_id).data.tags
+            return out, (tags.get(SKIP_REASON_TAG) if tags.get(SKIP_TAG) == "true" else None), tags
 
     for kind, expected_exit in (("shifted", 1), ("quiet", 0)):
         assert _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / f"{kind}-log"),
@@ -209,7 +210,7 @@ def test_scheduled_run_skips_only_when_the_latest_verdict_is_quiet(lab: dict, ca
 
 def test_export_queue_spreads_uncertain_and_novel_images_over_classes(lab: dict, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from tlops.monitoring.predlog import read_log
+    from tlops.serving.predlog import read_log
 
     # Without image bytes: one line, exit 2, nothing written.
     assert _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / "shifted-log"),
@@ -235,7 +236,7 @@ def test_export_queue_spreads_uncertain_and_novel_images_over_classes(lab: dict,
 
 def test_a_labelled_queue_merges_into_the_data_with_provenance(lab: dict, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from tlops.data import build_manifest
+    from tlops.data.discovery import build_manifest
 
     queue = tmp_path / "queue"
     assert _tlops("monitor", "--model", f"{NAME}@champion", "--log-uri", str(lab["root"] / "bytes-log"),

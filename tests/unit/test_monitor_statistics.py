@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageFilter, ImageOps
 
 from tlops.monitoring.monitor import assess, atc_estimate
-from tlops.monitoring.predlog import Served, to_row
 from tlops.monitoring.reference import Reference, build_reference
+from tlops.serving.predlog import Served, to_row
 
 CLASSES = (0, 1, 7)
 
@@ -44,7 +44,7 @@ def digits(tiny_digits: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def setup(tiny_models: dict[str, Path], tiny_digits: Path, digits: dict[str, Any],
           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tlops.serving import Predictor, load_model_dir
+    from tlops.serving.pyfunc import Predictor, load_model_dir
 
     model, spec, classes = load_model_dir(tiny_models["good"])
     predictor = Predictor(model, spec, classes)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tlops.errors import TlopsError
-from tlops.monitoring.predlog import PredictionLog, Served, parse_when, read_log
+from tlops.serving.predlog import PredictionLog, Served, parse_when, read_log
 
 INFO = {"name": "digits", "version": "3", "classes": ["0", "1", "7"], "preprocess_fingerprint": "f" * 64}
 DAY1 = dt.datetime(2026, 11, 30, 23, 59, 0, tzinfo=dt.UTC).timestamp()

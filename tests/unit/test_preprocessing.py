@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tlops.backbones import reference_spec
-from tlops.config import PreprocessConfig
-from tlops.parity import check_parity, eval_spec, independent_reference_transform
-from tlops.preprocessing import PreprocessSpec, build_transform, decode, spec_diff, with_resolution
+from tlops.config.settings import PreprocessConfig
+from tlops.vision.backbones import reference_spec
+from tlops.vision.parity import check_parity, eval_spec, independent_reference_transform
+from tlops.vision.preprocessing import PreprocessSpec, build_transform, decode, spec_diff, with_resolution
 
 
 def _photo(w: int = 300, h: int = 200, mode: str = "RGB") -> Image.Image:
@@ -91,7 +91,7 @@ def test_eval_spec_applies_declared_overrides_and_parity_reports_them() -> None:
 
 
 def test_parity_refuses_undeclared_or_forbidden_changes(tmp_path) -> None:
-    from tlops.parity import golden_set
+    from tlops.vision.parity import golden_set
 
     img = tmp_path / "a.png"
     _photo().save(img)
@@ -118,7 +118,7 @@ def test_parity_refuses_undeclared_or_forbidden_changes(tmp_path) -> None:
     ],
 )
 def test_each_classic_mismatch_is_caught_by_fields_and_by_numbers(override: dict, field: str) -> None:
-    from tlops.parity import edge_case_images
+    from tlops.vision.parity import edge_case_images
 
     report = check_parity("efficientnet_lite0", PreprocessConfig(**override), edge_case_images())
     assert not report.passed
@@ -127,7 +127,7 @@ def test_each_classic_mismatch_is_caught_by_fields_and_by_numbers(override: dict
 
 
 def test_correct_spec_passes_on_every_edge_case() -> None:
-    from tlops.parity import edge_case_images
+    from tlops.vision.parity import edge_case_images
 
     cases = edge_case_images()
     assert {"greyscale.png", "rgba.png", "cmyk.jpg", "exif-rotated.jpg", "wide.png", "tall.png",
@@ -141,11 +141,11 @@ def test_correct_spec_passes_on_every_edge_case() -> None:
 def test_serving_path_that_drops_exif_transpose_is_caught() -> None:
     import pandas as pd
 
-    from tlops.backbones import build_classifier
-    from tlops.config import GateConfig
-    from tlops.parity import edge_case_images, serving_check
+    from tlops.config.settings import GateConfig
     from tlops.registry import decide
-    from tlops.serving import Predictor
+    from tlops.serving.pyfunc import Predictor
+    from tlops.vision.backbones import build_classifier
+    from tlops.vision.parity import edge_case_images, serving_check
 
     torch.manual_seed(0)
     model = build_classifier("efficientnet_lite0", num_classes=3, pretrained=False).eval()

@@ -1,4 +1,4 @@
-from tlops.config import GateConfig
+from tlops.config.settings import GateConfig
 from tlops.registry import decide
 
 GATE = GateConfig(min_accuracy=0.9, max_regression=0.01)

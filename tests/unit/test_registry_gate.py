@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import torch
 
-from tests.registry_fixtures import EVIDENCE, gate_lab, log_model_run, restored_mlflow_uris, step_inputs
+from tests.helpers.registry import EVIDENCE, gate_lab, log_model_run, restored_mlflow_uris, step_inputs
 from tlops import registry, tracking
 from tlops.errors import TlopsError
 from tlops.fileio import read_json

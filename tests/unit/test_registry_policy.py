@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tlops.config import Config, GateConfig, load_config
+from tlops.config.settings import Config, GateConfig, load_config
 from tlops.errors import TlopsError
 from tlops.registry import decide
 

@@ -1,6 +1,6 @@
 """Aliases, history, promotion, rollback and the promotion lock against a temporary SQLite MLflow store.
 
-Versions are registered from one real logged tlops model (tests/registry_fixtures.py); the gate's
+Versions are registered from one real logged tlops model (tests/helpers/registry.py); the gate's
 decisions are given, so these tests are about what the registry does with them.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_fixtures import new_version, race_worker, restored_mlflow_uris, use_store
+from tests.helpers.registry import new_version, race_worker, restored_mlflow_uris, use_store
 from tlops import registry
 from tlops.errors import GateFailed, TlopsError
 from tlops.registry import Decision, LockSettings
@@ -31,7 +31,7 @@ def _own_mlflow_uris() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict) -> dict:
-    from tests.registry_fixtures import log_model_run
+    from tests.helpers.registry import log_model_run
 
     root = tmp_path_factory.mktemp("registry-store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -256,7 +256,7 @@ def test_unknown_version_is_a_clear_error(store: dict, name: str) -> None:
 
 
 def test_a_live_lease_blocks_and_names_its_holder(store: dict, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_sqlite_path", lambda: None)  # the lease alone, as against a server
+    monkeypatch.setattr(registry.lock, "_sqlite_path", lambda: None)  # the lease alone, as against a server
     new_version(store["model_uri"], name)
     lease = {"token": "other", "owner": "someone@elsewhere pid 1: gate of version 9", "expires": time.time() + 60}
     registry.client().set_registered_model_tag(name, registry.LOCK_TAG, json.dumps(lease))
@@ -270,7 +270,7 @@ def test_a_live_lease_blocks_and_names_its_holder(store: dict, name: str, monkey
 
 
 def test_an_expired_lease_is_taken_over_and_released(store: dict, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_sqlite_path", lambda: None)
+    monkeypatch.setattr(registry.lock, "_sqlite_path", lambda: None)
     new_version(store["model_uri"], name)
     dead = {"token": "dead", "owner": "crashed pipeline", "expires": time.time() - 1}
     registry.client().set_registered_model_tag(name, registry.LOCK_TAG, json.dumps(dead))
@@ -362,7 +362,7 @@ def test_two_pipelines_promoting_at_once_move_the_champion_once(store: dict, nam
 
 
 def test_an_unknown_alias_is_named_as_an_alias_with_the_ones_there(store: dict, name: str) -> None:
-    from tlops.audit import parse_model_uri
+    from tlops.registry.uri import parse_model_uri
 
     v1 = new_version(store["model_uri"], name)
     registry.apply_decision(name, v1, _promote(None), lock=FAST)

@@ -18,19 +18,20 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tlops.backbones import reference_spec
-from tlops.checkpoints import rng_state, set_rng_state
-from tlops.config import TrainConfig
-from tlops.data import build_manifest, class_names, write_manifest
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import build_manifest, class_names, write_manifest
 from tlops.errors import TlopsError
 from tlops.fileio import write_json
-from tlops.preprocessing import PreprocessSpec, with_resolution
-from tlops.training import FitResult, fine_tune
+from tlops.training.checkpoints import rng_state, set_rng_state
+from tlops.training.finetune import fine_tune
+from tlops.training.state import FitResult
+from tlops.vision.backbones import reference_spec
+from tlops.vision.preprocessing import PreprocessSpec, with_resolution
 
 BACKBONE = "efficientnet_lite0"
 # 53 training images, batch 8: 6 steps an epoch, 12 in all. Checkpoints every 2 steps; the first process
 # kills itself after step 9, i.e. during the second epoch, 1 step after the checkpoint of step 8.
-CFG = TrainConfig(strategy="full", epochs=2, batch_size=8, lr=2e-3, num_threads=2, patience=None,
+CFG = TrainConfig(strategy="full", epochs=2, batch_size=8, lr=2e-3, num_threads=2, patience=None, head_init="random",
                   checkpoint_every_steps=2, augment={"random_resized_crop": True, "crop_scale": (0.5, 1.0)})
 
 
@@ -51,11 +52,11 @@ def train_in_subprocess(manifest: pd.DataFrame, spec: PreprocessSpec, cfg: Train
     write_json(workdir / "spec.json", spec.to_record())
     (workdir / "train.json").write_text(cfg.model_dump_json())
     script = textwrap.dedent(f"""
-        from tlops.config import TrainConfig
-        from tlops.data import class_names, read_manifest
+        from tlops.config.settings import TrainConfig
+        from tlops.data.discovery import class_names, read_manifest
         from tlops.fileio import read_json
-        from tlops.preprocessing import PreprocessSpec
-        from tlops.training import fine_tune
+        from tlops.vision.preprocessing import PreprocessSpec
+        from tlops.training.finetune import fine_tune
         m = read_manifest({str(workdir / "manifest.csv")!r})
         cfg = TrainConfig.model_validate_json(open({str(workdir / "train.json")!r}).read())
         spec = PreprocessSpec.from_record(read_json({str(workdir / "spec.json")!r}))
@@ -135,7 +136,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path: Path) -> No
 
 
 def test_checkpoint_key_ignores_how_the_run_is_executed(manifest: pd.DataFrame, spec: PreprocessSpec) -> None:
-    from tlops.training import run_key
+    from tlops.training.state import run_key
 
     classes = class_names(manifest)
     key = run_key(BACKBONE, spec, classes, manifest, CFG)

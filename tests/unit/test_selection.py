@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_fixtures import restored_mlflow_uris
+from tests.helpers.registry import restored_mlflow_uris
 from tlops.cli import main
-from tlops.config import Config, SelectionConfig
+from tlops.config.settings import Config, SelectionConfig
 from tlops.errors import TlopsError
-from tlops.selection import CandidateScore, choose, plan_run, resolved_config
-from tlops.similarity import recommend, reference_images, task_similarity, verdict
+from tlops.selection.planner import plan_run, resolved_config
+from tlops.selection.ranking import CandidateScore, choose
+from tlops.selection.similarity import recommend, reference_images, task_similarity, verdict
 
 CANDIDATES = "efficientnet_lite0,efficientnet_lite0:random,efficientnet_lite0:shuffled,resnet18"
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tlops.data import export_digits
+    from tlops.data.discovery import export_digits
 
     root = tmp_path_factory.mktemp("select") / "digits"
     export_digits(root, per_class=30)
@@ -81,9 +82,9 @@ def test_ranking_is_logged_to_mlflow(ranking: dict, cfg: Config) -> None:
 
 
 def test_linear_probe_reads_the_features_select_computed(ranking: dict, digits: Path, cfg: Config) -> None:
-    from tlops.data import build_manifest, class_names
-    from tlops.parity import eval_spec
-    from tlops.training import linear_probe
+    from tlops.data.discovery import build_manifest, class_names
+    from tlops.training.probe import linear_probe
+    from tlops.vision.parity import eval_spec
 
     manifest = build_manifest(str(digits), Path(cfg.workdir) / "cache")
     fit = linear_probe("efficientnet_lite0", manifest, class_names(manifest), eval_spec(cfg.backbone, cfg.preprocess),
@@ -111,7 +112,7 @@ def test_verdict_and_strategy_tables() -> None:
 
 
 def test_digits_are_far_from_imagenet_and_photo_crops_close(digits: Path, cfg: Config, tmp_path: Path) -> None:
-    from tlops.data import build_manifest
+    from tlops.data.discovery import build_manifest
 
     far = task_similarity(cfg, build_manifest(str(digits), Path(cfg.workdir) / "cache"))
     photos = tmp_path / "photos"
@@ -129,7 +130,7 @@ def test_validate_step_resolves_auto_choices_for_later_steps(ranking: dict, digi
     import mlflow
 
     from tlops import tracking
-    from tlops.data import build_manifest
+    from tlops.data.discovery import build_manifest
 
     two = cfg.selection.model_copy(update={"candidates": ["efficientnet_lite0:shuffled", "efficientnet_lite0"]})
     auto = cfg.model_copy(update={"backbone": "auto", "selection": two, "train": Config.model_validate(

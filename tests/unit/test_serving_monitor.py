@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tlops.monitoring.predlog import PredictionLog, read_log
-from tlops.monitoring.service import ServingMonitor
+from tlops.serving.metrics import ServingMonitor
+from tlops.serving.predlog import PredictionLog, read_log
 
 
 def _call(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
@@ -36,8 +36,8 @@ def _call(app: Any, method: str, path: str, body: bytes = b"") -> tuple[int, dic
 
 @pytest.fixture(scope="module")
 def served(tiny_models: dict[str, Path]) -> Any:
-    from tlops.server import ServedModel
-    from tlops.serving import Predictor, load_model_dir
+    from tlops.serving.pyfunc import Predictor, load_model_dir
+    from tlops.serving.server import ServedModel
 
     model, spec, classes = load_model_dir(tiny_models["good"])
     info = {"name": "digits", "version": "4", "classes": classes, "preprocess_fingerprint": spec.fingerprint}
@@ -48,7 +48,7 @@ def test_metrics_count_requests_errors_and_classes_and_the_log_keeps_embeddings(
         served: Any, tiny_digits: Path, tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tlops.server import Batcher, ScoringApp, ServeLimits
+    from tlops.serving.server import Batcher, ScoringApp, ServeLimits
 
     files = [p.read_bytes() for p in sorted(tiny_digits.rglob("*.png"))[::10]]
     monitor = ServingMonitor(1.0, PredictionLog(str(tmp_path / "log"), batch_records=100, flush_s=60), seed=0)

@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from tests.conftest import run_cli
-from tlops.config import ValidationConfig
-from tlops.data import build_manifest, split_quotas, stratified_splits
-from tlops.validation import validate_manifest
+from tlops.config.settings import ValidationConfig
+from tlops.data.discovery import build_manifest, split_quotas, stratified_splits
+from tlops.data.validation import validate_manifest
 
 PHOTOS = ("chelsea", "coffee", "astronaut")
 

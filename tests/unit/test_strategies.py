@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tlops.backbones import build_classifier, feature_extractor, reference_spec
-from tlops.config import AugmentConfig, TrainConfig, load_config
-from tlops.data import build_manifest, class_names
+from tlops.config.settings import AugmentConfig, TrainConfig, load_config
+from tlops.data.discovery import build_manifest, class_names
 from tlops.errors import TlopsError
-from tlops.preprocessing import PreprocessSpec, build_transform, with_resolution
-from tlops.stages import Stage, split_stages
-from tlops.training import FitResult, class_weights, fine_tune, make_plan, param_groups, warmup_cosine
+from tlops.training.finetune import fine_tune
+from tlops.training.optim import class_weights, make_plan, param_groups, warmup_cosine
+from tlops.training.state import FitResult
+from tlops.vision.backbones import build_classifier, feature_extractor, reference_spec
+from tlops.vision.preprocessing import PreprocessSpec, build_transform, with_resolution
+from tlops.vision.stages import Stage, split_stages
 
 BACKBONE = "efficientnet_lite0"
 
@@ -37,8 +39,9 @@ def pretrained_stages() -> list[dict[str, torch.Tensor]]:
 
 
 def quick(**overrides: object) -> TrainConfig:
+    # head_init random: these tests look at the gradient mechanics, not at LP-FT (tests/unit/test_lpft.py)
     base: dict[str, object] = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "num_threads": 2, "resume": False,
-                               "patience": None, "warmup_epochs": 0.0}
+                               "patience": None, "warmup_epochs": 0.0, "head_init": "random"}
     return TrainConfig(**{**base, **overrides})
 
 
@@ -194,8 +197,8 @@ def test_early_stopping_keeps_the_best_epoch(manifest: pd.DataFrame, spec: Prepr
 
 def test_augmentation_changes_training_inputs_but_never_the_eval_spec(
         manifest: pd.DataFrame, spec: PreprocessSpec, tmp_path: Path) -> None:
-    from tlops.loaders import build_train_transform
-    from tlops.serving import load_model_dir, save_model_dir
+    from tlops.serving.pyfunc import load_model_dir, save_model_dir
+    from tlops.training.loaders import build_train_transform
 
     path = manifest["path"].iloc[0]
     gen = torch.Generator().manual_seed(0)

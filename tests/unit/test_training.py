@@ -2,19 +2,19 @@ from pathlib import Path
 
 import torch
 
-from tlops.backbones import reference_spec
-from tlops.config import TrainConfig
-from tlops.data import build_manifest, class_names
-from tlops.preprocessing import with_resolution
-from tlops.serving import Predictor, load_model_dir, save_model_dir
-from tlops.training import linear_probe
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import build_manifest, class_names
+from tlops.serving.pyfunc import Predictor, load_model_dir, save_model_dir
+from tlops.training.probe import linear_probe
+from tlops.vision.backbones import reference_spec
+from tlops.vision.preprocessing import with_resolution
 
 
 def test_linear_probe_learns_keeps_backbone_frozen_and_round_trips(tmp_path: Path, tiny_digits: Path) -> None:
     df = build_manifest(str(tiny_digits), tmp_path / "c")
     classes = class_names(df)
     spec = with_resolution(reference_spec("efficientnet_lite0"), 32)
-    from tlops.backbones import feature_extractor
+    from tlops.vision.backbones import feature_extractor
 
     pretrained = {k: v.clone() for k, v in feature_extractor("efficientnet_lite0").state_dict().items()}
     result = linear_probe("efficientnet_lite0", df, classes, spec, TrainConfig(l2_grid=[1e-3, 1e-1], epochs=100))

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tlops import features
-from tlops.backbones import reference_spec
-from tlops.config import TrainConfig
-from tlops.data import build_manifest, class_names
-from tlops.preprocessing import with_resolution
-from tlops.training import fine_tune
+from tlops.config.settings import TrainConfig
+from tlops.data.discovery import build_manifest, class_names
+from tlops.training.finetune import fine_tune
+from tlops.vision import features
+from tlops.vision.backbones import reference_spec
+from tlops.vision.preprocessing import with_resolution
 
 BACKBONE = "efficientnet_lite0"
 

@@ -11,15 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-from tlops.config import CHECK_SEVERITIES, ValidationConfig
-from tlops.data import build_manifest
-from tlops.validation import (
-    drift,
-    ks_statistic,
-    training_manifest,
-    validate_manifest,
-    write_outputs,
-)
+from tlops.config.settings import CHECK_SEVERITIES, ValidationConfig
+from tlops.data.discovery import build_manifest
+from tlops.data.validation import drift, ks_statistic, training_manifest, validate_manifest, write_outputs
 
 
 def picture(seed: int, size: int = 64) -> Image.Image:

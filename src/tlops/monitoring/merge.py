@@ -74,8 +74,8 @@ def merge(labels: str | Path, into: str | Path, queue: str | Path | None = None)
     """Merge; returns counts: added, already present, unlabelled."""
     import pandas as pd
 
+    from tlops.data.storage import safe_relpath
     from tlops.fileio import atomic_write
-    from tlops.storage import safe_relpath
 
     labels, into = Path(labels), Path(into)
     root = Path(queue) if queue else labels.parent

@@ -4,7 +4,7 @@ how much does it matter?
 A window of the prediction log (the records of the champion's own version) against the champion's reference
 record (:mod:`tlops.monitoring.reference`):
 
-- feature drift: the MMD permutation test of :mod:`tlops.drift` between the window's embeddings and the
+- feature drift: the MMD permutation test of :mod:`tlops.selection.drift` between the window's embeddings and the
   held-out split's (images the model did not train on, as served images are not);
 - class-share drift of the predictions (chi-square test of the window's predicted classes against the held-out
   split's), confidence drop (one-sided Mann-Whitney U), input-property drift (image area and brightness by the
@@ -114,7 +114,7 @@ def assess(reference: Reference, frame: Any, floor: float | None, alpha: float =
     """The report on the window ``frame`` (prediction log records of one model version) against ``reference``."""
     from scipy.stats import ks_2samp, mannwhitneyu
 
-    from tlops.drift import mmd_test
+    from tlops.selection.drift import mmd_test
 
     classes = [str(c) for c in reference.classes]
     n = len(frame)
@@ -214,7 +214,7 @@ def resolve_model(spec: str) -> Champion:
     """``NAME@ALIAS``, ``NAME/VERSION`` or either as ``models:/…``: the version, its run and its gate floor."""
     import mlflow
 
-    from tlops.audit import parse_model_uri
+    from tlops.registry.uri import parse_model_uri
 
     uri = spec if spec.startswith("models:/") else f"models:/{spec}"
     if "@" not in uri and uri.count("/") < 2:
@@ -246,7 +246,7 @@ def fetch_reference(champion: Champion, dest_dir: str) -> Reference:
 def window_records(log_uri: str, champion: Champion, since: dt.datetime | None, until: dt.datetime | None,
                    min_records: int) -> tuple[Any, dict[str, Any]]:
     """The log's records of the champion's version in [since, until), and what the window was."""
-    from tlops.monitoring.predlog import read_log
+    from tlops.serving.predlog import read_log
 
     frame = read_log(log_uri, since, until)
     where = f"{since.isoformat() if since else 'the start'} to {until.isoformat() if until else 'now'}"

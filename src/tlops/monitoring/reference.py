@@ -24,7 +24,7 @@ from tlops.errors import TlopsError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from tlops.config import Config
+    from tlops.config.settings import Config
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def build_reference(predictor: Any, train: pd.DataFrame, held_out: pd.DataFrame,
                     sample: int = 500, seed: int = 0) -> Reference:
     """The record from the manifest rows of the training split (``path`` readable here; a stratified sample of
     ``sample`` images is embedded) and of the held-out split (every image)."""
-    from tlops.monitoring.predlog import image_properties
+    from tlops.serving.predlog import image_properties
 
     classes = list(predictor.classes)
     labels = train["label"].astype(str)
@@ -144,7 +144,7 @@ def log_reference(cfg: Config, model_uri: str, manifest: pd.DataFrame,
 
     import mlflow
 
-    from tlops.manifest import split_rows
+    from tlops.data.manifest import split_rows
 
     try:
         train = split_rows(manifest, "train")

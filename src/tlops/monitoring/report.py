@@ -14,14 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tlops.selection.served import MODEL_TAG, VERDICT_TAG, VERSION_TAG, WINDOW_TAGS
+
 if TYPE_CHECKING:
-    from tlops.config import Config
+    from tlops.config.settings import Config
 
 log = logging.getLogger(__name__)
-VERDICT_TAG = "monitor.verdict"
-MODEL_TAG = "monitor.model"
-VERSION_TAG = "monitor.version"
-WINDOW_TAGS = ("monitor.window.since", "monitor.window.until", "monitor.window.first", "monitor.window.last")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -150,7 +148,7 @@ def run_monitor(cfg: Config, model: str, since: str | None, until: str | None, l
 
     from tlops.fileio import write_json, write_text
     from tlops.monitoring.monitor import assess, fetch_reference, resolve_model, window_records
-    from tlops.monitoring.predlog import parse_when
+    from tlops.serving.predlog import parse_when
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per problem, no bars
     mon = cfg.monitoring
@@ -186,8 +184,8 @@ def export_queue(cfg: Config, model: str, since: str | None, until: str | None, 
     """``tlops monitor --export-queue N``: the queue directory and how many images it holds."""
     from tlops.errors import TlopsError
     from tlops.monitoring.monitor import fetch_reference, resolve_model, window_records
-    from tlops.monitoring.predlog import parse_when
     from tlops.monitoring.queue import pick, write_queue
+    from tlops.serving.predlog import parse_when
 
     if n < 1:
         raise TlopsError(f"--export-queue {n}: expected a number of images, at least 1")

@@ -1,0 +1,1 @@
+"""Evaluation on the held-out split through the serving predictor, the champion comparison and its report."""

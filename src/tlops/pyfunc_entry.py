@@ -1,7 +1,0 @@
-"""Entry point MLflow runs to load a tlops model (models from code: nothing is unpickled)."""
-
-from mlflow.models import set_model
-
-from tlops.serving import ImageClassifierPyfunc
-
-set_model(ImageClassifierPyfunc())
