@@ -38,7 +38,8 @@ def s3_endpoint() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint: dict[str, str], tiny_digits: Path) -> str:
     """The tiny digits uploaded to s3://images/digits on the endpoint."""
-    from tlops.data.storage import s3_client, upload_dir
+    from tests.helpers.data import upload_dir
+    from tlops.data.storage import s3_client
 
     s3_client().create_bucket(Bucket="images")
     assert upload_dir(tiny_digits, "s3://images/digits") == 90

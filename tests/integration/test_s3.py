@@ -39,8 +39,9 @@ def test_an_object_over_the_size_limit_is_never_downloaded(s3_endpoint: dict[str
                                                           tiny_digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused from its listed size, as a local file is: the mirror holds no byte of it, the manifest names it
     under its label with the reason, and a raised limit fetches it on the next build."""
+    from tests.helpers.data import upload_dir
     from tlops.data.discovery import build_manifest
-    from tlops.data.storage import s3_client, upload_dir
+    from tlops.data.storage import s3_client
 
     s3_client().create_bucket(Bucket="big")
     upload_dir(tiny_digits / "1", "s3://big/digits/1")

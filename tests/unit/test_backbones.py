@@ -18,7 +18,9 @@ def _top(model: torch.nn.Module, image: Image.Image, k: int) -> list[str]:
     x = build_transform(backbones.reference_spec("efficientnet_lite0"))(image).unsqueeze(0)
     with torch.no_grad():
         idx = model(x).softmax(-1)[0].topk(k).indices
-    cats = backbones.imagenet_categories()
+    from torchvision.models import ResNet18_Weights
+
+    cats = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])  # ImageNet-1k's class names, in order
     return [cats[i] for i in idx]
 
 

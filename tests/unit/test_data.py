@@ -168,7 +168,7 @@ def test_reduced_jpeg_decode_keeps_the_files_own_size_and_mode(tmp_path: Path) -
     assert info["decodable"] is True and (info["width"], info["height"], info["mode"]) == (640, 480, "RGB")
     assert info["channels"] == 3
     # The dHash of the reduced decode is the photo's: within a few bits of the full-size PNG's.
-    from tlops.data.discovery import hamming
+    from tests.helpers.data import hamming
 
     png = _inspect_bytes(tmp_path, "photo.png", _encoded(photo, "PNG"))
     assert hamming(str(info["dhash"]), str(png["dhash"])) <= 4
@@ -218,7 +218,8 @@ def test_exif_orientation_is_recorded(tmp_path: Path) -> None:
 
 
 def test_perceptual_hash_survives_reencoding_but_tells_pictures_apart() -> None:
-    from tlops.data.discovery import dhash, hamming
+    from tests.helpers.data import hamming
+    from tlops.data.discovery import dhash
 
     rng = np.random.default_rng(1)
     pictures = [Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).resize((64, 64), Image.BICUBIC)

@@ -443,10 +443,6 @@ def dhash(img: Image.Image) -> str:
     return np.packbits((a[:, 1:] > a[:, :-1]).ravel()).tobytes().hex()
 
 
-def hamming(a: str, b: str) -> int:
-    return (int(a, 16) ^ int(b, 16)).bit_count()
-
-
 # What the extensions above name; Pillow is not asked to try any other format (EPS would start Ghostscript).
 DECODE_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "DIB", "GIF", "WEBP", "TIFF")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -154,24 +154,6 @@ def materialize(uri: str, cache_root: str | Path, max_bytes: int | None = None) 
     return local
 
 
-def upload_dir(local_dir: str | Path, uri: str) -> int:
-    """Upload every file under ``local_dir`` to ``uri``; returns the number of files."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, prefix = parse_s3(uri)
-    client = s3_client()
-    n = 0
-    try:
-        for path in sorted(Path(local_dir).rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(local_dir).as_posix()
-                client.upload_file(str(path), bucket, f"{prefix}/{rel}" if prefix else rel)
-                n += 1
-    except (BotoCoreError, ClientError) as exc:
-        raise _s3_error(uri, exc) from None
-    return n
-
-
 def fetch_file(uri: str, dest: str | Path) -> bool:
     """Copy the file at ``uri`` (``s3://`` or a local path) to ``dest`` atomically; False when there is none."""
     import shutil

@@ -285,12 +285,6 @@ def reference_spec(name: str) -> PreprocessSpec:
     return spec_from_torchvision_weights(_torchvision_weights(info))
 
 
-def imagenet_categories() -> list[str]:
-    from torchvision.models import ResNet18_Weights
-
-    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
-
-
 class ImageClassifier(nn.Module):
     """A pre-trained backbone with a new linear head for the task's classes."""
 
