@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tlops-installed
 DATA   := .tlops/data/digits
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow lint typecheck compile scenario clean test-containers test-compress
+.PHONY: setup run test test-slow lint typecheck compile scenario clean test-containers test-compress test-monitor
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test-containers: setup
 # `tlops serve` on the ONNX variant; a slow test, several minutes.
 test-compress: setup
 	$(BIN)/python -m pytest tests/pipelines/test_compress_run.py tests/unit/test_compress.py $(PYTEST_ARGS)
+
+# Watching the champion end to end: a pipeline run on the digits, `tlops serve` logging held-out and shifted
+# traffic, `tlops monitor` on both and the labelling queue; a slow test, several minutes.
+test-monitor: setup
+	$(BIN)/python -m pytest -m slow tests/pipelines/test_monitor_scenario.py $(PYTEST_ARGS)
 
 # ruff, then the layering contracts of pyproject.toml [tool.importlinter] (imports inside functions count).
 lint: setup

@@ -393,8 +393,8 @@ def schedule_cmd(
     typer.echo(f"  {url}/#/recurringrun/details/{made.recurring_run_id}")
 
 
-def _tracking(config: Path | None, overrides: list[str] | None, output_format: str = "table") -> None:
-    """Point MLflow at the run's store for the registry commands, after checking their --format."""
+def _tracking(config: Path | None, overrides: list[str] | None, output_format: str = "table") -> Any:
+    """Point MLflow at the run's store for the registry commands, after checking their --format; the config."""
     from tlops import tracking
 
     if output_format not in ("table", "json"):
@@ -411,6 +411,7 @@ def _tracking(config: Path | None, overrides: list[str] | None, output_format: s
     tracking.apply_retry_policy(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    return cfg
 
 
 @app.command("parity")
@@ -542,16 +543,66 @@ def serve_cmd(
                                           "alias; a new version is loaded, then swapped in (0: pinned).")] = 10.0,
     pytorch: Annotated[bool, typer.Option("--pytorch", help="Serve the version's PyTorch model even when it has an "
                                           "ONNX serving variant (which is served without torch by default).")] = False,
+    sample_rate: Annotated[float | None, typer.Option("--sample-rate", help="Share of served images written to "
+                                                      "the prediction log (0: none). Default: "
+                                                      "monitoring.sample_rate.")] = None,
+    log_uri: Annotated[str | None, typer.Option("--log-uri", help="Prediction log: a directory or s3:// prefix. "
+                                                "Default: monitoring.log_uri, else <workdir>/prediction-log.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Serve a registered model over MLflow's scoring protocol (POST /invocations) until SIGTERM or Ctrl-C."""
+    """Serve a registered model over MLflow's scoring protocol (POST /invocations) until SIGTERM or Ctrl-C;
+    metrics at GET /metrics, a sample of the predictions to the prediction log."""
     from tlops.serving.server import ServeLimits, serve
 
-    if model.startswith("models:/") or not Path(model).is_dir():
-        _tracking(config, set_)  # with the retry policy: a tracking server that is down is a bounded wait, one line
+    # With the retry policy: a tracking server that is down is a bounded wait, one line. A variant's downloaded
+    # directory involves no tracking server.
+    from_store = model.startswith("models:/") or not Path(model).is_dir()
+    cfg = _tracking(config, set_) if from_store else _config(config, set_)
+    mon = cfg.monitoring
+    rate = mon.sample_rate if sample_rate is None else sample_rate
+    where = log_uri or mon.log_uri or str(Path(cfg.workdir) / "prediction-log")
     serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads,
-          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s, variant=not pytorch)
+          max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s, variant=not pytorch,
+          sample_rate=rate, log_uri=where, log_images=mon.log_images)
+
+
+@app.command("monitor")
+def monitor_cmd(
+    model: Annotated[str, typer.Option("--model", help="NAME@champion (or NAME/VERSION, or models:/…): the version "
+                                       "whose served traffic is checked.")],
+    since: Annotated[str | None, typer.Option("--since", help="Window start: ISO 8601 (UTC unless it says) or a "
+                                              "duration before now (24h, 7d). Default: the log's start.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Window end (excluded), as --since. Default: "
+                                              "now.")] = None,
+    log_uri: Annotated[str | None, typer.Option("--log-uri", help="The prediction log. Default: monitoring.log_uri, "
+                                                "else <workdir>/prediction-log.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory for report.html and "
+                                                "monitor.json. Default: <workdir>/monitor/NAME-vVERSION-TIME.")] = None,
+    export_queue: Annotated[int | None, typer.Option("--export-queue", help="Instead of the report: the N served "
+                                                     "images most worth labelling (uncertain, novel, spread over "
+                                                     "classes) as a Label Studio import and a CSV template; needs "
+                                                     "monitoring.log_images.")] = None,
+    output_format: FormatOpt = "table",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compare a window of served traffic with the model's training data: drift, out-of-distribution rate and a
+    label-free accuracy estimate. Exit 0 quiet, 1 drift or an estimate below the gate's floor."""
+    from tlops.monitoring.report import export_queue as export
+    from tlops.monitoring.report import run_monitor
+
+    cfg = _tracking(config, set_, output_format)
+    if export_queue is not None:
+        where, count = export(cfg, model, since, until, log_uri, str(output) if output else None, export_queue)
+        typer.echo(f"labelling queue: {count} images in {where} (labelstudio.json to import, manifest.csv to fill)")
+        return
+    result, table = run_monitor(cfg, model, since, until, log_uri, str(output) if output else None)
+    typer.echo(json.dumps(result, indent=2, default=float) if output_format == "json" else table)
+    if output_format == "table":
+        typer.echo(f"report: {result['report']}; MLflow run {result['mlflow_run_id']}")
+    if result["verdict"] != "quiet":
+        raise typer.Exit(1)
 
 
 @app.command("select")
@@ -600,6 +651,27 @@ def labels_curve_cmd(
     typer.echo(lc.format_table(points, output_format))
     if output_format == "table":
         typer.echo(f"plot: {out}; table: {out.with_suffix('.json')}")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Data store operations.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("merge")
+def data_merge_cmd(
+    labels: Annotated[Path, typer.Option("--labels", help="The labelled queue: its manifest.csv with the label "
+                                         "column filled, or Label Studio's JSON export of its tasks.")],
+    into: Annotated[Path, typer.Option("--into", help="The CSV manifest (path,label[,split]) of the data to add "
+                                       "the images to; made when absent.")],
+    queue: Annotated[Path | None, typer.Option("--queue", help="The queue directory tlops monitor --export-queue "
+                                               "wrote. Default: the directory of --labels.")] = None,
+) -> None:
+    """Add labelled served images to the data, with provenance columns; the next run validates them."""
+    from tlops.monitoring.merge import merge
+
+    counts = merge(labels, into, queue)
+    typer.echo(f"{into}: {counts['added']} images added, {counts['present']} already there, "
+               f"{counts['unlabelled']} left unlabelled")
 
 
 @app.command("demo-data")

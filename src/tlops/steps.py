@@ -469,7 +469,8 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
-    rows = split_rows(read_manifest(manifest_path), "test")
+    manifest = read_manifest(manifest_path)
+    rows = split_rows(manifest, "test")
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
     rows = _pixels(cfg, rows)
@@ -503,6 +504,10 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         if "champion" in result:
             mlflow.log_metric("champion.test_macro_f1", result["champion"]["macro_f1"])
         mlflow.log_dict(result, "evaluation/metrics.json")
+        progress.phase("recording the reference tlops monitor compares served traffic with")
+        from tlops.monitoring.reference import log_reference
+
+        log_reference(cfg, model_uri, manifest, lambda sample: _pixels(cfg, sample))
         cand = result["candidate"]
         log.info("evaluate: accuracy %.4f, macro-F1 %.4f, ECE %.4f, latency p95 %.1f ms, weights %d bytes",
                  cand["accuracy"], cand["macro_f1"], cand["ece"], cand["latency"]["p95_ms"] or float("nan"),

@@ -261,9 +261,11 @@ def test_serving_and_recurring_run_call_real_cli_options(overlay: tuple[str, Obj
 
     from tlops.cli import app
     from tlops.config.settings import load_config
+    from tlops.serving.server import ROUTES
 
     _, objects = overlay
-    secrets = {"MLFLOW_TRACKING_URI": "http://tlops-mlflow.tlops.svc.cluster.local:5000"}
+    secrets = {"MLFLOW_TRACKING_URI": "http://tlops-mlflow.tlops.svc.cluster.local:5000",
+               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": "http://minio:9000"}
     cli = typer.main.get_command(app)
     settings = objects[("ConfigMap", "tlops-settings")]["data"]
 
@@ -276,6 +278,12 @@ def test_serving_and_recurring_run_call_real_cli_options(overlay: tuple[str, Obj
     params = serve.make_context("serve", serve_args[1:]).params
     assert params["model"] == f"models:/{settings['TLOPS_MODEL_NAME']}@champion"
     assert params["host"] == "0.0.0.0" and params["port"] == predictor["ports"][0]["containerPort"]
+    assert params["log_uri"] == settings["TLOPS_PREDICTION_LOG_URI"] and 0 < params["sample_rate"] <= 1
+    # Scrape-ready: the pods carry where the metrics are, and the server answers there (tested in the unit suite).
+    notes = objects[("InferenceService", "tlops-champion")]["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/path"] == "/metrics"
+    assert int(notes["prometheus.io/port"]) == predictor["ports"][0]["containerPort"]
+    assert ROUTES["/metrics"] == "GET"
 
     cron = objects[("CronJob", "tlops-retrain")]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["startingDeadlineSeconds"] <= 3600

@@ -416,8 +416,9 @@ class SelectionConfig(Section):
     drift_permutations: int = Field(200, ge=20, le=10_000)
     drift_alpha: float = Field(0.05, gt=0.0, lt=1.0)
     # never: always train. unchanged: skip when the manifest equals the champion's. no-drift: skip also when
-    # the data changed but shows no feature drift (needs drift: true). A skipped run trains nothing.
-    skip_when: Literal["never", "unchanged", "no-drift"] = "never"
+    # the data changed but shows no feature drift (needs drift: true). no-served-drift: skip when the latest
+    # `tlops monitor` verdict on the champion's served traffic is quiet. A skipped run trains nothing.
+    skip_when: Literal["never", "unchanged", "no-drift", "no-served-drift"] = "never"
     seed: int = 0
 
     @model_validator(mode="after")
@@ -425,6 +426,27 @@ class SelectionConfig(Section):
         if self.skip_when == "no-drift" and not self.drift:
             raise ValueError("skip_when: no-drift needs drift: true")
         return self
+
+
+class MonitoringConfig(Section):
+    """The served champion's prediction log (``tlops serve``) and ``tlops monitor`` (tlops.monitoring)."""
+
+    # Share of served images logged (0: no log). Each record holds the image's hash, size, mode, brightness, the
+    # prediction, top-k probabilities and the backbone embedding; the image bytes only with log_images.
+    sample_rate: float = Field(0.1, ge=0.0, le=1.0)
+    # A directory or s3:// prefix; unset: <workdir>/prediction-log.
+    log_uri: str | None = None
+    log_images: bool = False
+    # The reference the evaluate step records with each candidate: training images embedded (a stratified sample).
+    reference_sample: int = Field(500, ge=10, le=20_000)
+    # tlops monitor: the level of each test (Bonferroni over the tests of the verdict), the held-out quantile of
+    # the nearest-training-embedding distance past which an image counts as out of distribution, the fewest
+    # records a window needs, the bootstrap resamples of the accuracy estimate's interval.
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)
+    ood_quantile: float = Field(0.95, gt=0.5, lt=1.0)
+    min_records: int = Field(20, ge=2)
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
+    mmd_sample: int = Field(300, ge=10)
 
 
 class RegistryConfig(Section):
@@ -462,6 +484,7 @@ class Config(Section):
     cluster: ClusterConfig = ClusterConfig()
     selection: SelectionConfig = SelectionConfig()
     deploy: DeployConfig = DeployConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

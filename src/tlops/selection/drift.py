@@ -149,7 +149,11 @@ def decide_skip(cfg: Config, manifest: pd.DataFrame) -> dict[str, Any]:
             mlflow.log_metrics({"drift.mmd2": result.statistic, "drift.p_value": result.p_value})
             log.info("drift against %s: MMD^2 %.5f, p = %.4f (%d permutations): %s", where, result.statistic,
                      result.p_value, result.permutations, out["drift"])
-    if reference is None:
+    if sel.skip_when == "no-served-drift":  # tlops monitor's verdict on the champion's served traffic
+        from tlops.selection.served import served_decision
+
+        skip, reason, out["served"] = served_decision(cfg)
+    elif reference is None:
         skip, reason = False, f"{where}: training"
     elif sel.skip_when in ("unchanged", "no-drift") and not new_data:
         skip, reason = True, f"the data equals the training data of {where} (manifest {champion_hash[:12]})"

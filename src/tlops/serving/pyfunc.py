@@ -111,6 +111,21 @@ class Predictor:
         out = [torch.softmax(self.model(x[start : start + step]), dim=1).numpy() for start in range(0, len(x), step)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
+    @torch.inference_mode()
+    def proba_embed(self, x: torch.Tensor, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities and the backbone's features the head saw, from the same forward pass (the
+        server's prediction log keeps the features)."""
+        step = batch_size or self.batch_size
+        probs, feats = [], []
+        for start in range(0, len(x), step):
+            f = self.model.backbone(x[start : start + step])
+            probs.append(torch.softmax(self.model.head(f), dim=1).numpy())
+            feats.append(f.float().numpy())
+        if not probs:
+            return (np.zeros((0, len(self.classes)), dtype=np.float32),
+                    np.zeros((0, self.model.head.in_features), dtype=np.float32))
+        return np.concatenate(probs), np.concatenate(feats)
+
     def predict_proba(self, images: list[bytes]) -> np.ndarray:
         out = [self.proba(self.tensors(images[start : start + self.batch_size], start))
                for start in range(0, len(images), self.batch_size)]

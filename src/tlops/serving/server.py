@@ -119,6 +119,7 @@ class ModelHolder:
 class _Job:
     model: ServedModel
     x: Any  # torch.Tensor: the request's preprocessed images
+    embed: bool = False  # also the backbone's features (for the prediction log), from the same forward pass
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -153,9 +154,10 @@ class Batcher:
             self._upcoming -= 1
             self._cv.notify()
 
-    def submit(self, model: ServedModel, x: Any) -> concurrent.futures.Future:
-        """Queue an announced request's input; the future gets its probabilities (or the forward pass's error)."""
-        job = _Job(model, x)
+    def submit(self, model: ServedModel, x: Any, embed: bool = False) -> concurrent.futures.Future:
+        """Queue an announced request's input; the future gets its probabilities (or the forward pass's error);
+        with ``embed``, (probabilities, backbone features or None where the runtime gives none)."""
+        job = _Job(model, x, embed)
         with self._cv:
             self._upcoming -= 1
             self._queue.append(job)
@@ -201,7 +203,9 @@ class Batcher:
         predictor = batch[0].model.predictor
         try:
             x = batch[0].x if len(batch) == 1 else predictor.concat([job.x for job in batch])
-            proba = predictor.proba(x, max(self.max_batch, predictor.batch_size))
+            step = max(self.max_batch, predictor.batch_size)
+            embed = any(job.embed for job in batch) and hasattr(predictor, "proba_embed")
+            proba, features = predictor.proba_embed(x, step) if embed else (predictor.proba(x, step), None)
         except Exception as exc:  # the requests get the error; the thread lives on
             for job in batch:
                 if not job.future.done():
@@ -212,7 +216,9 @@ class Batcher:
         start = 0
         for job in batch:
             if not job.future.done():  # a request whose client went away: its rows are dropped
-                job.future.set_result(proba[start : start + len(job.x)])
+                rows = slice(start, start + len(job.x))
+                job.future.set_result((proba[rows], None if features is None else features[rows]) if job.embed
+                                      else proba[rows])
             start += len(job.x)
 
 
@@ -398,7 +404,8 @@ def _json_type(headers: dict[str, str]) -> None:
                                 f"as {JSON_TYPE} (UTF-8)")
 
 
-ROUTES = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST", "/v1/models": "GET"}
+ROUTES = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST", "/v1/models": "GET",
+          "/metrics": "GET"}
 # KServe's v1 protocol, for its clients: the same request and response bodies under other paths.
 _KSERVE_PREDICT = re.compile(r"/v1/models/[^/:]+:predict")
 _KSERVE_MODEL = re.compile(r"/v1/models/[^/:]+")
@@ -415,7 +422,11 @@ def _route(path: str) -> str | None:
 class ScoringApp:
     """The ASGI app: routes, limits, error bodies in MLflow's shape, one log line per request."""
 
-    def __init__(self, model: ServedModel | ModelHolder, limits: ServeLimits, batcher: Batcher | None = None) -> None:
+    def __init__(self, model: ServedModel | ModelHolder, limits: ServeLimits, batcher: Batcher | None = None,
+                 monitor: Any = None) -> None:
+        from tlops.serving.metrics import ServingMonitor
+
+        self.monitor = monitor if monitor is not None else ServingMonitor()  # /metrics, and the prediction log
         if limits.max_aspect_ratio is None:  # read once, at the start: a bad TLOPS_MAX_ASPECT_RATIO is one line
             limits = dataclasses.replace(limits, max_aspect_ratio=_data_aspect_ratio())
         self.holder = model if isinstance(model, ModelHolder) else ModelHolder(model)
@@ -444,14 +455,19 @@ class ScoringApp:
             log.exception("%s %s failed", method, path)
             status, body = 500, _error(500, "internal error while predicting; see the server log")
         # Content-Length always, and close after an error: the rest of a refused body is never read.
-        headers = [(b"content-type", JSON_TYPE.encode()), (b"content-length", str(len(body)).encode()), *extra]
+        if not any(k == b"content-type" for k, _ in extra):
+            extra = [(b"content-type", JSON_TYPE.encode()), *extra]
+        headers = [(b"content-length", str(len(body)).encode()), *extra]
         if status >= 400:
             headers.append((b"connection", b"close"))
         if status == 503:
             headers.append((b"retry-after", b"1"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        log.info("%s %s %d %.1f ms", method, path, status, (time.perf_counter() - start) * 1000)
+        seconds = time.perf_counter() - start
+        self.monitor.observe(_route(path) or "other", method if method in ("GET", "HEAD", "POST") else "other",
+                             status, seconds)
+        log.info("%s %s %d %.1f ms", method, path, status, seconds * 1000)
 
     async def _handle(self, method: str, path: str, scope: Scope,
                       receive: Receive) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -463,6 +479,9 @@ class ScoringApp:
             raise RequestError(405, f"{path} takes {ROUTES[route]}, not {method}")
         if route in ("/ping", "/health"):
             return 200, b"\n", []
+        if route == "/metrics":
+            text, content_type = self.monitor.exposition()
+            return 200, text, [(b"content-type", content_type.encode())]
         model = self.holder.current  # this request's model, to its end, whatever is swapped in meanwhile
         if route == "/version":  # torch_loaded: whether this process imported torch (an ONNX variant does not)
             info = {**model.info, "torch_loaded": "torch" in sys.modules}
@@ -496,15 +515,19 @@ class ScoringApp:
         # JSON, base64, the image headers and the preprocessing off the event loop, each request on its own;
         # only the forward pass waits for the batch.
         images = await asyncio.to_thread(decode_request, body, self.limits, model.spec)
+        sampled = self.monitor.sample(len(images))  # which images the prediction log keeps (None: none)
         held = await self.slots.take(len(images))
         try:
             try:
                 x = await asyncio.to_thread(model.predictor.tensors, images)
             except ImageInputError as exc:
                 raise RequestError(422, str(exc)) from None
-            future = self.batcher.submit(model, x)
+            future = self.batcher.submit(model, x, embed=sampled is not None)
             submitted[0] = True
-            return await asyncio.wrap_future(future)
+            result = await asyncio.wrap_future(future)
+            proba, features = result if sampled is not None else (result, None)
+            self.monitor.served(model.info, images, proba, features, sampled)
+            return proba
         finally:
             await self.slots.give(held)
 
@@ -848,14 +871,16 @@ def _log_to_stderr() -> None:
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: ServeLimits | None = None,
           threads: int = 1, graceful_s: int = 10, max_batch: int = 32, batch_window_ms: float = 5.0,
-          poll_s: float = 10.0, variant: bool = True) -> None:
+          poll_s: float = 10.0, variant: bool = True, sample_rate: float = 0.0, log_uri: str | None = None,
+          log_images: bool = False) -> None:
     """Serve until SIGTERM or SIGINT; in-flight requests get ``graceful_s`` seconds to finish.
 
     ``threads``: torch CPU threads (0: torch's default, every core of the machine). One is the default, as the
     gate measures latency: torch does not see a container's CPU limit, and more threads than cores stall.
     ``max_batch``, ``batch_window_ms``: dynamic batching (:class:`Batcher`; 1 turns it off). ``poll_s``: for a
     ``models:/NAME@ALIAS`` URI, how often the alias is looked up, a new version swapped in (0: never).
-    ``variant``: serve a version's ONNX serving variant when it has one (False: its PyTorch model)."""
+    ``variant``: serve a version's ONNX serving variant when it has one (False: its PyTorch model).
+    ``sample_rate``, ``log_uri``, ``log_images``: the prediction log (:mod:`tlops.serving.predlog`; 0: none)."""
     import uvicorn
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in a server log
@@ -871,6 +896,9 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
         raise TlopsError(f"--batch-window-ms {batch_window_ms:g}: expected milliseconds from 0 to 1000")
     if poll_s < 0:
         raise TlopsError(f"--poll-s {poll_s:g}: expected seconds between looks at the alias (0: never)")
+    from tlops.serving.metrics import ServingMonitor
+
+    monitor = ServingMonitor.create(sample_rate, log_uri, log_images)  # checks its options before the model loads
     sock = bind(host, port)
     holder = ModelHolder(load_served_model(model_uri, variant=variant))
     model = holder.current
@@ -889,7 +917,8 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     # The guard bounds connections, the app the requests past their body and the bytes held.
     max_connections = _connection_limit(limits.max_connections)
     guard = ConnectionGuard(max_connections, min(limits.max_connections_per_client, max_connections))
-    config = uvicorn.Config(ScoringApp(holder, limits, batcher), http=guarded_protocol(guard, limits), ws="none",
+    app = ScoringApp(holder, limits, batcher, monitor)
+    config = uvicorn.Config(app, http=guarded_protocol(guard, limits), ws="none",
                             log_config=None, access_log=False, log_level="warning",
                             timeout_graceful_shutdown=graceful_s, limit_concurrency=None,
                             timeout_keep_alive=limits.keep_alive_s, lifespan="off")
@@ -907,11 +936,19 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
              limits.max_bytes, limits.max_instances, limits.max_request_pixels, guard.max_connections,
              guard.max_per_client, limits.header_timeout_s, used_threads, batcher.max_batch,
              batch_window_ms, f"following the alias every {poll_s:g} s" if follower else "version pinned")
+    if monitor.log is not None:
+        log.info("prediction log: %g of the images to %s%s; metrics at GET /metrics", sample_rate, log_uri,
+                 ", image bytes kept" if log_images else "")
     try:
         server.run(sockets=[sock])
     finally:
         if follower is not None:
             follower.stop()
+        monitor.close()  # what the prediction log still holds is written
     log.info("answered %d requests in %d forward passes (%.1f images per pass)", batcher.requests, batcher.batches,
              batcher.images / max(1, batcher.batches))
+    if monitor.log is not None:
+        log.info("prediction log: %d records written, %d dropped (queue full %d, store failed %d)",
+                 monitor.log.written, sum(monitor.log.dropped.values()), monitor.log.dropped["queue_full"],
+                 monitor.log.dropped["store_error"])
     log.info("stopped%s", f" by {stopped_by[0]}" if stopped_by else "")
