@@ -19,7 +19,7 @@ from tlops.config.settings import GateConfig, load_config
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
 from tlops.serving.compress import variants as V
-from tlops.serving.compress.runtime import OnnxPredictor, served_model
+from tlops.serving.compress.runtime import OnnxPredictor
 from tlops.serving.pyfunc import Predictor, load_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,9 +178,9 @@ def _post(app: Any, body: bytes) -> tuple[int, dict[str, Any]]:
 
 def test_served_variant_answers_as_offline_evaluation(onnx_dir: Path, images: tuple[list[bytes], list[str]],
                                                       tiny_models: dict[str, Path]) -> None:
-    from tlops.serving.server import ScoringApp, ServeLimits
+    from tlops.serving.server import ScoringApp, ServeLimits, variant_model
 
-    model = served_model(onnx_dir, {"model": "test"})
+    model = variant_model(onnx_dir, {"model": "test"})
     assert model.info["runtime"] == "onnxruntime"
     app = ScoringApp(model, ServeLimits())
     sample = images[0][:6]

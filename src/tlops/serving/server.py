@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tlops.errors import TlopsError
@@ -748,20 +749,24 @@ def _unreachable(model_uri: str) -> TlopsError:
                       "MLFLOW_TRACKING_URI at a running one")
 
 
+def variant_model(model_dir: str | Path, info: dict[str, Any]) -> ServedModel:
+    """A compressed serving variant's directory as the served model: ONNX Runtime, without torch."""
+    from tlops.serving.compress.runtime import variant_predictor
+
+    predictor, info = variant_predictor(model_dir, info)
+    return ServedModel(None, info, spec=predictor.spec, predictor=predictor)
+
+
 def load_served_model(model_uri: str, version: str | None = None, variant: bool = True) -> ServedModel:
     """Load the pyfunc, or the version's ONNX serving variant when it has one (and ``variant``: torch is then
     never imported); a ``models:/NAME@ALIAS`` URI is pinned to the version the alias names now (or to
     ``version``, already resolved). A local directory holding an ONNX variant's files (``model.onnx``,
     ``preprocess.json``, ``model.json``: a version's ``variants/NAME`` artifact as downloaded, e.g. by KServe's
     storage initializer) is served as it is, without MLflow or torch."""
-    from pathlib import Path
-
     if not model_uri.startswith("models:/") and Path(model_uri).is_dir():
         from tlops import __version__
-        from tlops.serving.compress.runtime import served_model
-
         try:
-            return served_model(model_uri, {"model": model_uri, "tlops": __version__})
+            return variant_model(model_uri, {"model": model_uri, "tlops": __version__})
         except TlopsError as exc:
             raise TlopsError(f"--model {model_uri}: {exc}; a directory is served as a downloaded ONNX variant "
                              "(variants/NAME of a run), else give models:/NAME@ALIAS") from None
@@ -782,9 +787,7 @@ def load_served_model(model_uri: str, version: str | None = None, variant: bool 
 
             found = serving_variant_dir(name, version) if variant else None
             if found is not None:
-                from tlops.serving.compress.runtime import served_model
-
-                return served_model(found, info)
+                return variant_model(found, info)
         pyfunc = mlflow.pyfunc.load_model(uri)
     except TlopsError as exc:
         # parse_model_uri says "no such model version" for any registry error: tell an unreachable server apart.

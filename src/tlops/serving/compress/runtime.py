@@ -217,11 +217,11 @@ class OnnxPredictor:
         return self.predict_frame([bytes(v) for v in model_input["image"]])
 
 
-def served_model(model_dir: str | Path, info: dict[str, Any], threads: int = 1) -> Any:
-    """``tlops.server.ServedModel`` over the variant: ``predict`` takes image bytes, the spec bounds the work."""
-    from tlops.serving.server import ServedModel
-
+def variant_predictor(model_dir: str | Path, info: dict[str, Any],
+                      threads: int = 1) -> tuple[OnnxPredictor, dict[str, Any]]:
+    """The variant's predictor and what ``/version`` tells about it (``info`` with the classes, the fingerprint,
+    the runtime and the variant's name); the server wraps them in its ``ServedModel``."""
     predictor = OnnxPredictor(model_dir, threads=threads)
     info = {**info, "classes": predictor.classes, "preprocess_fingerprint": predictor.spec.fingerprint,
             "runtime": "onnxruntime", "variant": predictor.variant.get("name", "onnx")}
-    return ServedModel(None, info, spec=predictor.spec, predictor=predictor)
+    return predictor, info
