@@ -42,7 +42,7 @@ model = mlflow.pyfunc.load_model(sys.argv[1])
 model.predict(pd.DataFrame({"image": [open(sys.argv[2], "rb").read()]}))
 code = Path(sys.modules["tlops"].__file__).parent
 names = set()
-for path in code.glob("*.py"):
+for path in code.rglob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
@@ -140,7 +140,9 @@ def test_the_logged_model_declares_what_it_imports_and_bundles_its_code(
     names = {r.split("==")[0] for r in requirements}
     assert {"torch", "torchvision", "timm", "pillow", "numpy", "pandas", "mlflow"} <= names, requirements
     assert "tlops" not in names and all("==" in r for r in requirements), requirements
-    assert (local / "code" / "tlops" / "serving.py").is_file() and not (local / "code" / "tlops" / "cli.py").exists()
+    code = local / "code" / "tlops"
+    assert (code / "serving" / "pyfunc.py").is_file() and (code / "serving" / "pyfunc_entry.py").is_file()
+    assert not (code / "cli.py").exists() and not (code / "serving" / "server.py").exists()
     digit = next(tiny_digits.glob("7/*.png"))
     env = {**no_tlops_env, "MLFLOW_TRACKING_URI": mlflow_server}
     run = subprocess.run([env["PYTHON"], "-c", CLOSURE, model_uri, str(digit), str(local / "requirements.txt")],
