@@ -55,6 +55,24 @@ def test_two_gloo_processes_match_one_process(manifest: pd.DataFrame, tmp_path: 
     assert moved > 100 * max(worst, 1e-6)
 
 
+def test_workers_import_this_tlops_when_a_loaded_model_put_its_partial_copy_first(
+        manifest: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading an MLflow model puts its bundled code (a tlops without the training modules) on sys.path; the
+    spawned workers must still import the tlops this process runs."""
+    import sys
+
+    from tlops.serving.pyfunc import bundle_code
+
+    partial = bundle_code(tmp_path / "code")
+    assert not (partial / "training").exists()
+    monkeypatch.setattr(sys, "path", [str(partial.parent), *sys.path])
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    two = fine_tune(BACKBONE, manifest, class_names(manifest), spec,
+                    CFG.model_copy(update={"processes": 2, "checkpoint_every_steps": 0}), workdir=tmp_path / "w")
+    assert two.environment["world_size"] == 2
+    assert sys.path[0] == str(partial.parent)  # the caller's path is as it was
+
+
 def test_ranks_split_each_global_batch_between_them() -> None:
     data = list(range(21))
     one = list(ResumableSampler(data, num_replicas=1, rank=0, seed=5))  # type: ignore[arg-type]

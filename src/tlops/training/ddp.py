@@ -14,9 +14,12 @@ synchronised with SyncBatchNorm); CPU has no SyncBatchNorm.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +91,21 @@ def _result_from(payload: dict[str, Any], backbone: str, classes: list[str], str
                      resumed_at_step=payload["resumed_at_step"], stopped_early=bool(payload["stopped_early"]))
 
 
+@contextlib.contextmanager
+def _this_tlops_first() -> Iterator[None]:
+    """The spawned workers import tlops by this process's sys.path: put the directory of the tlops running here
+    first while they start. Another copy may sit earlier on the path, e.g. the partial copy an MLflow model
+    loaded in this process bundles as its code (``code_paths``), which would give the workers a tlops without
+    the training modules."""
+    root = str(Path(__file__).resolve().parents[2])
+    saved = list(sys.path)
+    sys.path[:] = [root, *(p for p in saved if p != root)]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def spawn_fit(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec, cfg: TrainConfig,
               workdir: str | Path, processes: int, head: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train on ``processes`` DDP workers on this machine; returns rank 0's result."""
@@ -105,7 +123,8 @@ def spawn_fit(backbone: str, manifest: pd.DataFrame, classes: list[str], spec: P
         log.info("DDP: %d processes (%s)", processes, "nccl" if torch.cuda.is_available() and cfg.device != "cpu"
                  else "gloo")
         try:
-            mp.spawn(_worker, args=(processes, init_file, job, tmp), nprocs=processes, join=True)
+            with _this_tlops_first():
+                mp.spawn(_worker, args=(processes, init_file, job, tmp), nprocs=processes, join=True)
         except mp.ProcessRaisedException as exc:
             last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
             raise TlopsError(f"DDP worker failed: {last.strip()}") from None
