@@ -28,7 +28,7 @@ def _client(store: dict):
 
 @pytest.mark.parametrize(
     ("override", "field"),
-    # Every field's mismatch is caught by check_parity in tests/unit/test_preprocessing.py; two go end to end in
+    # Every field's mismatch is caught by check_parity in tests/unit/test_preprocessing.py; one goes end to end in
     # the default suite (about 20 s each), the rest with the slow tests.
     [
         ("preprocess.mean=0.485,0.456,0.406", "mean"),  # ImageNet statistics on a 0.5/0.5 backbone
@@ -37,7 +37,7 @@ def _client(store: dict):
         pytest.param("preprocess.scale=1.0", "scale", marks=pytest.mark.slow),  # the missing /255
         # resize-then-crop replaced by a direct resize
         pytest.param("preprocess.resize_rule=direct", "resize_rule", marks=pytest.mark.slow),
-        ("preprocess.exif_transpose=false", "exif_transpose"),
+        pytest.param("preprocess.exif_transpose=false", "exif_transpose", marks=pytest.mark.slow),
     ],
 )
 def test_mismatch_is_stopped_and_champion_unchanged(store: dict, override: str, field: str) -> None:
@@ -103,6 +103,7 @@ def test_parity_on_a_missing_model_is_a_clear_error(store: dict, uri: str) -> No
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.startswith("error: ")
 
 
+@pytest.mark.slow  # a whole pipeline run (about 60 s); its parts are in tests/unit/test_custom_backbone.py
 def test_own_checkpoint_end_to_end_and_served_without_it(tmp_path: Path, tiny_digits: Path) -> None:
     """A custom backbone's metadata is its reference; the registered model needs nothing of it to serve."""
     import shutil
