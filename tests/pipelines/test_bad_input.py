@@ -77,6 +77,7 @@ def test_data_that_fails_validation_stops_the_pipeline(tmp_path: Path, tiny_digi
     assert before == {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}  # input untouched
 
 
+@pytest.mark.slow  # a pipeline run; the same mismatch (mean) runs end to end in test_parity_gate.py
 def test_imagenet_statistics_on_lite0_are_stopped_at_parity(tmp_path: Path, tiny_digits: Path) -> None:
     import mlflow
 

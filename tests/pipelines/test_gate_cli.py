@@ -112,6 +112,7 @@ def test_bad_registry_commands_are_one_line_errors(store: dict, args: list[str],
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
 
 
+@pytest.mark.slow  # a third pipeline run (about 35 s)
 def test_a_champion_whose_files_are_gone_stops_the_run_and_stays(store: dict) -> None:
     client = _client(store)
     champion = str(client.get_model_version_by_alias(NAME, "champion").version)

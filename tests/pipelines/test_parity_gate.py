@@ -56,6 +56,7 @@ def test_mismatch_is_stopped_and_champion_unchanged(store: dict, override: str, 
     assert failed.data.tags["parity"] == "fail" and failed.info.status == "FAILED"
 
 
+@pytest.mark.slow  # a pipeline run; allow_resolution_change is checked in tests/unit/test_preprocessing.py
 def test_undeclared_resolution_change_is_refused(store: dict) -> None:
     result = run_cli("run", "--config", str(store["cfg"]), "--data", str(store["data"]),
                      "--set", "preprocess.allow_resolution_change=false", cwd=store["cwd"])
