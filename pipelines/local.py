@@ -11,10 +11,12 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipelines import stepserver
 from pipelines.view import LiveView, PlainView, make_view, parse_event
 from tlops import progress
 from tlops.config.settings import Config
@@ -206,6 +208,36 @@ def run_local(data_uri: str, cfg: Config, verbose: bool = False,
 
 def _run(data_uri: str, cfg: Config, verbose: bool, containers: Containers | None, workdir: Path, stamp: str,
          log_path: Path, pipeline_root: Path) -> dict[str, Any]:
+    if containers is not None:
+        return _run_steps(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
+    # Started first, so that it imports what the steps need while this process imports kfp and builds the DAG.
+    with stepserver.running() as server, _steps_through(server):
+        return _run_steps(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
+
+
+@contextlib.contextmanager
+def _steps_through(server: str | None) -> Iterator[None]:
+    """kfp.local's subprocess runner starting each step through the step server (``pipelines.stepserver``): the
+    same command, ``python -m kfp.dsl.executor_main`` forked from a process that has its imports done."""
+    if server is None:
+        yield
+        return
+    from kfp.local import subprocess_task_handler as handler
+
+    original = handler.run_local_subprocess
+
+    def through_server(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        return original(stepserver.route_command(full_command, server), env_vars)
+
+    handler.run_local_subprocess = through_server
+    try:
+        yield
+    finally:
+        handler.run_local_subprocess = original
+
+
+def _run_steps(data_uri: str, cfg: Config, verbose: bool, containers: Containers | None, workdir: Path,
+               stamp: str, log_path: Path, pipeline_root: Path) -> dict[str, Any]:
     from kfp import local
 
     from pipelines.transfer_learning import transfer_learning_pipeline

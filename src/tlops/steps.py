@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -90,10 +91,8 @@ def _exit_quickly_once_done() -> None:
     def exit_now() -> None:
         if failed:
             return
-        mlflow = sys.modules.get("mlflow")
-        flush = getattr(mlflow, "flush_async_logging", None)
-        if flush is not None:
-            flush()
+        if _mlflow_store_opened():
+            sys.modules["mlflow"].flush_async_logging()
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -102,6 +101,45 @@ def _exit_quickly_once_done() -> None:
 
     sys.excepthook = note_failure
     atexit.register(exit_now)
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc), else None."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _log_timing(name: str, entered: float) -> None:
+    """One line per step for profiling a run (``bench/profile_run.py``): the process's start-up before the step's
+    body (interpreter, kfp's executor, imports), the body, and the process's CPU time so far."""
+    import resource
+
+    body = time.monotonic() - entered
+    age = _process_age()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    before = f"{age - body:.2f} s" if age is not None else "unknown"
+    log.info("%s: step timing: start-up %s, body %.2f s, cpu user %.2f s sys %.2f s", name, before, body,
+             usage.ru_utime, usage.ru_stime)
+
+
+def _mlflow_store_opened() -> bool:
+    """Whether this process opened an MLflow tracking store (only then can it have logging to flush). A step
+    started by the step server has MLflow imported whether it used it or not, and asking for the store to flush
+    would open one (a SQLite store checks its schema: seconds)."""
+    if "mlflow" not in sys.modules:
+        return False
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return _tracking_store_registry._get_store_with_resolved_uri.cache_info().currsize > 0
+    except Exception:  # another MLflow's internals: flush as before
+        return True
 
 
 def step(fn: F) -> F:
@@ -113,10 +151,12 @@ def step(fn: F) -> F:
 
         logs.to_stderr()  # the kfp executor configures the root logger for itself
         name = fn.__name__.removesuffix("_step").replace("_", "-")
+        entered = time.monotonic()
         try:
             try:
                 with _private_workdir(fn.__name__.removesuffix("_step")), progress.heartbeat(name):
                     result = fn(*args, **kwargs)
+                _log_timing(name, entered)
                 _exit_quickly_once_done()
                 return result
             except TlopsError:
@@ -481,8 +521,10 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         progress.phase(f"looking up the champion of {cfg.registry.model_name}")
         champ = champion_version(cfg.registry.model_name)
         champion = None if champ is None else (cfg.registry.model_name, str(champ.version))
-        result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion,
-                                     features=_feature_cache(cfg) if cfg.evaluation.feature_cache else None)
+        features = _feature_cache(cfg) if cfg.evaluation.feature_cache else None
+        loaded: dict[str, Any] = {}
+        result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion, features=features,
+                                     loaded=loaded)
         progress.phase("drawing the figures and writing the report")
         pngs = report.figures(result)
         page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
@@ -507,7 +549,8 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         progress.phase("recording the reference tlops monitor compares served traffic with")
         from tlops.monitoring.reference import log_reference
 
-        log_reference(cfg, model_uri, manifest, lambda sample: _pixels(cfg, sample))
+        log_reference(cfg, model_uri, manifest, lambda sample: _pixels(cfg, sample),
+                      predictor=loaded["candidate"].unwrap_python_model().predictor, features=features)
         cand = result["candidate"]
         log.info("evaluate: accuracy %.4f, macro-F1 %.4f, ECE %.4f, latency p95 %.1f ms, weights %d bytes",
                  cand["accuracy"], cand["macro_f1"], cand["ece"], cand["latency"]["p95_ms"] or float("nan"),

@@ -7,6 +7,7 @@ record. A linear-probe candidate and a champion with the same backbone share one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from tests.helpers.registry import EVIDENCE, gate_lab, restored_mlflow_uris, step_inputs
 from tlops import registry, tracking
@@ -21,6 +23,7 @@ from tlops.data.discovery import read_manifest
 from tlops.data.manifest import localize, split_rows
 from tlops.evaluation import evaluate as evaluation
 from tlops.fileio import read_json
+from tlops.monitoring.reference import Reference
 from tlops.steps import evaluate_step, gate_step
 from tlops.vision.features import FeatureCache
 
@@ -58,6 +61,8 @@ def _tail(lab: dict, name: str, kind: str, from_features: bool) -> dict:
         "gate": cfg.gate.model_validate({**cfg.gate.model_dump(), "min_accuracy": 0.2}),
         "evaluation": cfg.evaluation.model_copy(update={"latency_images": 2, "bootstrap_resamples": 500,
                                                         "feature_cache": from_features}),
+        # A sample of the training split for the monitoring reference (the demo's 500 of 1,169).
+        "monitoring": cfg.monitoring.model_copy(update={"reference_sample": 10}),
     })
     tracking.setup(cfg)
     with mlflow.start_run(experiment_id=lab["experiment"]) as run:
@@ -65,10 +70,18 @@ def _tail(lab: dict, name: str, kind: str, from_features: bool) -> dict:
     out = lab["root"] / name / run.info.run_id
     inputs = step_inputs(out, cfg, run.info.run_id)
     model_uri = lab["models"][kind]
+    if from_features:  # as the fine-tune step leaves it: the whole training split's features, by backbone name
+        predictor = evaluation.load_model(model_uri).unwrap_python_model().predictor
+        train = localize(split_rows(read_manifest(lab["manifest"]), "train"), Path(cfg.workdir) / "cache")
+        FeatureCache(Path(cfg.workdir) / "cache" / "features").features(
+            "efficientnet_lite0", predictor.model.backbone, list(train["path"]), [str(x) for x in train["sha256"]],
+            predictor.spec, 8, torch.device("cpu"), "train")
     evaluate_step(inputs["plan"], lab["manifest"], model_uri, str(out / "evaluation.json"))
     summary = json.loads(gate_step(inputs["plan"], model_uri, str(out / "evaluation.json"), inputs["parity"],
                                    inputs["serving"], str(out / "decision.json")))
-    return {"record": read_json(out / "evaluation.json"), "summary": summary, "cfg": cfg}
+    reference = Reference.load(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="monitoring/reference.npz", dst_path=str(out / "ref")), "reference")
+    return {"record": read_json(out / "evaluation.json"), "summary": summary, "cfg": cfg, "reference": reference}
 
 
 def test_predictions_from_cached_features_equal_the_pyfunc_on_bytes(lab: dict, tmp_path: Path) -> None:
@@ -113,8 +126,19 @@ def test_evaluation_and_gate_from_features_match_those_from_bytes(lab: dict) -> 
             for p in ("slow", "fast")]
     assert tags[0] == tags[1]
     assert {"gate.decision", "test_accuracy"} <= set(tags[0])
-    # The fast path found the test split's features once for both models of the second run.
-    assert len(list((Path(fast["cfg"].workdir) / "cache" / "features").glob("*.pt"))) == 1
+    # The monitoring reference: from the cached features (the training sample out of the whole split's file, the
+    # held-out split's computed once) as through the pyfunc on the bytes, to float rounding.
+    ref_slow, ref_fast = slow["reference"], fast["reference"]
+    assert len(ref_fast.train_embeddings) == 10 and len(ref_fast.val_embeddings) > 0
+    for f in dataclasses.fields(Reference):
+        x, y = getattr(ref_slow, f.name), getattr(ref_fast, f.name)
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=f.name)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=f.name)
+    # The fast path found the test split's features once for both models of the second run; the reference's
+    # held-out features are one more file, the training sample none (the whole split's file, put there above).
+    assert len(list((Path(fast["cfg"].workdir) / "cache" / "features").glob("*.pt"))) == 3
 
 
 SCRIPT = """

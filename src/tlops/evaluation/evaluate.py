@@ -331,13 +331,15 @@ def champion_load_error(name: str, version: str, exc: BaseException) -> TlopsErr
 # Over 60 lines: the candidate and the champion scored on the same images, and the record both feed;
 # the scoring, comparison and slicing are calls.
 def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: EvaluationConfig,
-             champion: tuple[str, str] | None = None, features: Any = None) -> dict[str, Any]:
+             champion: tuple[str, str] | None = None, features: Any = None,
+             loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score the candidate (and the champion, ``(name, version)``, when there is one) on the same images.
 
     The champion is loaded first: a champion that cannot be loaded stops the evaluation before any work.
     With ``features`` (a :class:`tlops.vision.features.FeatureCache`) both are scored from backbone features
     (:func:`predict_features`; ``rows`` then needs ``path`` and ``sha256``), else from the image bytes through
     the pyfunc (:func:`predict`). Latency is always measured through the pyfunc, one image per call.
+    ``loaded``: a dict that receives the loaded candidate (``candidate``), for the caller's further use.
     """
     from tlops.progress import phase
 
@@ -360,6 +362,8 @@ def evaluate(candidate_uri: str, rows: pd.DataFrame, images: list[bytes], cfg: E
             raise champion_load_error(name, version, exc) from None
     phase("loading the candidate")
     model = load_model(candidate_uri)
+    if loaded is not None:
+        loaded["candidate"] = model
     pred = predictions(model, "candidate")
     cand = score(pred, labels, cfg)
     correct = [p == t for p, t in zip(pred.labels, labels, strict=True)]

@@ -99,10 +99,46 @@ def _embed(predictor: Any, images: list[bytes], batch: int = 64) -> tuple[np.nda
     return np.concatenate(probs), np.concatenate(feats)
 
 
+def cached_embeddings(predictor: Any, cache: Any, train: pd.DataFrame, held_out: pd.DataFrame,
+                      whole_train: tuple[list[str], np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The embeddings :func:`build_reference` computes (the training sample's; the held-out split's with its
+    class probabilities), from the feature cache (:class:`tlops.vision.features.FeatureCache`): the backbone's
+    features of these images, read where an earlier step stored them (the fine-tune step's, for a backbone it
+    did not change) or computed once, then the model's head. The training sample is taken from the whole
+    split's stored features when they are there: ``whole_train`` is the split's sha256 list and the sample's
+    positions in it."""
+    import torch
+
+    from tlops.vision.features import state_digest
+
+    backbone, head, spec = predictor.model.backbone, predictor.model.head, predictor.spec
+    digest = state_digest(backbone)
+
+    def shas(rows: pd.DataFrame) -> list[str]:
+        return [str(x) for x in rows["sha256"]]
+
+    train_emb = None
+    if whole_train is not None:
+        whole = cache.lookup_of(backbone, whole_train[0], spec, digest)
+        if whole is not None:
+            train_emb = whole[torch.as_tensor(whole_train[1], dtype=torch.long)]
+    if train_emb is None:
+        train_emb = cache.features_of(backbone, [str(p) for p in train["path"]], shas(train), spec, 64,
+                                      torch.device("cpu"), "reference training sample")
+    held_emb = cache.features_of(backbone, [str(p) for p in held_out["path"]], shas(held_out), spec, 64,
+                                 torch.device("cpu"), "reference held-out images")
+    with torch.inference_mode():
+        proba = torch.softmax(head(held_emb), dim=1)
+    return train_emb.float().numpy(), proba.numpy(), held_emb.float().numpy()
+
+
 def build_reference(predictor: Any, train: pd.DataFrame, held_out: pd.DataFrame, split: str,
-                    sample: int = 500, seed: int = 0) -> Reference:
+                    sample: int = 500, seed: int = 0,
+                    embeddings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Reference:
     """The record from the manifest rows of the training split (``path`` readable here; a stratified sample of
-    ``sample`` images is embedded) and of the held-out split (every image)."""
+    ``sample`` images is embedded) and of the held-out split (every image). ``embeddings``: those of
+    :func:`cached_embeddings` for exactly these rows, instead of running the model on the images."""
     from tlops.serving.predlog import image_properties
 
     classes = list(predictor.classes)
@@ -116,10 +152,14 @@ def build_reference(predictor: Any, train: pd.DataFrame, held_out: pd.DataFrame,
         except ValueError:  # a class too small to stratify
             train = train.sample(n=sample, random_state=seed)
     train_images = [Path(p).read_bytes() for p in train["path"]]
-    _, train_emb = _embed(predictor, train_images)
+    if embeddings is not None:
+        train_emb, proba, held_emb = embeddings
+    else:
+        _, train_emb = _embed(predictor, train_images)
     props = [image_properties(b) for b in train_images]
-    held_images = [Path(p).read_bytes() for p in held_out["path"]]
-    proba, held_emb = _embed(predictor, held_images)
+    if embeddings is None:
+        held_images = [Path(p).read_bytes() for p in held_out["path"]]
+        proba, held_emb = _embed(predictor, held_images)
     predicted = proba.argmax(axis=1)
     truth = np.array([classes.index(str(y)) if str(y) in classes else -1 for y in held_out["label"]])
     return Reference(
@@ -137,9 +177,12 @@ def build_reference(predictor: Any, train: pd.DataFrame, held_out: pd.DataFrame,
 
 
 def log_reference(cfg: Config, model_uri: str, manifest: pd.DataFrame,
-                  localize: Callable[[pd.DataFrame], pd.DataFrame]) -> str | None:
+                  localize: Callable[[pd.DataFrame], pd.DataFrame], predictor: Any = None,
+                  features: Any = None) -> str | None:
     """Build the candidate's record and log it to the active MLflow run; the artifact's URI, or None (with a
-    warning: the candidate is still evaluated) when it cannot be built."""
+    warning: the candidate is still evaluated) when it cannot be built. ``predictor``: the candidate's, already
+    loaded (else loaded from ``model_uri``); ``features``: a feature cache to take the embeddings from
+    (:func:`cached_embeddings`)."""
     import tempfile
 
     import mlflow
@@ -152,7 +195,8 @@ def log_reference(cfg: Config, model_uri: str, manifest: pd.DataFrame,
         held_out = split_rows(manifest, split)
         if train.empty or held_out.empty:
             raise TlopsError(f"the manifest has no {'train' if train.empty else split} images")
-        predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+        if predictor is None:
+            predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
         if not hasattr(predictor, "proba_embed"):
             raise TlopsError("the model's predictor gives no embeddings")
         sample = cfg.monitoring.reference_sample
@@ -167,7 +211,16 @@ def log_reference(cfg: Config, model_uri: str, manifest: pd.DataFrame,
             counts_from = split_rows(manifest, "train")
         else:
             counts_from = train
-        record = build_reference(predictor, localize(train), localize(held_out), split, sample, cfg.selection.seed)
+        whole_train = None
+        if counts_from is not train:  # a sample: where its rows are in the whole split
+            positions = counts_from.index.get_indexer(train.index)
+            if (positions >= 0).all():
+                whole_train = ([str(x) for x in counts_from["sha256"]], positions)
+        train, held_out = localize(train), localize(held_out)
+        embeddings = None
+        if features is not None and hasattr(predictor, "model"):
+            embeddings = cached_embeddings(predictor, features, train, held_out, whole_train)
+        record = build_reference(predictor, train, held_out, split, sample, cfg.selection.seed, embeddings)
         labels = counts_from["label"].astype(str)
         record.train_class_counts = np.array([int((labels == c).sum()) for c in record.classes], dtype=np.int64)
         with tempfile.TemporaryDirectory(prefix="tlops-reference-") as tmp:

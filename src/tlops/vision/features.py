@@ -122,16 +122,70 @@ class FeatureCache:
 
     def features(self, backbone_name: str, backbone: nn.Module, paths: list[str], image_sha256: list[str],
                  spec: PreprocessSpec, batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
-        """The cached features of these images, computing and storing them on a miss."""
+        """The cached features of these images, computing and storing them on a miss.
+
+        Also notes which weights (:func:`state_digest`) ``backbone_name`` stands for, so that :meth:`features_of`
+        finds these features for a model whose backbone has exactly those weights (a linear probe's, an unchanged
+        champion's) instead of computing them again."""
         key = feature_key(backbone_name, spec, image_sha256)
         meta = {"backbone": backbone_name, "preprocess": spec.fingerprint, "weights": weights_identity(backbone_name)}
+        self._note_alias(state_digest(backbone), backbone_name)
         return self._cached(key, meta, backbone, paths, image_sha256, spec, batch_size, device, desc)
+
+    def _alias_path(self, digest: str) -> Path:
+        return self.root / "weights" / f"{digest}.json"
+
+    def _note_alias(self, digest: str, backbone_name: str) -> None:
+        from tlops.fileio import write_json
+
+        path = self._alias_path(digest)
+        record = {"backbone": backbone_name, "weights": weights_identity(backbone_name)}
+        try:
+            if path.is_file() and json.loads(path.read_text()) == record:
+                return
+        except (OSError, ValueError):
+            pass
+        write_json(path, record)
+        if self.remote:
+            from tlops.data.storage import put_file
+
+            put_file(path, f"{self.remote}/weights/{digest}.json")
+
+    def lookup_of(self, backbone: nn.Module, image_sha256: list[str], spec: PreprocessSpec,
+                  digest: str | None = None) -> torch.Tensor | None:
+        """The stored features of these images for a backbone with these weights, or None: under the weights'
+        own key, else under the catalogue key of the backbone :meth:`features` saw with the same weights."""
+        digest = digest or state_digest(backbone)
+        feats = self.load(weights_feature_key(digest, spec, image_sha256), image_sha256)
+        if feats is not None:
+            return feats
+        path = self._alias_path(digest)
+        if not path.is_file() and self.remote:
+            from tlops.data.storage import fetch_file
+
+            fetch_file(f"{self.remote}/weights/{digest}.json", path)
+        try:
+            alias = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        name = alias.get("backbone") if isinstance(alias, dict) else None
+        try:
+            if not name or alias.get("weights") != weights_identity(name):
+                return None
+        except Exception:  # a name the catalogue no longer knows
+            return None
+        return self.load(feature_key(name, spec, image_sha256), image_sha256)
 
     def features_of(self, backbone: nn.Module, paths: list[str], image_sha256: list[str], spec: PreprocessSpec,
                     batch_size: int, device: torch.device, desc: str) -> torch.Tensor:
         """As :meth:`features`, keyed by the backbone's own weights (:func:`state_digest`), for a backbone that
         may not be a catalogue entry's: a trained model's, a champion's."""
         digest = state_digest(backbone)
+        feats = self.lookup_of(backbone, image_sha256, spec, digest)
+        if feats is not None:
+            self.hits += 1
+            log.info("%s: %d feature vectors from the cache (weights %s)", desc, len(feats), digest[:12])
+            return feats
         key = weights_feature_key(digest, spec, image_sha256)
         meta = {"weights_sha256": digest, "preprocess": spec.fingerprint}
         return self._cached(key, meta, backbone, paths, image_sha256, spec, batch_size, device, desc)

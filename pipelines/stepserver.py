@@ -1,0 +1,264 @@
+"""Start each kfp.local step without paying its imports: a process that has imported what the steps import once
+(kfp's executor, MLflow with its SQL store, pandas, Great Expectations, torch, timm, the step modules) forks a
+child per step, and the child runs ``python -m kfp.dsl.executor_main ...`` exactly as kfp.local would have
+started it, with the step's own arguments, environment, working directory and stdin/stdout/stderr.
+
+Why: on the demo every step's process spent 2-5 s (quiet machine) importing the same libraries before its first
+line of work, five times a run; timm alone pulls torchvision, which pulls ``torch._dynamo``, sympy and triton.
+The child of a fork has them already: only pages of memory are copied, and only when written.
+
+What a step sees is what it saw before: a new process (its own pid, a fresh ``__main__``, ``sys.argv``, the
+environment and working directory kfp.local gives it), nothing of another step's (each child is forked from the
+server, which only imports: it opens no file, store or connection and runs no torch op, so no thread pool exists
+to be lost in the fork). Python reseeds ``random`` in a forked child; every seed the pipeline uses is set
+explicitly.
+
+Protocol (a Unix socket in a private temporary directory): the client (``python -m pipelines.stepserver
+SOCKET MODULE ARGS...``, what the step's ``sh -c`` runs in place of ``python -m MODULE ARGS...``) sends its three
+standard file descriptors (``SCM_RIGHTS``) and one JSON line (argv, environment, working directory), then waits
+for the exit status, which it exits with. When the server cannot be reached, the client runs the module itself
+(``exec`` of this Python): a step never fails for want of the server. ``TLOPS_STEP_SERVER=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+ENV = "TLOPS_STEP_SERVER"
+PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"  # 0: import nothing ahead (tests of the mechanism itself)
+# Imported in two stages: a step that asks before a stage is done waits for it (it would import the same modules
+# itself, on the same cores), so the first step (validate: MLflow, pandas, GX) starts after the first stage and
+# runs while the server imports torch and timm for the others.
+STAGES: tuple[tuple[str, ...], ...] = (
+    ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
+     "mlflow.store.model_registry.sqlalchemy_store", "pandas", "great_expectations", "tlops.data.validation",
+     "tlops.selection.planner", "tlops.tracking"),
+    ("torch", "timm", "torchvision", "tlops.vision.parity", "tlops.vision.features", "tlops.training.finetune",
+     "tlops.serving.pyfunc", "sklearn.linear_model", "matplotlib.pyplot", "tlops.training.curves",
+     "tlops.evaluation.evaluate", "tlops.evaluation.report", "tlops.monitoring.reference", "tlops.registry",
+     "tlops.serving.compress.step"),
+)
+# Work done once in the server that every step would otherwise repeat: MLflow's map of the installed packages
+# (built on the first pyfunc load, to compare a model's requirements with this environment: 1-4 s).
+WARM = (("mlflow.utils.requirements_utils", "_init_packages_to_modules_map"),)
+_MAX_HEADER = 1 << 20
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") not in ("0", "false", "no", "off")
+
+
+# --- client: what a step's shell runs instead of `python -m MODULE ARGS...` ---------------------------------------
+
+def client(path: str, module: str, args: list[str]) -> int:
+    """Have the server run ``python -m module args`` as a forked child; its exit status. Runs the module in this
+    process (exec) when the server cannot be reached."""
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(path)
+        header = json.dumps({"module": module, "argv": args, "env": dict(os.environ), "cwd": os.getcwd()})
+        socket.send_fds(conn, [header.encode() + b"\n"], [0, 1, 2])
+    except OSError:
+        os.execv(sys.executable, [sys.executable, "-m", module, *args])
+    answer = b""
+    with conn:
+        while not answer.endswith(b"\n"):
+            chunk = conn.recv(64)
+            if not chunk:  # the server went away while the step ran
+                sys.stderr.write("tlops step server: the connection closed before the step's exit status came\n")
+                return 1
+            answer += chunk
+    return int(answer)
+
+
+# --- server ------------------------------------------------------------------------------------------------------
+
+def _run_child(header: dict, fds: list[int]) -> None:
+    """In the forked child: become ``python -m module argv`` with the client's fds, environment and directory."""
+    code = 1
+    try:
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        os.environ.clear()
+        os.environ.update(header["env"])
+        os.chdir(header["cwd"])
+        sys.path[0] = os.getcwd()  # as `python -m` sets it
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams, for its lifetime
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+        sys.argv = [header["module"], *header["argv"]]
+        import runpy
+
+        try:
+            runpy.run_module(header["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None:
+                code = 0
+            elif isinstance(exc.code, int):
+                code = exc.code
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+        import atexit
+
+        atexit._run_exitfuncs()  # what the interpreter does at exit (a step's quick exit leaves from here)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+class Server:
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.children: dict[int, socket.socket] = {}
+
+    def _fork(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(10)
+            data, fds, _, _ = socket.recv_fds(conn, _MAX_HEADER, 8)
+            while not data.endswith(b"\n"):
+                more = conn.recv(_MAX_HEADER)
+                if not more:
+                    raise OSError("the header was cut short")
+                data += more
+            header = json.loads(data)
+        except (OSError, ValueError):
+            conn.close()
+            return
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            self.listener.close()
+            conn.close()
+            _run_child(header, fds)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            with contextlib.suppress(OSError):
+                conn.sendall(f"{code if code >= 0 else 128 - code}\n".encode())
+            conn.close()
+
+    def poll(self, timeout: float, control: int | None) -> bool:
+        """Serve what is waiting (fork for each request, report each child that ended); False once the launcher
+        closed ``control`` (its end of our stdin)."""
+        watch = [self.listener] + ([control] if control is not None else [])
+        ready, _, _ = select.select(watch, [], [], timeout)
+        if control is not None and control in ready and not os.read(control, 1024):
+            return False
+        if self.listener in ready:
+            conn, _ = self.listener.accept()
+            self._fork(conn)
+        self._reap()
+        return True
+
+
+def serve(path: str) -> None:
+    """Import the stages, serving requests between them, until stdin (the launcher's pipe) closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the steps and the launcher, which end us
+    server = Server(path)
+    preload = os.environ.get(PRELOAD_ENV, "1") != "0"
+    for stage in STAGES if preload else ():
+        for name in stage:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # a step that needs it will fail the same way in its own process, and say so
+                sys.stderr.write(f"tlops step server: importing {name} failed: {exc}\n")
+        if server.poll(0, 0) is False:
+            return
+    for module, function in WARM if preload else ():
+        try:
+            getattr(importlib.import_module(module), function)()
+        except Exception as exc:  # an MLflow without it: the steps do it themselves
+            sys.stderr.write(f"tlops step server: {module}.{function} failed: {exc}\n")
+    while server.poll(1.0, 0):
+        pass
+    # The launcher is gone: let running steps finish and report, then leave.
+    while server.children:
+        server.poll(0.2, None)
+
+
+@contextlib.contextmanager
+def running(python: str = sys.executable) -> Iterator[str | None]:
+    """A step server for the duration of the block; yields its socket's path (None when turned off or when it
+    could not start). Ends it (and waits for it) on the way out."""
+    if not enabled():
+        yield None
+        return
+    tmp = tempfile.mkdtemp(prefix="tlops-steps-")
+    path = str(Path(tmp) / "steps.sock")
+    proc = None
+    try:
+        proc = subprocess.Popen([python, "-m", "pipelines.stepserver", "serve", path], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, cwd=str(Path(__file__).resolve().parents[1]))
+        yield path
+    finally:
+        if proc is not None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+
+
+def route_command(full_command: list[str], path: str, python: str = sys.executable) -> list[str]:
+    """kfp.local's command for a step with ``python -m kfp.dsl.executor_main`` sent through the server."""
+    old = f"{python} -m kfp.dsl.executor_main"
+    new = f"{python} -m pipelines.stepserver {path} kfp.dsl.executor_main"
+    return [part.replace(old, new) for part in full_command]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "serve":
+        serve(argv[1])
+        return 0
+    if len(argv) >= 2:
+        return client(argv[0], argv[1], argv[2:])
+    sys.stderr.write("usage: python -m pipelines.stepserver serve SOCKET | SOCKET MODULE [ARGS...]\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""The step server (pipelines.stepserver): a step forked from it runs as the same command started afresh would
+(arguments, environment, working directory, standard streams, exit status), and a step still runs when there is
+no server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import stepserver
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = """
+import os, sys
+data = sys.stdin.read()
+print("argv", sys.argv[1:], "cwd", os.getcwd(), "var", os.environ.get("STEP_VAR"), "main", __name__,
+      "stdin", data.strip())
+print("to stderr", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), *sys.path]),
+            stepserver.PRELOAD_ENV: "0", **extra}
+
+
+def _run(cmd: list[str], tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, input="hello\n", capture_output=True, text=True, cwd=tmp_path / "work", env=env,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("code", ["0", "3"])
+def test_a_step_through_the_server_runs_as_the_same_command_started_afresh(tmp_path: Path, code: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "step_module.py").write_text(MODULE)
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv(stepserver.PRELOAD_ENV, "0")
+    monkeypatch.setenv("PYTHONPATH", _env(tmp_path)["PYTHONPATH"])
+    env = _env(tmp_path, STEP_VAR="given to the step")
+    direct = _run([sys.executable, "-m", "step_module", code, "x y"], tmp_path, env)
+    with stepserver.running() as path:
+        assert path is not None
+        served = _run([sys.executable, "-m", "pipelines.stepserver", path, "step_module", code, "x y"], tmp_path,
+                      env)
+        # The same command as kfp.local writes it, routed through the server.
+        shell = stepserver.route_command(["sh", "-c", f"{sys.executable} -m kfp.dsl.executor_main \"$@\"", "--",
+                                          "a"], path)
+        assert shell[2] == f"{sys.executable} -m pipelines.stepserver {path} kfp.dsl.executor_main \"$@\""
+    assert served.returncode == direct.returncode == int(code)
+    assert served.stdout == direct.stdout
+    assert "'x y'" in direct.stdout and "given to the step" in direct.stdout and "stdin hello" in direct.stdout
+    assert f"cwd {tmp_path / 'work'}" in direct.stdout and "main __main__" in direct.stdout
+    assert served.stderr == direct.stderr == "to stderr\n"
+
+
+def test_without_a_server_the_client_runs_the_step_itself(tmp_path: Path) -> None:
+    (tmp_path / "step_module.py").write_text(MODULE)
+    (tmp_path / "work").mkdir()
+    env = _env(tmp_path, STEP_VAR="v")
+    out = _run([sys.executable, "-m", "pipelines.stepserver", str(tmp_path / "none.sock"), "step_module", "4"],
+               tmp_path, env)
+    assert out.returncode == 4 and "argv ['4']" in out.stdout and "var v" in out.stdout
+
+
+def test_turned_off_there_is_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(stepserver.ENV, "0")
+    with stepserver.running() as path:
+        assert path is None
