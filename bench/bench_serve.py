@@ -92,16 +92,29 @@ def start_server(model_uri: str, env: dict[str, str], log_path: Path, *args: str
         time.sleep(0.5)
 
 
-def measure(port: int, bodies: list[bytes], clients: int, duration: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, bodies: list[bytes], clients: int, duration: float, pid: int | None = None) -> dict[str, Any]:
     """``clients`` concurrent clients, each on its own keep-alive connection, for ``duration`` seconds after a 1 s
     warm-up. The clients are coroutines of one event loop on raw HTTP/1.1, so that the load generator costs far
-    less CPU than the server (20 threads of http.client would contend for the GIL)."""
-    return asyncio.run(_measure(port, bodies, clients, duration))
+    less CPU than the server (20 threads of http.client would contend for the GIL). With ``pid`` (the server's),
+    also the server's CPU milliseconds per answered request over the whole measurement (warm-up included): what
+    a request costs, whatever share of the cores a busy machine left the server."""
+    before = cpu_seconds(pid) if pid else 0.0
+    out = asyncio.run(_measure(port, bodies, clients, duration))
+    if pid:
+        out["cpu_ms_per_request"] = 1000 * (cpu_seconds(pid) - before) / max(1, out["answered"])
+    return out
 
 
 async def _measure(port: int, bodies: list[bytes], clients: int, duration: float) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
+    answered = [0]
     start_at = time.monotonic() + 1.0
     stop_at = start_at + duration
 
@@ -120,6 +133,7 @@ async def _measure(port: int, bodies: list[bytes], clients: int, duration: float
                 found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
                 raw = await reader.readexactly(int(found.group(1)) if found else 0)
                 took = time.perf_counter() - t0
+                answered[0] += 1
                 if status != 200 or len(json.loads(raw)["predictions"]) != 1:
                     errors.append(f"HTTP {status}: {raw[:200]!r}")
                     writer.close()
@@ -137,7 +151,7 @@ async def _measure(port: int, bodies: list[bytes], clients: int, duration: float
         raise SystemExit(f"no request answered: {errors[:3]}")
     return {"requests_per_s": len(flat) / duration, "p50_ms": 1000 * flat[len(flat) // 2],
             "p99_ms": 1000 * flat[min(len(flat) - 1, int(0.99 * len(flat)))], "requests": len(flat),
-            "errors": len(errors), "first_error": errors[0] if errors else ""}
+            "errors": len(errors), "first_error": errors[0] if errors else "", "answered": answered[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,4,20")
     parser.add_argument("--model", help="a registered model on MLFLOW_TRACKING_URI (default: build the demo one)")
     parser.add_argument("--output", help="write the measurements as JSON here")
+    parser.add_argument("--on-args", default="", help="more `tlops serve` options for the batching server")
+    parser.add_argument("--off-args", default="", help="more `tlops serve` options for the other (--max-batch 1)")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     print(machine())
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking, model_uri, images = build_demo_model(work)
     bodies = [json.dumps({"inputs": {"image": [base64.b64encode(im).decode()]}}).encode() for im in images]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    modes = {"off": ("--max-batch", "1"), "on": ()}
+    modes = {"off": ("--max-batch", "1", *args.off_args.split()), "on": tuple(args.on_args.split())}
     servers = {mode: start_server(model_uri, env, work / f"serve-{mode}.log", *extra)
                for mode, extra in modes.items()}
     results: dict[str, dict[int, list[dict[str, Any]]]] = {m: {c: [] for c in levels} for m in modes}
@@ -167,25 +183,27 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for clients in levels:
                 for mode in (("off", "on") if rep % 2 == 0 else ("on", "off")):
-                    got = measure(servers[mode][1], bodies, clients, args.duration)
+                    got = measure(servers[mode][1], bodies, clients, args.duration, servers[mode][0].pid)
                     results[mode][clients].append(got)
                     print(f"repeat {rep + 1} clients {clients:2d} batching {mode:3s}: "
                           f"{got['requests_per_s']:6.1f} req/s, p50 {got['p50_ms']:6.1f} ms, "
-                          f"p99 {got['p99_ms']:6.1f} ms, errors {got['errors']} {got['first_error']}", flush=True)
+                          f"p99 {got['p99_ms']:6.1f} ms, server CPU {got['cpu_ms_per_request']:5.1f} ms/request, "
+                          f"load {os.getloadavg()[0]:.1f}, errors {got['errors']} {got['first_error']}", flush=True)
     finally:
         for proc, _port in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}; medians of {args.repeats} repeats")
     print("| clients | batching off: req/s, p50, p99 | batching on: req/s, p50, p99 | throughput on/off | "
-          "p99 on/off |")
-    print("|---|---|---|---|---|")
+          "p99 on/off | server CPU ms/request off, on |")
+    print("|---|---|---|---|---|---|")
     summary = {}
     for clients in levels:
         row = {}
         for mode in modes:
             runs = results[mode][clients]
-            row[mode] = {k: statistics.median(r[k] for r in runs) for k in ("requests_per_s", "p50_ms", "p99_ms")}
+            row[mode] = {k: statistics.median(r[k] for r in runs)
+                         for k in ("requests_per_s", "p50_ms", "p99_ms", "cpu_ms_per_request")}
         ratios = [on["requests_per_s"] / off["requests_per_s"]
                   for on, off in zip(results["on"][clients], results["off"][clients], strict=True)]
         p99s = [on["p99_ms"] / off["p99_ms"] for on, off in zip(results["on"][clients], results["off"][clients],
@@ -195,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         off, on = row["off"], row["on"]
         print(f"| {clients} | {off['requests_per_s']:.1f}, {off['p50_ms']:.1f} ms, {off['p99_ms']:.1f} ms | "
               f"{on['requests_per_s']:.1f}, {on['p50_ms']:.1f} ms, {on['p99_ms']:.1f} ms | "
-              f"**{row['throughput_ratio']:.2f}×** | {row['p99_ratio']:.2f}× |")
+              f"**{row['throughput_ratio']:.2f}×** | {row['p99_ratio']:.2f}× | "
+              f"{off['cpu_ms_per_request']:.1f}, {on['cpu_ms_per_request']:.1f} |")
     errors = sum(r["errors"] for m in results.values() for runs in m.values() for r in runs)
     print(f"failed requests: {errors}")
     if args.output:

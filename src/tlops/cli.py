@@ -539,6 +539,9 @@ def serve_cmd(
                                            "pass (1: no batching).")] = 32,
     batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="How long a batch waits for requests "
                                                    "already on their way, in ms (never when none is).")] = 5.0,
+    batch_workers: Annotated[int | None, typer.Option(
+        "--batch-workers", help="Forward passes at once, each on --threads threads. Default: 2 with batching, 1 "
+        "without (--max-batch 1: one request at a time).")] = None,
     poll_s: Annotated[float, typer.Option("--poll-s", help="With models:/NAME@ALIAS: seconds between looks at the "
                                           "alias; a new version is loaded, then swapped in (0: pinned).")] = 10.0,
     pytorch: Annotated[bool, typer.Option("--pytorch", help="Serve the version's PyTorch model even when it has an "
@@ -564,7 +567,7 @@ def serve_cmd(
     where = log_uri or mon.log_uri or str(Path(cfg.workdir) / "prediction-log")
     serve(model, host, port, ServeLimits(max_bytes=max_bytes, max_instances=max_instances), threads=threads,
           max_batch=max_batch, batch_window_ms=batch_window_ms, poll_s=poll_s, variant=not pytorch,
-          sample_rate=rate, log_uri=where, log_images=mon.log_images)
+          sample_rate=rate, log_uri=where, log_images=mon.log_images, batch_workers=batch_workers)
 
 
 @app.command("monitor")
