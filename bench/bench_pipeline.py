@@ -1,11 +1,14 @@
 """The demo pipeline cold and warm against its floor, side by side in one run.
 
-    .venv/bin/python bench/bench_pipeline.py [--warm 2] [--slow 1] [--data DIR]
+    .venv/bin/python bench/bench_pipeline.py [--rounds 3] [--data DIR]
 
-In one fresh work directory: a cold ``tlops run`` (no cache, no champion), then ``--warm`` warm runs (the
-manifest and the features from the cache, a champion to compare with), then ``--slow`` warm runs with the fast
-paths off (``evaluation.feature_cache=false``, ``TLOPS_FULL_EXIT=1``: every test image through the pyfunc, the
-full interpreter teardown per step). The floor is measured in the same run, before and after, in a fresh process:
+In one fresh work directory: a cold ``tlops run`` (no cache, no champion), then ``--rounds`` rounds of two warm
+runs side by side (the manifest and the features from the cache, a champion to compare with), one with the fast
+paths and one without (``evaluation.feature_cache=false``: every test image and the monitoring reference's
+images through the pyfunc; ``TLOPS_FULL_EXIT=1``: the full interpreter teardown per step;
+``TLOPS_STEP_SERVER=0``: every step's process imports what it needs itself), the order alternating. Each run's
+wall time and CPU time (user + system of its whole process tree) are printed.
+The floor is measured in the same run, before and after, in a fresh process:
 the imports a run needs (torch, timm, MLflow, pandas, kfp), loading Lite0 with its ImageNet weights, and one
 feature pass over every image at the demo's 96 px. Prints the per-step seconds of each run (from the run's
 summary) and the ratios to the floor.
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("validate", "parity", "fine-tune", "evaluate", "gate")
+STEPS = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate")
 
 FLOOR = r"""
 import json, sys, time
@@ -62,13 +66,18 @@ def floor(data: Path, work: Path) -> dict[str, float]:
 
 
 def tlops_run(data: Path, work: Path, sets: list[str], extra_env: dict[str, str] | None = None) -> dict:
+    """One ``tlops run``: wall seconds, CPU seconds (user + system of the whole process tree: the launcher, the
+    step server, every step), the per-step seconds and the headline metrics."""
     args = [sys.executable, "-m", "tlops", "run", "--config", str(REPO / "configs/demo.yaml"), "--data", str(data),
             "--set", f"workdir={work}"]
     for s in sets:
         args += ["--set", s]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(args, env=env(extra_env), capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"tlops run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     line = next((ln for ln in proc.stdout.splitlines() if ln.strip().startswith("steps ")), "")
@@ -76,7 +85,10 @@ def tlops_run(data: Path, work: Path, sets: list[str], extra_env: dict[str, str]
     log = re.search(r"log\s+(\S+)", proc.stdout)
     if log:  # tenths of a second, from the run log's step events
         steps.update(step_seconds(Path(log.group(1))) or {})
-    return {"wall": wall, "steps": steps}
+    metrics = re.search(r"test accuracy ([\d.]+), macro-F1 ([\d.]+)", proc.stdout)
+    decision = re.search(r"gate\s+(\w+)", proc.stdout)
+    return {"wall": wall, "cpu": cpu, "steps": steps, "load": os.getloadavg()[0],
+            "result": (metrics.groups() if metrics else None, decision.group(1) if decision else None)}
 
 
 def step_seconds(log: Path) -> dict[str, float]:
@@ -100,8 +112,8 @@ def step_seconds(log: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / ".tlops/data/digits")
-    parser.add_argument("--warm", type=int, default=2)
-    parser.add_argument("--slow", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of one warm run with, one without the fast "
+                        "paths")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         subprocess.run([sys.executable, "-m", "tlops", "demo-data", str(args.data)], env=env(), check=True)
@@ -111,15 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"floor: {floors[0]}", flush=True)
     runs: dict[str, list[dict]] = {"cold": [tlops_run(args.data, work / "w", [])]}
     print(f"cold: {runs['cold'][0]}", flush=True)
-    runs["warm"] = []
-    for _ in range(args.warm):
-        runs["warm"].append(tlops_run(args.data, work / "w", []))
-        print(f"warm: {runs['warm'][-1]}", flush=True)
-    runs["warm, fast paths off"] = []
-    for _ in range(args.slow):
-        runs["warm, fast paths off"].append(tlops_run(args.data, work / "w", ["evaluation.feature_cache=false"],
-                                                      {"TLOPS_FULL_EXIT": "1"}))
-        print(f"warm, fast paths off: {runs['warm, fast paths off'][-1]}", flush=True)
+    # Side by side: in each round a warm run with the fast paths and one without (the order alternating).
+    fast, slow = "warm", "warm, fast paths off"
+    runs[fast], runs[slow] = [], []
+    off_sets, off_env = ["evaluation.feature_cache=false"], {"TLOPS_FULL_EXIT": "1", "TLOPS_STEP_SERVER": "0"}
+    for i in range(args.rounds):
+        for kind in ((fast, slow) if i % 2 == 0 else (slow, fast)):
+            got = tlops_run(args.data, work / "w", off_sets if kind == slow else [], off_env if kind == slow else None)
+            runs[kind].append(got)
+            print(f"{kind}: {got}", flush=True)
     floors.append(floor(args.data, work))
     print(f"floor: {floors[1]}; load average {os.getloadavg()[0]:.1f} at the end", flush=True)
 
@@ -137,6 +149,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {s} | " + " | ".join(f"{c:.1f} s" for c in cells) + " |")
     walls = {k: statistics.median(r["wall"] for r in runs[k]) for k in kinds}
     print("| **whole `tlops run`** | " + " | ".join(f"**{walls[k]:.1f} s**" for k in kinds) + " |")
+    cpus = {k: statistics.median(r["cpu"] for r in runs[k]) for k in kinds}
+    print("| CPU (user + sys, process tree) | " + " | ".join(f"{cpus[k]:.1f} s" for k in kinds) + " |")
+    print("| load average at the end of the runs | " + " | ".join(
+        ", ".join(f"{r['load']:.1f}" for r in runs[k]) for k in kinds) + " |")
+    if runs[fast] and runs[slow]:
+        wall_ratio = statistics.median(s_["wall"] / f_["wall"] for f_, s_ in zip(runs[fast], runs[slow], strict=False))
+        cpu_ratio = statistics.median(s_["cpu"] / f_["cpu"] for f_, s_ in zip(runs[fast], runs[slow], strict=False))
+        print(f"\nfast paths on against off, medians of the per-round ratios: wall {wall_ratio:.2f}x, "
+              f"CPU {cpu_ratio:.2f}x")
+    print("results (accuracy, macro-F1), gate: " + "; ".join(f"{k}: {sorted({str(r['result']) for r in runs[k]})}"
+                                                            for k in kinds))
     print("| ÷ (imports + load + pass) | " + " | ".join(f"{walls[k] / floor_cold:.2f}×" for k in kinds) + " |")
     print("| ÷ (imports + load) | " + " | ".join(f"{walls[k] / floor_warm:.2f}×" for k in kinds) + " |")
 

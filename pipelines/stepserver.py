@@ -92,7 +92,7 @@ def _run_child(header: dict, fds: list[int]) -> None:
             os.dup2(fd, target)
         for fd in fds:
             os.close(fd)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):  # as a new process has them
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
         os.environ.clear()
         os.environ.update(header["env"])
@@ -134,6 +134,10 @@ class Server:
         self.listener.bind(path)
         self.listener.listen(16)
         self.children: dict[int, socket.socket] = {}
+        self.exited: dict[int, int] = {}  # reaped before _fork had recorded them
+        # A step that ends is reported at once, even while the server imports the next stage (a signal handler
+        # runs between the import's bytecodes): the next step starts when the last one has ended.
+        signal.signal(signal.SIGCHLD, lambda _sig, _frame: self._reap())
 
     def _fork(self, conn: socket.socket) -> None:
         try:
@@ -158,22 +162,28 @@ class Server:
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
+        if pid in self.exited:
+            self._report(pid, self.exited.pop(pid))
 
     def _reap(self) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            conn = self.children.pop(pid, None)
-            if conn is None:
-                continue
             code = os.waitstatus_to_exitcode(status)
-            with contextlib.suppress(OSError):
-                conn.sendall(f"{code if code >= 0 else 128 - code}\n".encode())
-            conn.close()
+            if pid in self.children:
+                self._report(pid, code)
+            else:
+                self.exited[pid] = code
+
+    def _report(self, pid: int, code: int) -> None:
+        conn = self.children.pop(pid)
+        with contextlib.suppress(OSError):
+            conn.sendall(f"{code if code >= 0 else 128 - code}\n".encode())
+        conn.close()
 
     def poll(self, timeout: float, control: int | None) -> bool:
         """Serve what is waiting (fork for each request, report each child that ended); False once the launcher
