@@ -51,9 +51,9 @@ print(json.dumps({"imports": t1 - t0, "load": t2 - t1, "pass": t4 - t3, "images"
 """
 
 
-def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def env(extra: dict[str, str] | None = None, code: Path = REPO) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), out.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out["PYTHONPATH"] = os.pathsep.join([str(code / "src"), str(code), out.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     out.setdefault("GX_ANALYTICS_ENABLED", "false")
     out.update(extra or {})
     return out
@@ -65,16 +65,18 @@ def floor(data: Path, work: Path) -> dict[str, float]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def tlops_run(data: Path, work: Path, sets: list[str], extra_env: dict[str, str] | None = None) -> dict:
-    """One ``tlops run``: wall seconds, CPU seconds (user + system of the whole process tree: the launcher, the
-    step server, every step), the per-step seconds and the headline metrics."""
+def tlops_run(data: Path, work: Path, sets: list[str], extra_env: dict[str, str] | None = None,
+              code: Path = REPO) -> dict:
+    """One ``tlops run`` of the tlops in ``code`` (a checkout): wall seconds, CPU seconds (user + system of the
+    whole process tree: the launcher, the step server, every step), the per-step seconds and the headline
+    metrics."""
     args = [sys.executable, "-m", "tlops", "run", "--config", str(REPO / "configs/demo.yaml"), "--data", str(data),
             "--set", f"workdir={work}"]
     for s in sets:
         args += ["--set", s]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(args, env=env(extra_env), capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(args, env=env(extra_env, code), capture_output=True, text=True, cwd=code)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -112,6 +114,11 @@ def step_seconds(log: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / ".tlops/data/digits")
+    parser.add_argument("--before", type=Path, help="a checkout of earlier tlops code (e.g. `git archive COMMIT | "
+                        "tar -x -C DIR`): the warm runs side by side are this code's against that code's, each with "
+                        "its defaults, instead of the fast paths on against off")
+    parser.add_argument("--no-floor", action="store_true", help="do not measure the floor")
+    parser.add_argument("--no-cold", action="store_true", help="warm the work directory with an untimed first run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of one warm run with, one without the fast "
                         "paths")
     args = parser.parse_args(argv)
@@ -119,28 +126,35 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run([sys.executable, "-m", "tlops", "demo-data", str(args.data)], env=env(), check=True)
     work = Path(tempfile.mkdtemp(prefix="tlops-bench-pipeline-"))
     print(f"work directory {work}; load average {os.getloadavg()[0]:.1f} at start", flush=True)
-    floors = [floor(args.data, work)]
-    print(f"floor: {floors[0]}", flush=True)
+    floors = [] if args.no_floor else [floor(args.data, work)]
+    if floors:
+        print(f"floor: {floors[0]}", flush=True)
     runs: dict[str, list[dict]] = {"cold": [tlops_run(args.data, work / "w", [])]}
     print(f"cold: {runs['cold'][0]}", flush=True)
+    if args.no_cold:
+        runs["cold"] = []
     # Side by side: in each round a warm run with the fast paths and one without (the order alternating).
-    fast, slow = "warm", "warm, fast paths off"
+    fast = "warm"
+    slow = f"warm, the code of {args.before}" if args.before else "warm, fast paths off"
     runs[fast], runs[slow] = [], []
     off_sets, off_env = ["evaluation.feature_cache=false"], {"TLOPS_FULL_EXIT": "1", "TLOPS_STEP_SERVER": "0"}
+    if args.before:  # the earlier code as it was, with its defaults
+        off_sets, off_env = [], {}
     for i in range(args.rounds):
         for kind in ((fast, slow) if i % 2 == 0 else (slow, fast)):
-            got = tlops_run(args.data, work / "w", off_sets if kind == slow else [], off_env if kind == slow else None)
+            got = tlops_run(args.data, work / "w", off_sets if kind == slow else [], off_env if kind == slow else None,
+                            args.before if (kind == slow and args.before) else REPO)
             runs[kind].append(got)
             print(f"{kind}: {got}", flush=True)
-    floors.append(floor(args.data, work))
-    print(f"floor: {floors[1]}; load average {os.getloadavg()[0]:.1f} at the end", flush=True)
-
-    f = {k: statistics.median(x[k] for x in floors) for k in ("imports", "load", "pass")}
-    floor_cold = f["imports"] + f["load"] + f["pass"]
-    floor_warm = f["imports"] + f["load"]
-    print(f"\nfloor (median of {len(floors)}): imports {f['imports']:.1f} s, Lite0 load {f['load']:.1f} s, "
-          f"one pass over {floors[0]['images']} images {f['pass']:.1f} s; imports + load + pass = {floor_cold:.1f} s, "
-          f"imports + load = {floor_warm:.1f} s")
+    if floors:
+        floors.append(floor(args.data, work))
+        print(f"floor: {floors[1]}; load average {os.getloadavg()[0]:.1f} at the end", flush=True)
+        f = {k: statistics.median(x[k] for x in floors) for k in ("imports", "load", "pass")}
+        floor_cold = f["imports"] + f["load"] + f["pass"]
+        floor_warm = f["imports"] + f["load"]
+        print(f"\nfloor (median of {len(floors)}): imports {f['imports']:.1f} s, Lite0 load {f['load']:.1f} s, one "
+              f"pass over {floors[0]['images']} images {f['pass']:.1f} s; imports + load + pass = {floor_cold:.1f} s, "
+              f"imports + load = {floor_warm:.1f} s")
     kinds = [k for k in runs if runs[k]]
     print("\n| step | " + " | ".join(f"{k} (median of {len(runs[k])})" for k in kinds) + " |")
     print("|---|" + "---|" * len(kinds))
@@ -153,15 +167,16 @@ def main(argv: list[str] | None = None) -> None:
     print("| CPU (user + sys, process tree) | " + " | ".join(f"{cpus[k]:.1f} s" for k in kinds) + " |")
     print("| load average at the end of the runs | " + " | ".join(
         ", ".join(f"{r['load']:.1f}" for r in runs[k]) for k in kinds) + " |")
+    if floors:
+        print("| ÷ (imports + load + pass) | " + " | ".join(f"{walls[k] / floor_cold:.2f}×" for k in kinds) + " |")
+        print("| ÷ (imports + load) | " + " | ".join(f"{walls[k] / floor_warm:.2f}×" for k in kinds) + " |")
     if runs[fast] and runs[slow]:
         wall_ratio = statistics.median(s_["wall"] / f_["wall"] for f_, s_ in zip(runs[fast], runs[slow], strict=False))
         cpu_ratio = statistics.median(s_["cpu"] / f_["cpu"] for f_, s_ in zip(runs[fast], runs[slow], strict=False))
-        print(f"\nfast paths on against off, medians of the per-round ratios: wall {wall_ratio:.2f}x, "
+        print(f"\n{slow} against {fast}, medians of the per-round ratios: wall {wall_ratio:.2f}x, "
               f"CPU {cpu_ratio:.2f}x")
     print("results (accuracy, macro-F1), gate: " + "; ".join(f"{k}: {sorted({str(r['result']) for r in runs[k]})}"
                                                             for k in kinds))
-    print("| ÷ (imports + load + pass) | " + " | ".join(f"{walls[k] / floor_cold:.2f}×" for k in kinds) + " |")
-    print("| ÷ (imports + load) | " + " | ".join(f"{walls[k] / floor_warm:.2f}×" for k in kinds) + " |")
 
 
 if __name__ == "__main__":

@@ -225,20 +225,24 @@ def serve(path: str) -> None:
 
 
 @contextlib.contextmanager
-def running(python: str = sys.executable) -> Iterator[str | None]:
+def running(python: str = sys.executable, log: str | Path | None = None) -> Iterator[str | None]:
     """A step server for the duration of the block; yields its socket's path (None when turned off or when it
-    could not start). Ends it (and waits for it) on the way out."""
+    could not start). Ends it (and waits for it) on the way out. ``log``: a file for what the server itself
+    writes (warnings its imports print); default: this process's stderr."""
     if not enabled():
         yield None
         return
     tmp = tempfile.mkdtemp(prefix="tlops-steps-")
     path = str(Path(tmp) / "steps.sock")
     proc = None
+    err = open(log, "ab") if log is not None else None  # noqa: SIM115 - the server writes to it until it ends
     try:
         proc = subprocess.Popen([python, "-m", "pipelines.stepserver", "serve", path], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, cwd=str(Path(__file__).resolve().parents[1]))
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=str(Path(__file__).resolve().parents[1]))
         yield path
     finally:
+        if err is not None:
+            err.close()
         if proc is not None:
             if proc.stdin is not None:
                 proc.stdin.close()
