@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import http
@@ -640,6 +641,16 @@ class ConnectionGuard:
             self._logged[kind] = now
 
 
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Send each write at once (TCP_NODELAY). asyncio sets it only on sockets whose protocol number says TCP, and
+    ours (:func:`bind`) say 0: uvicorn writes a response's head and body separately, and Nagle's algorithm held the
+    body until the client's delayed ACK of the head, 40 ms later, on every keep-alive request."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def guarded_protocol(guard: ConnectionGuard, limits: ServeLimits) -> type:
     """uvicorn's h11 protocol with the guard's limits and a deadline for each request head.
 
@@ -658,6 +669,7 @@ def guarded_protocol(guard: ConnectionGuard, limits: ServeLimits) -> type:
         _closing = False  # answered and half-closed: what still arrives is dropped
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            _no_delay(transport)
             super().connection_made(transport)
             self.peer = self.client[0] if self.client else "unknown"
             refused = guard.admit(self)
