@@ -42,9 +42,9 @@ PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"  # 0: import nothing ahead (tests of t
 # runs while the server imports torch and timm for the others.
 STAGES: tuple[tuple[str, ...], ...] = (
     ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
-     "mlflow.store.model_registry.sqlalchemy_store", "pandas", "great_expectations", "tlops.data.validation",
-     "tlops.selection.planner", "tlops.tracking"),
-    ("torch", "timm", "torchvision", "tlops.vision.parity", "tlops.vision.features", "tlops.training.finetune",
+     "pandas", "great_expectations", "tlops.data.validation", "tlops.selection.planner", "tlops.tracking"),
+    ("torch", "timm", "torchvision", "mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.parity",
+     "tlops.vision.features", "tlops.training.finetune",
      "tlops.serving.pyfunc", "sklearn.linear_model", "matplotlib.pyplot", "tlops.training.curves",
      "tlops.evaluation.evaluate", "tlops.evaluation.report", "tlops.monitoring.reference", "tlops.registry",
      "tlops.serving.compress.step"),
