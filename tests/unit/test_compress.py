@@ -144,6 +144,14 @@ def test_pruned_is_smaller_recovers_and_matches_its_graph(tiny_models: dict[str,
     assert accuracy >= 0.6, accuracy  # three classes, 32 px, 30 training images: chance is 0.33
     report = V.parity(tmp_path / "pruned", pruned, spec, _golden(images), "pruned")
     assert report["status"] == "pass", report["errors"]
+    # Later (`tlops parity`) the pruned network is gone: the graph is checked against its recorded outputs.
+    reference = V.golden_reference(pruned, spec, _golden(images))
+    assert V.parity(tmp_path / "pruned", reference, spec, _golden(images), "pruned")["status"] == "pass"
+    other = V.golden_reference(model, spec, _golden(images))  # outputs of another network: the check must fail
+    report = V.parity(tmp_path / "pruned", other, spec, _golden(images), "pruned")
+    assert report["status"] == "fail" and "differ from the PyTorch model" in report["errors"][0], report["errors"]
+    unknown = V.parity(tmp_path / "pruned", {"probabilities": {}}, spec, _golden(images), "pruned")
+    assert unknown["status"] == "fail" and "none of the golden images" in unknown["errors"][0]
 
 
 def test_runtime_serves_without_importing_torch(onnx_dir: Path, images: tuple[list[bytes], list[str]],

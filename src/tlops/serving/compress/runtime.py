@@ -10,17 +10,16 @@ golden images.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from tlops.data.images import ImageInputError, check_work, resized_size
+from tlops.data.discovery import DEFAULT_MAX_PIXELS
+from tlops.data.images import check_work, load_image, resized_size, to_mode
 from tlops.errors import TlopsError
 
 GRAPH = "model.onnx"
@@ -30,14 +29,6 @@ VARIANT = "variant.json"
 FORMAT = "tlops-onnx-classifier/1"
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC}
-
-
-class VariantInputError(ImageInputError):
-    """One image of a request cannot be read; the message names the instance (the server answers 422, as for
-    the PyTorch model)."""
-
-    def __init__(self, index: int, problem: str) -> None:
-        super().__init__(index, problem)
 
 
 @dataclass(frozen=True)
@@ -67,41 +58,9 @@ class SpecView:
         raise AttributeError(name)
 
 
-def _formats() -> tuple[str, ...]:
-    from tlops.data.discovery import DECODE_FORMATS
-
-    Image.init()
-    return tuple(f for f in DECODE_FORMATS if f in Image.OPEN)
-
-
 def decode(data: bytes, spec: SpecView, index: int = 0, max_pixels: int | None = None) -> Image.Image:
     """File bytes to the spec's colour mode: the decoders the pipeline reads, EXIF orientation, conversion."""
-    from tlops.data.discovery import DEFAULT_MAX_PIXELS
-
-    limit = max_pixels or DEFAULT_MAX_PIXELS
-    img: Image.Image
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_formats())
-            if img.width * img.height > limit:
-                raise VariantInputError(index, f"{img.width}x{img.height} pixels exceeds the limit of {limit}; "
-                                               "not decoded")
-            img.load()
-    except VariantInputError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise VariantInputError(index, f"not a readable image ({type(exc).__name__}: {first:.200})") from None
-    if spec.exif_transpose:
-        img = ImageOps.exif_transpose(img)
-    if img.mode != spec.color_mode:
-        if img.mode in ("P", "LA", "PA"):
-            img = img.convert("RGBA")
-        img = img.convert(spec.color_mode)
-    return img
+    return to_mode(load_image(data, index, max_pixels or DEFAULT_MAX_PIXELS), spec.color_mode, spec.exif_transpose)
 
 
 def preprocess(data: bytes, spec: SpecView, index: int = 0) -> np.ndarray:

@@ -16,6 +16,7 @@ split with the evaluation's paired test against the uncompressed candidate, its 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ log = logging.getLogger("tlops.compress")
 
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
+REFERENCE, REFERENCE_FORMAT = "golden_reference.json", "tlops-golden-reference/1"
 # Parity of a variant with the model it came from, on the golden images: the preprocessing tensor (PIL+numpy
 # against torchvision), and the class probabilities of the graph against the PyTorch model. A float graph
 # matches to rounding; an int8 graph moves probabilities by its quantisation error, hence its own tolerance
@@ -349,11 +351,29 @@ def build_pruned(model: Any, spec: Any, meta: dict[str, Any], tensors: Any, labe
 # --------------------------------------------------------------------------------------------- checking
 
 
-def parity(variant_dir: Path, source_model: Any, spec: Any, golden: list[tuple[str, bytes]],
+def golden_reference(model: Any, spec: Any, golden: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """The class probabilities of ``model`` on the golden images, by the files' sha256. Written beside a pruned
+    variant when it is built: the pruned PyTorch network is not kept (its graph is the only copy of its weights),
+    so a later ``tlops parity`` checks the graph against these recorded outputs instead."""
+    import torch
+
+    from tlops.vision.preprocessing import build_transform
+
+    transform = build_transform(spec)
+    probabilities: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for _image, data in golden:
+            out = torch.softmax(model.eval()(transform(data)[None]), dim=1)[0]
+            probabilities[hashlib.sha256(data).hexdigest()] = [float(x) for x in out]
+    return {"format": REFERENCE_FORMAT, "fingerprint": spec.fingerprint, "probabilities": probabilities}
+
+
+def parity(variant_dir: Path, source: Any, spec: Any, golden: list[tuple[str, bytes]],
            name: str) -> dict[str, Any]:
     """The variant against the PyTorch model it came from, on the golden images: same spec and fingerprint (file
     and graph metadata), the served preprocessing tensor, and the class probabilities within the stated
-    tolerance (``PROB_ATOL``)."""
+    tolerance (``PROB_ATOL``). ``source`` is that model, or its :func:`golden_reference` record (a pruned
+    variant, checked after its build): then the golden images the record holds are compared with it."""
     import onnx
     import torch
 
@@ -361,6 +381,19 @@ def parity(variant_dir: Path, source_model: Any, spec: Any, golden: list[tuple[s
 
     predictor = OnnxPredictor(variant_dir)
     errors: list[str] = []
+    if isinstance(source, dict):
+        recorded = source.get("probabilities", {})
+        golden = [(image, data) for image, data in golden if hashlib.sha256(data).hexdigest() in recorded]
+        if not golden:
+            errors.append(f"{name}: none of the golden images is in its recorded reference ({REFERENCE}); "
+                          "rebuild the variant")
+
+    def expected_proba(data: bytes, x: Any) -> Any:
+        if isinstance(source, dict):
+            return np.asarray(source["probabilities"][hashlib.sha256(data).hexdigest()], dtype=np.float32)
+        with torch.no_grad():
+            return torch.softmax(source.eval()(x[None]), dim=1).numpy()[0]
+
     if predictor.spec.fingerprint != spec.fingerprint:
         errors.append(f"{name}: its preprocess.json fingerprint {predictor.spec.fingerprint[:12]} is not the "
                       f"candidate's {spec.fingerprint[:12]}")
@@ -375,8 +408,7 @@ def parity(variant_dir: Path, source_model: Any, spec: Any, golden: list[tuple[s
         ref_x = transform(data)
         ours = preprocess(data, predictor.spec)
         tensor_diff = float(np.abs(ref_x.numpy() - ours).max()) if ref_x.shape == ours.shape else float("inf")
-        with torch.no_grad():
-            expected = torch.softmax(source_model.eval()(ref_x[None]), dim=1).numpy()[0]
+        expected = expected_proba(data, ref_x)
         got = predictor.predict_proba([data])[0]
         prob_diff = float(np.abs(expected - got).max())
         ok = tensor_diff <= TENSOR_ATOL and prob_diff <= tolerance
