@@ -41,8 +41,11 @@ REFERENCE, REFERENCE_FORMAT = "golden_reference.json", "tlops-golden-reference/1
 # against torchvision), and the class probabilities of the graph against the PyTorch model. A float graph
 # matches to rounding; an int8 graph moves probabilities by its quantisation error, hence its own tolerance
 # (up to 0.10 measured on the synthetic edge-case images through a 32 px probe; its accuracy is the paired test's).
+# A float graph of a network whose every layer was trained (the pruned variant after recovery, a fine-tuned
+# candidate) moves probabilities by float rounding alone up to 1.5e-4 (measured: ONNX Runtime folds BatchNorm and
+# orders the sums its own way); 1e-3 allows that and is far below what a changed preprocessing moves (> 0.1).
 TENSOR_ATOL = 1e-4
-PROB_ATOL = {"onnx": 1e-4, "pruned": 1e-4, "int8": 0.25}
+PROB_ATOL = {"onnx": 1e-3, "pruned": 1e-3, "int8": 0.25}
 
 
 class CompressError(TlopsError):
