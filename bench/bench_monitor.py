@@ -42,6 +42,7 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
     servers = {rate: start_server(model_uri, env, work / f"serve-{rate}.log", "--sample-rate", rate,
                                   "--log-uri", str(work / f"log-{rate}")) for rate in RATES}
     results: dict[str, dict[int, list[dict[str, Any]]]] = {r: {c: [] for c in levels} for r in RATES}
+    load_start = os.getloadavg()[0]
     try:
         for rep in range(repeats):
             for clients in levels:
@@ -55,7 +56,8 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
         for proc, _port in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
-    print(f"\nload average {os.getloadavg()[0]:.1f}; medians of {repeats} repeats")
+    print(f"\nload average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; medians of {repeats} "
+          "repeats (the rates interleaved, their order reversed every other repeat)")
     print("| clients | logging off: p50, p99 | 0.1 logged: p50, p99 (ratio p50, p99) | all logged: p50, p99 "
           "(ratio p50, p99) |")
     print("|---|---|---|---|")
@@ -124,7 +126,50 @@ def monitor_time(work: Path, model_dir: Path, records: int) -> dict[str, Any]:
           f"median {statistics.median(times):.1f} s of {', '.join(f'{t:.1f}' for t in times)}; "
           f"reference built in {reference_s:.1f} s; verdict "
           f"{report['verdict']} ({'; '.join(report['reasons'])}), estimate {report['estimate']['accuracy']:.3f}")
-    return {"seconds": times, "reference_s": reference_s, "records": records}
+    variants = served_variants(work, model_dir, manifest, reference)
+    return {"seconds": times, "reference_s": reference_s, "records": records, "variants": variants}
+
+
+def served_variants(work: Path, model_dir: Path, manifest: Any, reference: Any) -> dict[str, Any]:
+    """The test split as the float ONNX and the int8 variant serve it, their logged records (with the graph's
+    embedding output) judged against the PyTorch model's reference: quiet, as the traffic is, or does the
+    variant's own arithmetic look like drift?"""
+    import pandas as pd
+
+    from tlops.fileio import read_json
+    from tlops.monitoring.monitor import assess
+    from tlops.serving.compress import variants as V
+    from tlops.serving.compress.runtime import OnnxPredictor
+    from tlops.serving.predlog import Served, to_row
+    from tlops.serving.pyfunc import load_model_dir
+
+    model, spec, classes = load_model_dir(model_dir)
+    meta = read_json(model_dir / "model.json")
+    onnx_dir = V.build_onnx(model, spec, meta, work / "variant-onnx")
+    train = manifest[manifest["split"] == "train"]
+    calibration = [Path(p).read_bytes() for p in train["path"].sample(n=128, random_state=0)]
+    int8_dir = V.build_int8(onnx_dir, calibration, work / "variant-int8")
+    test = manifest[manifest["split"] == "test"]
+    images = [Path(p).read_bytes() for p in test["path"]]
+    info = {"name": "bench", "version": "1", "classes": classes, "preprocess_fingerprint": spec.fingerprint}
+    out = {}
+    for name, directory in (("onnx", onnx_dir), ("int8", int8_dir)):
+        predictor = OnnxPredictor(directory)
+        proba, emb = predictor.proba_embed(predictor.tensors(images))
+        assert emb is not None
+        now = time.time()
+        frame = pd.DataFrame([to_row(Served(now, info, b, proba[i], emb[i]), 5, False) for i, b in enumerate(images)])
+        report = assess(reference, frame, 0.9)
+        report.pop("_arrays")
+        truth = float((proba.argmax(1) == [classes.index(str(y)) for y in test["label"]]).mean())
+        checks = {c["name"]: c for c in report["checks"]}
+        out[name] = {"verdict": report["verdict"], "reasons": report["reasons"], "accuracy": truth,
+                     "estimate": report["estimate"]["accuracy"], "mmd_p": checks["feature drift (MMD)"]["p_value"],
+                     "ood_p": checks["out of distribution"]["p_value"]}
+        print(f"the test split served by the {name} variant: verdict {report['verdict']} "
+              f"({'; '.join(report['reasons']) or 'nothing flagged'}), MMD p {out[name]['mmd_p']:.3f}, OOD p "
+              f"{out[name]['ood_p']:.3f}; accuracy {truth:.4f}, estimate {out[name]['estimate']:.4f}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
