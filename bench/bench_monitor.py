@@ -52,6 +52,7 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
                     print(f"repeat {rep + 1} clients {clients:2d} sample rate {rate:3s}: "
                           f"{got['requests_per_s']:6.1f} req/s, p50 {got['p50_ms']:6.1f} ms, "
                           f"p99 {got['p99_ms']:6.1f} ms, errors {got['errors']}", flush=True)
+        paired = interleaved({rate: port for rate, (_proc, port) in servers.items()}, bodies, repeats, duration)
     finally:
         for proc, _port in servers.values():
             proc.terminate()
@@ -61,7 +62,7 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
     print("| clients | logging off: p50, p99 | 0.1 logged: p50, p99 (ratio p50, p99) | all logged: p50, p99 "
           "(ratio p50, p99) |")
     print("|---|---|---|---|")
-    summary: dict[int, Any] = {}
+    summary: dict[Any, Any] = {}
     for clients in levels:
         row = {r: {k: statistics.median(x[k] for x in results[r][clients]) for k in ("p50_ms", "p99_ms")}
                for r in RATES}
@@ -74,11 +75,53 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
             f"{row[r]['p50_ms']:.1f} ms, {row[r]['p99_ms']:.1f} ms (**{row[r]['p50_ratio']:.2f}×**, "
             f"**{row[r]['p99_ratio']:.2f}×**)" for r in RATES[1:]]
         print(f"| {clients} | " + " | ".join(cells) + " |")
+    print(f"\none client, each image sent to the three servers in turn (a shuffled order each round), "
+          f"{repeats} x {duration:g} s: p50 and p99 over {len(paired['0'])} requests each")
+    for rate in RATES:
+        lat = sorted(paired[rate])
+        p50, p99 = lat[len(lat) // 2] * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
+        ratios = [a / b for a, b in zip(paired[rate], paired["0"], strict=True)]
+        summary.setdefault("interleaved", {})[rate] = {"p50_ms": p50, "p99_ms": p99,
+                                                        "median_pair_ratio": statistics.median(ratios)}
+        print(f"  sample rate {rate:3s}: p50 {p50:6.1f} ms, p99 {p99:6.1f} ms; median of the per-image ratios to "
+              f"logging off {statistics.median(ratios):.3f}")
     for rate in RATES:
         tail = [line for line in (work / f"serve-{rate}.log").read_text().splitlines() if "prediction log:" in line]
         if tail:
             print(f"sample rate {rate}: {tail[-1].split('INFO ')[-1]}")
     return summary
+
+
+def interleaved(ports: dict[str, int], bodies: list[bytes], repeats: int, duration: float) -> dict[str, list[float]]:
+    """One client on one keep-alive connection per server; each image goes to the three servers one after the
+    other, in a shuffled order, so that the machine's noise (other jobs, here) falls on all three alike; the
+    latencies per server, in the order sent."""
+    import http.client
+
+    rng = random.Random(1)
+    conns = {rate: http.client.HTTPConnection("127.0.0.1", port, timeout=60) for rate, port in ports.items()}
+    out: dict[str, list[float]] = {rate: [] for rate in ports}
+    n = 0
+    try:
+        for _ in range(repeats):
+            stop = time.monotonic() + duration
+            while time.monotonic() < stop:
+                body = bodies[n % len(bodies)]
+                n += 1
+                order = list(ports)
+                rng.shuffle(order)
+                for rate in order:
+                    t0 = time.perf_counter()
+                    conns[rate].request("POST", "/invocations", body=body,
+                                        headers={"Content-Type": "application/json"})
+                    resp = conns[rate].getresponse()
+                    resp.read()
+                    out[rate].append(time.perf_counter() - t0)
+                    assert resp.status == 200
+    finally:
+        for c in conns.values():
+            c.close()
+    return out
 
 
 def monitor_time(work: Path, model_dir: Path, records: int) -> dict[str, Any]:
