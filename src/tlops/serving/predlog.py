@@ -50,7 +50,7 @@ def schema() -> Any:
         ("format", pa.string()), ("brightness", pa.float32()),
         ("predicted", pa.string()), ("confidence", pa.float32()),
         ("top_classes", pa.list_(pa.string())), ("top_probabilities", pa.list_(pa.float32())),
-        ("embedding", pa.list_(pa.float32())),  # null where the runtime gives none (an ONNX variant)
+        ("embedding", pa.list_(pa.float32())),  # null where the runtime gives none (a graph without the output)
         ("image", pa.binary()),  # null unless image bytes are kept (monitoring.log_images)
     ], metadata={FORMAT_KEY: FORMAT.encode()})
 
