@@ -72,7 +72,8 @@ def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Pat
     env["MLFLOW_TRACKING_URI"] = store["uri"]
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", f"models:/{NAME}@champion",
-                             "--port", str(port)], cwd=store["cwd"], env=env, stdout=subprocess.PIPE,
+                             "--port", str(port), "--sample-rate", "1", "--log-uri", str(store["cwd"] / "served-log")],
+                            cwd=store["cwd"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         assert wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 120)
@@ -91,6 +92,11 @@ def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Pat
         print(f"serve ready in {ready_s:.1f} s")
     finally:
         stop(proc, group=True)
+    # The variant's graph gives the backbone's features: the prediction log of an ONNX-served version has them.
+    from tlops.serving.predlog import read_log
+
+    logged = read_log(str(store["cwd"] / "served-log"))
+    assert len(logged) == len(images) and all(len(e) == 1280 for e in logged["embedding"])
 
 
 def test_an_unreachable_pruning_target_is_one_line_and_the_candidate_is_registered(store: dict,

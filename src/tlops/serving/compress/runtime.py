@@ -23,6 +23,7 @@ from tlops.data.images import check_work, load_image, resized_size, to_mode
 from tlops.errors import TlopsError
 
 GRAPH = "model.onnx"
+EMBEDDING = "embedding"  # the graph's second output, where it has one: the features the head sees
 SPEC = "preprocess.json"
 META = "model.json"
 VARIANT = "variant.json"
@@ -121,10 +122,30 @@ class OnnxPredictor:
                                         if (d / VARIANT).is_file() else {})
         self.session = session(d / GRAPH, threads)
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = outputs[0]
+        # The backbone's features, where the graph has them (variants exported before, and pruned ones, do not).
+        self.embedding_name = EMBEDDING if EMBEDDING in outputs[1:] else None
         self.batch_size = batch_size
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run(None, {self.input_name: batch})[0], dtype=np.float32)
+        return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0], dtype=np.float32)
+
+    def proba_embed(self, x: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities and the backbone's features the head saw, from the same run (None where the graph
+        has no ``embedding`` output): the server's prediction log keeps the features."""
+        if self.embedding_name is None:
+            return self.proba(x, batch_size), None
+        step = batch_size or self.batch_size
+        probs, feats = [], []
+        for start in range(0, len(x), step):
+            logits, features = self.session.run([self.output_name, self.embedding_name],
+                                                {self.input_name: x[start : start + step]})
+            probs.append(softmax(np.asarray(logits, dtype=np.float32)))
+            feats.append(np.asarray(features, dtype=np.float32).reshape(len(features), -1))
+        if not probs:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), None
+        return np.concatenate(probs), np.concatenate(feats)
 
     def tensors(self, images: list[bytes], first: int = 0) -> np.ndarray:
         """The images decoded and preprocessed, stacked (errors name instance ``first + i``): the server's

@@ -30,7 +30,16 @@ import numpy as np
 from tlops.errors import TlopsError
 from tlops.fileio import atomic_write, read_json, write_json
 from tlops.serving.compress import VARIANTS
-from tlops.serving.compress.runtime import GRAPH, META, SPEC, VARIANT, OnnxPredictor, SpecView, preprocess
+from tlops.serving.compress.runtime import (
+    EMBEDDING,
+    GRAPH,
+    META,
+    SPEC,
+    VARIANT,
+    OnnxPredictor,
+    SpecView,
+    preprocess,
+)
 
 log = logging.getLogger("tlops.compress")
 
@@ -113,14 +122,35 @@ def static_padding(model: Any, crop_size: int) -> Any:
     return fixed
 
 
-def export_graph(model: Any, crop_size: int, backbone: str) -> bytes:
+def _with_embedding(model: Any) -> Any:
+    """A module answering (logits, the backbone's features the head sees) for a classifier with ``backbone`` and
+    ``head``: the served graph's second output, which the prediction log records as the image's embedding."""
+    import torch
+
+    class WithEmbedding(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Any) -> Any:
+            features = self.inner.backbone(x)
+            return self.inner.head(features), features
+
+    return WithEmbedding(model).eval()
+
+
+def export_graph(model: Any, crop_size: int, backbone: str, embedding: bool = True) -> bytes:
     """The classifier as ONNX bytes (legacy TorchScript exporter: one self-contained file, seconds not minutes),
-    its padding made static for the spec's input size (:func:`static_padding`)."""
+    its padding made static for the spec's input size (:func:`static_padding`). With ``embedding`` (and a model
+    with ``backbone`` and ``head``) the graph has a second output, ``embedding``: the features the head sees."""
     import io
 
     import torch
 
     model = static_padding(model, crop_size)
+    names = [OUTPUT]
+    if embedding and hasattr(model, "backbone") and hasattr(model, "head"):
+        model, names = _with_embedding(model), [OUTPUT, EMBEDDING]
     buffer = io.BytesIO()
     example = torch.zeros(1, 3, crop_size, crop_size)
     try:
@@ -128,8 +158,8 @@ def export_graph(model: Any, crop_size: int, backbone: str) -> bytes:
             warnings.simplefilter("ignore")
             target: Any = buffer  # the exporter writes to a file object as well as to a path
             torch.onnx.export(model.eval(), (example,), target, dynamo=False, opset_version=OPSET,
-                              input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+                              input_names=[INPUT], output_names=names,
+                              dynamic_axes={INPUT: {0: "batch"}, **{n: {0: "batch"} for n in names}})
         graph = buffer.getvalue()
         from tlops.serving.compress.runtime import session
 
@@ -142,8 +172,8 @@ def export_graph(model: Any, crop_size: int, backbone: str) -> bytes:
 
 
 def build_onnx(model: Any, spec: Any, meta: dict[str, Any], out: Path, name: str = "onnx",
-               extra: dict[str, Any] | None = None) -> Path:
-    graph = _stamp(export_graph(model, spec.crop_size, meta.get("backbone", "?")), spec.fingerprint, name)
+               extra: dict[str, Any] | None = None, embedding: bool = True) -> Path:
+    graph = _stamp(export_graph(model, spec.crop_size, meta.get("backbone", "?"), embedding), spec.fingerprint, name)
     return _write_dir(out, graph, spec.to_record(), meta,
                       {"name": name, "opset": OPSET, "precision": "float32", "source": "torch.onnx.export",
                        **(extra or {})})
@@ -342,7 +372,9 @@ def build_pruned(model: Any, spec: Any, meta: dict[str, Any], tensors: Any, labe
     recalibrate_bn(pruned, tensors)
     refit_head(pruned, tensors, labels)
     losses = recover(pruned, model, tensors, labels, epochs, lr=lr, seed=seed) if epochs else []
-    build_onnx(pruned, spec, meta, out, name="pruned",
+    # No embedding output: the pruned and fine-tuned backbone's features are not those of the candidate the
+    # monitoring reference was recorded with, so a monitor comparing them would see drift that is only the pruning.
+    build_onnx(pruned, spec, meta, out, name="pruned", embedding=False,
                extra={"pruning": "torch-pruning MetaPruner, GroupMagnitudeImportance(p=2)",
                       "weights_bytes": _weights_bytes(pruned), "target_bytes": goal,
                       "recovery": "BatchNorm re-estimated, head re-fitted, every layer fine-tuned "
