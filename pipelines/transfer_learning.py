@@ -107,12 +107,18 @@ def transfer_learning_pipeline(data_uri: str = "", config_json: str = "", backbo
                              min_accuracy=min_accuracy, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                              kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "validate")
     plan, manifest = checked.outputs["run_plan"], checked.outputs["manifest"]
-    proved = _step(parity(run_plan=plan, manifest=manifest), "parity")
+    # The target domain's images (data.target_uri, data.target_labelled_uri; the header alone without them).
+    target = checked.outputs["target_manifest"]
+    proved = _step(parity(run_plan=plan, manifest=manifest, target_manifest=target), "parity")
     # The plan's decision: "train", or "skip" when selection.skip_when found no new data or no drift.
     # A skipped run starts no fine-tune pod (no GPU asked for), no evaluation and no gate.
     with dsl.If(checked.outputs["Output"] == "train", name="train"):
-        trained = _step(fine_tune(run_plan=plan, manifest=manifest, spec=proved.outputs["spec"]), "fine-tune")
-        scored = _step(evaluate(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest), "evaluate")
+        trained = _step(fine_tune(run_plan=plan, manifest=manifest, target_manifest=target,
+                                  spec=proved.outputs["spec"]), "fine-tune")
+        # With a labelled target test split: scored on it and on the source test split (the source-only model
+        # too, the gate's reference for max_source_regression when there is no champion).
+        scored = _step(evaluate(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest,
+                                target_manifest=target, source_model=trained.outputs["source_model"]), "evaluate")
         # Compressed serving variants (deploy.variants); with none the step only writes an empty record.
         shrunk = _step(compress(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest,
                                 evaluation=scored.outputs["evaluation"]), "compress")
