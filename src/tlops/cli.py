@@ -137,6 +137,14 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
         top = ", ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in cand.get("top_k", {}).items())
         lines.append(f"                 {top}; lowest class recall {cand['min_class_recall']:.4f} "
                      f"(class {cand.get('min_recall_class', '?')}); ECE {cand['ece']:.4f}")
+    domains = s.get("domains") or m.get("domains")
+    if domains:  # adaptation: the test accuracy above is the target's
+        def figures(domain: str) -> str:
+            whos = domains.get(domain) or {}
+            return ", ".join(f"{who.replace('_', '-')} {rec['accuracy']:.4f}" for who, rec in whos.items())
+
+        lines.append(f"  domains        target test: {figures('target')}")
+        lines.append(f"                 source test: {figures('source')}")
     lat = cand.get("latency") or {}
     if lat.get("p95_ms") is not None:
         lines.append(f"  serving        latency p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms (batch size 1, "
