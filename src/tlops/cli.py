@@ -683,8 +683,19 @@ def data_merge_cmd(
 
 
 @app.command("demo-data")
-def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")]) -> None:
-    """Export scikit-learn's real digits set as an ImageFolder of PNG files."""
+def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")],
+              fonts: Annotated[int, typer.Option(
+                  help="Instead: this many digits per class rendered from the machine's fonts, in the scans' 8x8 "
+                  "look (a target domain for train.strategy adabn, self-training, mcc).", min=0)] = 0,
+              seed: Annotated[int, typer.Option(help="With --fonts: the rendering's seed.")] = 0) -> None:
+    """Export scikit-learn's real digits set as an ImageFolder of PNG files (or, with --fonts, digits rendered from
+    the machine's fonts)."""
+    if fonts:
+        from tlops.data.fontdigits import export_font_digits
+
+        n = export_font_digits(directory, per_class=fonts, seed=seed)
+        typer.echo(f"{directory}: {n} font-rendered digit images in 10 class folders")
+        return
     from tlops.data.discovery import export_digits
 
     n = export_digits(directory)

@@ -171,3 +171,35 @@ def test_adaptation_settings_stay_out_of_other_strategies_checkpoint_keys() -> N
     assert plain.result_fields() == other.result_fields()
     assert "adaptation" not in plain.result_fields()
     assert TrainConfig(strategy="mcc").result_fields()["adaptation"]["rounds"] == 3
+
+
+def test_the_report_and_the_summary_show_both_domains() -> None:
+    from tlops.cli import format_summary
+    from tlops.evaluation.report import domain_rows, release_markdown
+
+    domains = {"target": {"candidate": {"accuracy": 0.61, "n": 30}, "champion": {"accuracy": 0.5, "version": "2"},
+                          "source_only": {"accuracy": 0.4, "n": 30}},
+               "source": {"candidate": {"accuracy": 0.93, "n": 18}, "champion": {"accuracy": 0.95, "version": "2"},
+                          "source_only": {"accuracy": 0.97, "n": 18}}}
+    rows = domain_rows(domains)
+    assert rows[0][0].startswith("target test (30 images)") and rows[0][1:] == ["0.6100", "0.5000", "0.4000"]
+    assert rows[1][0].startswith("source test (18 images)") and rows[1][1:] == ["0.9300", "0.9500", "0.9700"]
+    cand = {"accuracy": 0.61, "macro_f1": 0.6, "n": 30}
+    md = release_markdown({"decision": "promote", "reasons": []}, {"candidate": cand, "domains": domains})
+    assert "| source test (18 images) | 0.9300 | 0.9500 | 0.9700 |" in md
+    text = format_summary({"decision": "promote", "validation": "pass", "manifest_hash": "x" * 12, "fingerprint": "f",
+                           "parity": "pass", "metrics": {"candidate": cand}, "domains": domains, "model_name": "m",
+                           "model_version": "3", "reasons": [], "champion_now": "3", "challenger_now": None,
+                           "compared_with": "2",
+                           "tracking_uri": "t", "run_id": "r", "log": "l"}, 1.0)
+    assert "target test: candidate 0.6100, champion 0.5000, source-only 0.4000" in text
+    assert "source test: candidate 0.9300, champion 0.9500, source-only 0.9700" in text
+
+
+def test_auto_with_target_data_picks_an_adaptation_strategy_and_says_why() -> None:
+    from tlops.selection.domain import choose_adaptation
+
+    assert choose_adaptation("close", "linear-probe", 0)[0] == "adabn"
+    strategy, why = choose_adaptation("far", "partial", 8)
+    assert strategy == "self-training" and "8 labelled target images per class" in why and "partial" in why
+    assert choose_adaptation("moderate", "full", 2)[0] == "mcc"
