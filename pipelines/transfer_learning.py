@@ -93,7 +93,8 @@ def transfer_learning_pipeline(data_uri: str = "", config_json: str = "", backbo
         data_uri: s3://bucket/prefix (local runs: a directory or CSV manifest too). Empty: the config's data.uri.
         config_json: The full tlops config as JSON (tlops compile/submit fill it). Empty: the defaults.
         backbone: efficientnet_lite0, resnet18, resnet50, auto or checkpoint:DIR. Empty: the config's backbone.
-        strategy: linear-probe, partial, full, gradual, scratch or auto. Empty: the config's train.strategy.
+        strategy: linear-probe, partial, full, gradual, scratch, adabn, self-training, mcc or auto. Empty: the
+            config's train.strategy.
         epochs: Epochs (L-BFGS iterations for linear-probe). 0: the config's train.epochs.
         model_name: Registered model name in MLflow. Empty: the config's registry.model_name.
         min_accuracy: The gate's accuracy floor, 0 to 1. Negative: the config's gate.min_accuracy.
