@@ -161,7 +161,7 @@ def _source_regression(c: _Checks, domains: dict[str, Any], gate: GateConfig) ->
         return
     loss = ref - cand
     c.check(loss <= gate.max_source_regression + 1e-12,
-            f"source test accuracy {cand:.4f} against {what}'s {ref:.4f}: {-loss:+.4f} (at most "
+            f"source test accuracy {cand:.4f} against {what}'s {ref:.4f}: {cand - ref:+.4f} (at most "
             f"{gate.max_source_regression:.4f} loss allowed)",
             f"source test accuracy {cand:.4f} loses {loss:.4f} against {what}'s {ref:.4f}, more than "
             f"gate.max_source_regression {gate.max_source_regression:.4f}")
