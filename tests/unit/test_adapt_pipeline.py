@@ -203,3 +203,26 @@ def test_auto_with_target_data_picks_an_adaptation_strategy_and_says_why() -> No
     strategy, why = choose_adaptation("far", "partial", 8)
     assert strategy == "self-training" and "8 labelled target images per class" in why and "partial" in why
     assert choose_adaptation("moderate", "full", 2)[0] == "mcc"
+
+
+def test_auto_with_target_data_resolves_the_adaptation_and_its_base(target, source, tmp_path, monkeypatch) -> None:
+    import mlflow
+
+    from tests.helpers.registry import restored_mlflow_uris
+    from tlops import tracking
+    from tlops.selection import similarity
+    from tlops.selection.planner import plan_run, resolved_config
+
+    far = similarity.Similarity("efficientnet_lite0", 0.9, 0.5, "far", 18.0, "partial", 54)
+    monkeypatch.setattr(similarity, "task_similarity", lambda cfg, manifest: far)
+    cfg = Config.model_validate({"workdir": str(tmp_path), "tracking": {"uri": f"sqlite:///{tmp_path / 'm.db'}"},
+                                 "data": {"target_uri": "/t"}, "train": {"strategy": "auto"}})
+    with restored_mlflow_uris(), mlflow.start_run(experiment_id=tracking.setup(cfg)) as run:
+        plan = plan_run(cfg, source, target)
+        tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    # the labelled target's train and val: 8 images per class, at least 5: self-training on a partial source model
+    assert plan["strategy"] == "self-training" and plan["adaptation_base"] == "partial"
+    assert "self-training" in tags["adaptation.why"] and tags["train.strategy.selected"] == "self-training"
+    resolved = resolved_config(cfg, plan)
+    assert resolved.train.strategy == "self-training" and resolved.train.adaptation.base == "partial"
+    assert resolved.train.epochs == 10
