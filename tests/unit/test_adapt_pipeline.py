@@ -226,3 +226,16 @@ def test_auto_with_target_data_resolves_the_adaptation_and_its_base(target, sour
     resolved = resolved_config(cfg, plan)
     assert resolved.train.strategy == "self-training" and resolved.train.adaptation.base == "partial"
     assert resolved.train.epochs == 10
+
+
+def test_a_held_out_fraction_of_the_target_is_the_labelled_set(tiny_digits, target_dirs, tmp_path) -> None:
+    cfg = Config.model_validate({"data": {"uri": str(tiny_digits), "target_uri": str(target_dirs["labelled"]),
+                                          "target_labelled_fraction": 0.5}})
+    target = build_target_manifest(cfg, tmp_path / "cache")
+    lab, unl = target[target["domain"] == LABELLED], target[target["domain"] == TARGET]
+    assert len(lab) == len(unl) == 15 and not set(lab["sha256"]) & set(unl["sha256"])
+    assert lab.groupby("label").size().to_dict() == {"0": 5, "1": 5, "7": 5} and unl["label"].isna().all()
+    assert (lab["split"] == "test").sum() == 3  # the held-out set split as the source is (20% test)
+    with pytest.raises(ValueError, match="not both"):
+        Config.model_validate({"data": {"target_uri": "/t", "target_labelled_uri": "/l",
+                                        "target_labelled_fraction": 0.2}})

@@ -36,11 +36,18 @@ class DataConfig(Section):
     # split is what the gate compares on; no adaptation ever reads it.
     target_uri: str | None = None
     target_labelled_uri: str | None = None
+    # Instead of target_labelled_uri: this share of each class of target_uri (class folders) keeps its labels as the
+    # labelled target set (split by val_fraction and test_fraction); the rest is the unlabelled target.
+    target_labelled_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave images for training (sum < 1)")
+        if self.target_labelled_fraction and self.target_labelled_uri:
+            raise ValueError("set target_labelled_uri or target_labelled_fraction, not both")
+        if self.target_labelled_fraction and not self.target_uri:
+            raise ValueError("target_labelled_fraction holds out a share of target_uri, which is not set")
         return self
 
 

@@ -59,6 +59,9 @@ def build_target_manifest(cfg: Config, cache_root: str | Path) -> pd.DataFrame:
         if not rows["decodable"].astype(bool).any():
             raise TlopsError(f"data.target_uri {data.target_uri}: none of its {len(rows)} file(s) is a readable "
                              "image; point it at a folder of the new domain's images")
+        if data.target_labelled_fraction:
+            held, rows = _held_out(rows, data)
+            parts.append(held)
         parts.append(rows.assign(label=None, split="train", **{DOMAIN_COLUMN: TARGET}))
     if data.target_labelled_uri:
         rows = _manifest(data.target_labelled_uri, "data.target_labelled_uri", data, validation, Path(cache_root))
@@ -74,6 +77,26 @@ def build_target_manifest(cfg: Config, cache_root: str | Path) -> pd.DataFrame:
         return empty_target_manifest()
     out = pd.concat(parts, ignore_index=True)
     return out[TARGET_COLUMNS]
+
+
+def _held_out(rows: pd.DataFrame, data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(labelled, the rest) of ``data.target_uri``'s rows: ``target_labelled_fraction`` of each class, chosen in
+    the class's salted hash order (stable as data grows), split by ``val_fraction``/``test_fraction``."""
+    from tlops.data.discovery import stratified_splits
+
+    ok = rows["decodable"].astype(bool) & rows["label"].notna()
+    if not ok.any():
+        raise TlopsError(f"data.target_labelled_fraction: data.target_uri {data.target_uri} has no labelled image; "
+                         "it needs <class>/<image> folders to hold labelled images out")
+    labels = [str(x) if isinstance(x, str) else None for x in rows["label"].where(ok, None)]
+    salt = f"{data.split_salt}/target-labelled"
+    held = pd.Series(stratified_splits(labels, list(rows["sha256"].fillna("")), 0.0,
+                                       data.target_labelled_fraction, salt), index=rows.index).eq("test") & ok
+    labelled = rows[held].copy()
+    labelled["split"] = stratified_splits(list(labelled["label"].astype(str)), list(labelled["sha256"]),
+                                          data.val_fraction, data.test_fraction, data.split_salt)
+    rest = rows[~held & ~rows["sha256"].isin(set(labelled["sha256"]))]
+    return labelled.assign(**{DOMAIN_COLUMN: LABELLED}), rest
 
 
 def write_target_manifest(df: pd.DataFrame, path: str | Path) -> Path:
