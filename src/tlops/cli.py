@@ -278,7 +278,14 @@ def validate(
     _writable_dir(out, "--output")
     shutil.rmtree(out / "data_docs", ignore_errors=True)  # the site of this run only, not an old one
     manifest, report = validate_data(cfg.data.uri, cfg, out / "data_docs")
+    from tlops.selection.domain import validate_target
+
+    target, report = validate_target(cfg, manifest, report)  # data.target_uri, target_labelled_uri: checked too
     paths = write_outputs(out, manifest, report)
+    if not target.empty:
+        from tlops.data.target import write_target_manifest
+
+        write_target_manifest(target, out / "target_manifest.csv")
     for line in report.summary_lines():
         typer.echo(line)
     typer.echo(f"{len(manifest)} files; {len(report.quarantine)} quarantined"

@@ -128,3 +128,17 @@ def test_the_gate_refuses_a_candidate_losing_too_much_on_the_source() -> None:
     vs = {**lost, "source": {**lost["source"], "champion": {"accuracy": 0.99, "version": "3"}}}
     d = decide(cand, champ, gate, domains=vs, **base)
     assert d.decision == "reject" and any("against champion version 3's 0.9900" in r for r in d.reasons)
+
+
+def test_tlops_validate_checks_the_target_data_too(tmp_path, tiny_digits, fonts, capsys) -> None:
+    from tlops.cli import main
+
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(fonts["unlabelled"], unlabelled)
+    shutil.copy(next((tiny_digits / "1").glob("*.png")), unlabelled / "1" / "leak.png")
+    args = ["validate", "--data", str(tiny_digits), "--set", f"workdir={tmp_path / '.tlops'}",
+            "--set", f"data.target_uri={unlabelled}", "--output", str(tmp_path / "out")]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL domain_overlap" in out and "leak.png (target-train)" in out
+    assert (tmp_path / "out" / "target_manifest.csv").is_file()
