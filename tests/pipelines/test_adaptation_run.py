@@ -39,6 +39,10 @@ def test_adabn_run_scores_both_domains_and_the_gate_holds_the_source(tmp_path: P
     assert {"target.candidate.test_accuracy", "source.candidate.test_accuracy", "source.source_only.test_accuracy",
             "target.source_only.test_accuracy", "data.target_images", "data.target_labelled_test"} <= set(m)
     assert m["test_images"] == m["data.target_labelled_test"]  # the headline figures are the target test split's
+    # the adaptation phase's own row of the history: source and labelled-target validation accuracy
+    assert {"adapt_unit", "adapt_images", "target_val_accuracy", "adaptation.target_images"} <= set(m)
+    assert m["adaptation.target_images"] == m["data.target_images"] + m["data.target_labelled_train"] + \
+        m["data.target_labelled_val"]  # the pool: unlabelled, and the labelled set's train and val, no test
     assert run.data.params["train.strategy"] == "adabn" and run.data.params["train.adaptation.base"] == "linear-probe"
     assert run.data.tags["train.adaptation_base"] == "linear-probe"
     summary = json.loads(Path(client.download_artifacts(run.info.run_id, "gate/decision.json", str(tmp_path)))

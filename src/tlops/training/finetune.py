@@ -33,7 +33,12 @@ def fine_tune(backbone_name: str, manifest: pd.DataFrame, classes: list[str], sp
     model with ``train.adaptation.base`` first, then adapts it to ``target`` (the target pool, rows with ``path``;
     ``target_val``: labelled target rows for validation; ``target_test_sha256``: content the pool may not hold)."""
     if cfg.is_adaptation:
+        from tlops.errors import TlopsError
         from tlops.training.adapt_run import adapt_source_model
+
+        if ddp.launched_by_torchrun():  # every rank would adapt and write adapt.pt on its own
+            raise TlopsError(f"train.strategy {cfg.strategy} does not run under torchrun (its adaptation phase is one "
+                             "process); use train.processes for DDP on one machine")
 
         base_cfg = cfg.model_copy(update={"strategy": cfg.adaptation.base})
         if base_cfg.strategy == "linear-probe":  # L-BFGS iterations, not the gradient epochs of train.epochs
