@@ -98,8 +98,12 @@ def test_strategy_through_fine_tune_trains_and_records_each_unit(strategy, sourc
     changed = {k for k, v in result.model.state_dict().items() if not torch.equal(v, result.source_only[k])}
     assert any(not k.endswith(STATS) for k in changed), "no weight was trained"
     assert (Path(result.checkpoint_dir) / "adapt.pt").is_file()
+    again = run(source, target, spec, tmp_path, strategy=strategy, **QUICK)  # a rerun: every unit from adapt.pt
+    assert result.resumed_at_step is None and again.resumed_at_step == len(rows)
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in result.model.state_dict().items())
 
 
+@pytest.mark.slow  # about 45 s under load; a finished run's rerun resuming is checked above
 def test_self_training_killed_after_a_round_resumes_at_the_next(source, target, spec, tmp_path, monkeypatch) -> None:
     import tlops.training.adapt_run as adapt_run
 
