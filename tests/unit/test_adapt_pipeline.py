@@ -165,7 +165,7 @@ def test_a_strategy_that_needs_target_data_without_it_is_one_config_line(strateg
         load_config(None, [f"train.strategy={strategy}"])
     message = str(err.value)
     assert err.value.exit_code == 2 and "\n" not in message
-    assert f"train.strategy {strategy}" in message and "data.target_uri" in message
+    assert message.startswith(f"config: train.strategy {strategy} adapts") and "data.target_uri" in message
     assert load_config(None, [f"train.strategy={strategy}", "data.target_uri=/x"]).train.strategy == strategy
 
 
@@ -243,3 +243,11 @@ def test_a_held_out_fraction_of_the_target_is_the_labelled_set(tiny_digits, targ
     with pytest.raises(ValueError, match="not both"):
         Config.model_validate({"data": {"target_uri": "/t", "target_labelled_uri": "/l",
                                         "target_labelled_fraction": 0.2}})
+
+
+def test_a_pipeline_parameter_choosing_an_adaptation_without_target_data_is_one_line() -> None:
+    from tlops.config.settings import with_parameters
+
+    with pytest.raises(TlopsError, match=r"^pipeline parameters: train.strategy adabn adapts to target images, "
+                                         r"but data.target_uri is not set"):
+        with_parameters(Config().to_json(), strategy="adabn")

@@ -589,6 +589,8 @@ def with_parameters(config_json: str, backbone: str = "", strategy: str = "", ep
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
+        if not err["loc"]:
+            raise TlopsError(f"pipeline parameters: {str(err['msg']).removeprefix('Value error, ')[:300]}") from None
         name = next((k for k, v in PIPELINE_PARAMETERS.items() if v == where), where)
         raise TlopsError(f"pipeline parameter {name}: {' '.join(str(err['msg']).split())[:300]}") from None
 
@@ -706,4 +708,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         msg = " ".join(str(err["msg"]).split())  # one line, whatever the validator said
         if err["type"] == "extra_forbidden":
             msg = "no such field" + did_you_mean(err["loc"])
+        if not err["loc"]:  # a check across sections (an adaptation strategy without data.target_uri): it names them
+            raise TlopsError(f"{src}: {msg.removeprefix('Value error, ')[:300]}") from None
         raise TlopsError(f"{src}: field {_shown(where, 120)[1:-1]}: {msg[:300]}") from None
