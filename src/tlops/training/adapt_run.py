@@ -23,7 +23,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -161,8 +160,3 @@ def adapt_source_model(base: FitResult, backbone_name: str, manifest: pd.DataFra
 def _units(cfg: TrainConfig) -> int:
     return cfg.adaptation.rounds if cfg.strategy == "self-training" else 1
 
-
-def describe(result: FitResult) -> dict[str, Any]:
-    """What the run records about the adaptation (params and tags)."""
-    env = result.environment
-    return {k: env[k] for k in ("adaptation", "adaptation_base", "target_images") if k in env}
