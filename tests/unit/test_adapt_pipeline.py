@@ -251,3 +251,12 @@ def test_a_pipeline_parameter_choosing_an_adaptation_without_target_data_is_one_
     with pytest.raises(TlopsError, match=r"^pipeline parameters: train.strategy adabn adapts to target images, "
                                          r"but data.target_uri is not set"):
         with_parameters(Config().to_json(), strategy="adabn")
+
+
+def test_demo_data_writes_font_digits_for_a_target(tmp_path, capsys) -> None:
+    from tlops.cli import main
+
+    assert main(["demo-data", str(tmp_path / "fonts"), "--fonts", "2", "--seed", "4"]) == 0
+    assert "20 font-rendered digit images in 10 class folders" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "fonts").iterdir()) == [str(d) for d in range(10)]
+    assert len(list((tmp_path / "fonts").rglob("*.png"))) == 20
