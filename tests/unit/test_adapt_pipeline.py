@@ -253,10 +253,12 @@ def test_a_pipeline_parameter_choosing_an_adaptation_without_target_data_is_one_
         with_parameters(Config().to_json(), strategy="adabn")
 
 
-def test_demo_data_writes_font_digits_for_a_target(tmp_path, capsys) -> None:
-    from tlops.cli import main
+def test_demo_data_writes_font_digits_for_a_target(tmp_path) -> None:
+    from typer.testing import CliRunner
 
-    assert main(["demo-data", str(tmp_path / "fonts"), "--fonts", "2", "--seed", "4"]) == 0
-    assert "20 font-rendered digit images in 10 class folders" in capsys.readouterr().out
+    from tlops.cli import app
+
+    result = CliRunner().invoke(app, ["demo-data", str(tmp_path / "fonts"), "--fonts", "2", "--seed", "4"])
+    assert result.exit_code == 0 and "20 font-rendered digit images in 10 class folders" in result.output
     assert sorted(p.name for p in (tmp_path / "fonts").iterdir()) == [str(d) for d in range(10)]
     assert len(list((tmp_path / "fonts").rglob("*.png"))) == 20
