@@ -1,7 +1,7 @@
 """Domain adaptation on a real shift: handwritten digits (scikit-learn) -> digits printed in the machine's fonts.
 
     nice -n 5 .venv/bin/python -m bench.bench_adapt [--seeds 3] [--source-per-class 50] [--target-per-class 30]
-                                                    [--size 32] [--epochs 6] [--rounds 2] [--round-epochs 3]
+                                                    [--size 32] [--epochs 10] [--rounds 2] [--round-epochs 3]
                                                     [--threshold 0.9] [--jobs 3 --threads 1]
 
 Source: scikit-learn's handwritten digits (``tlops demo-data``: the UCI optdigits forms, each digit a NIST
@@ -21,7 +21,8 @@ Every layer of EfficientNet-Lite0 (ImageNet weights) is trained, at ``--size`` p
   (statistics re-estimated on the pool before each round and at the end);
 - mcc: fine-tuning from the ImageNet start on the source with Minimum Class Confusion on pool batches,
   then the pool's statistics;
-- target-supervised (the ceiling): fine-tuning from the ImageNet start on the pool with its labels.
+- target-supervised (the ceiling): fine-tuning from the ImageNet start on the source and the pool, both
+  with their labels (the pool alone, 300 images, gave a weaker ceiling than self-training: 0.63).
 
 No strategy sees a target label: the pool's labels train only the ceiling; the validation set's labels
 only score (printed beside the test, for choosing settings without looking at the test); the test set's
@@ -123,8 +124,8 @@ def run_seed(seed: int, data: dict[str, torch.Tensor], cfg: AdaptConfig, classes
     model = fresh()
     mcc(model, xs, ys, xt, cfg)
     score("mcc", model)
-    model = fresh()
-    fine_tune_source(model, xt, data["yt"], cfg)  # the ceiling: the pool's own labels
+    model = fresh()  # the ceiling: the source and the pool, each with its labels
+    fine_tune_source(model, torch.cat([xs, xt]), torch.cat([ys, data["yt"]]), cfg)
     score("target-supervised", model)
     return found
 
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--source-test", type=int, default=300, help="scans kept for the source test")
     parser.add_argument("--target-per-class", type=int, default=30)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--backbone-lr-factor", type=float, default=0.3)

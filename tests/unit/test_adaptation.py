@@ -89,6 +89,10 @@ def test_self_training_and_mcc_train_on_tiny_data(trained: torch.nn.Module, doma
     assert result.history and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                        trained.state_dict().values(), strict=True))
+    # Class-balanced portions: about half the pool (each predicted class's most confident half) in round 1.
+    half = AdaptConfig(**{**CFG.__dict__, "portion": 0.5, "threshold": 1.01})
+    result = self_train(copy.deepcopy(trained), domains["xs"], domains["ys"], domains["xt"], half)
+    assert 0.3 * len(domains["xt"]) <= len(result.pseudo_labelled) <= 0.7 * len(domains["xt"])
     torch.manual_seed(0)
     fresh = build_classifier("efficientnet_lite0", num_classes=3)
     result = mcc(fresh, domains["xs"], domains["ys"], domains["xt"], CFG)
