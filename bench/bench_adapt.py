@@ -177,8 +177,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine(), flush=True)
-    data = build_data(Path(tempfile.mkdtemp(prefix="tlops-bench-adapt-")), args.size, args.source_per_class,
-                      args.target_per_class, args.source_test)
+    with tempfile.TemporaryDirectory(prefix="tlops-bench-adapt-") as tmp:  # the images live on as tensors
+        data = build_data(Path(tmp), args.size, args.source_per_class, args.target_per_class, args.source_test)
     cfg = AdaptConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       backbone_lr_factor=args.backbone_lr_factor, rounds=args.rounds, round_epochs=args.round_epochs,
                       threshold=args.threshold, portion=args.portion,
