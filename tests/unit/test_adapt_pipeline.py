@@ -262,3 +262,29 @@ def test_demo_data_writes_font_digits_for_a_target(tmp_path) -> None:
     assert result.exit_code == 0 and "20 font-rendered digit images in 10 class folders" in result.output
     assert sorted(p.name for p in (tmp_path / "fonts").iterdir()) == [str(d) for d in range(10)]
     assert len(list((tmp_path / "fonts").rglob("*.png"))) == 20
+
+
+@pytest.mark.slow  # about 30 s: two mcc runs; the finished rerun's resume stays in the default suite above
+def test_mcc_killed_after_an_epoch_continues_as_if_never_stopped(source, target, spec, tmp_path, monkeypatch) -> None:
+    import tlops.training.adapt_run as adapt_run
+
+    two = {"adaptation": {**QUICK["adaptation"], "epochs": 2}}
+    whole = run(source, target, spec, tmp_path / "whole", strategy="mcc", **two)
+    real = adapt_run.mcc
+
+    def killed_after_epoch_one(*args: object, on_epoch, **kwargs: object):
+        def hook(epoch: int, row: dict, state: dict) -> None:
+            on_epoch(epoch, row, state)  # the checkpoint is written, then the process dies
+            raise KeyboardInterrupt("killed")
+
+        return real(*args, on_epoch=hook, **kwargs)
+
+    monkeypatch.setattr(adapt_run, "mcc", killed_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        run(source, target, spec, tmp_path / "killed", strategy="mcc", **two)
+    monkeypatch.setattr(adapt_run, "mcc", real)
+    again = run(source, target, spec, tmp_path / "killed", strategy="mcc", **two)
+    assert again.resumed_at_step == 1  # epoch 1 from the checkpoint, epoch 2 ran now
+    assert [h["adapt_unit"] for h in again.history if "adapt_unit" in h] == [1.0, 2.0]
+    expected = whole.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in again.model.state_dict().items())

@@ -9,7 +9,8 @@ of the target pool (:func:`tlops.data.target.adaptation_pool`: never a target te
 - adabn: the BatchNorm statistics re-estimated (seconds, no gradient); saved when done;
 - self-training: ``rounds`` rounds, each one :func:`~tlops.training.adaptation.self_train` round; the model,
   the round and the history are saved after every round, and a rerun resumes at the next round;
-- mcc: :func:`~tlops.training.adaptation.mcc` for ``train.adaptation.epochs`` epochs; saved when done.
+- mcc: :func:`~tlops.training.adaptation.mcc` for ``train.adaptation.epochs`` epochs; the model, the optimizer,
+  the schedule and the batch generator are saved after every epoch, and a rerun continues at the next epoch.
 
 The checkpoint (``adapt.pt``, beside the key's other files) is keyed by the source model's key, the target
 pool's content and the adaptation settings; it loads with ``weights_only=True``.
@@ -23,6 +24,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -101,6 +103,7 @@ def adapt_source_model(base: FitResult, backbone_name: str, manifest: pd.DataFra
 
     source_only = module_state(model)  # the source model before adaptation: the gate's reference without champion
     done, history, resumed = 0, [], None
+    fit_state: dict[str, Any] | None = None
     pseudo: list[str] = []  # content of the images pseudo-labelled in the last round
     if cfg.resume:
         store.sync_down()
@@ -112,17 +115,19 @@ def adapt_source_model(base: FitResult, backbone_name: str, manifest: pd.DataFra
             model.load_state_dict(saved["model"])
             set_rng_state(saved["rng"])
             done, history, resumed = int(saved["done"]), list(saved["history"]), int(saved["done"])
+            fit_state = saved.get("fit_state")  # mcc stopped between two of its epochs
             log.info("resuming %s from %s: %d of %d %s done", cfg.strategy, store.location, done,
-                     _units(cfg), "rounds" if cfg.strategy == "self-training" else "phase")
+                     _units(cfg), {"self-training": "rounds", "mcc": "epochs"}.get(cfg.strategy, "phase"))
     last_epoch = max((int(h["epoch"]) for h in base.history), default=0)
 
-    def record(unit: int, row: dict[str, float]) -> None:
+    def record(unit: int, row: dict[str, float], fit_state: dict[str, Any] | None = None) -> None:
         row = {"epoch": last_epoch + unit, "adapt_unit": float(unit),
                "val_accuracy": accuracy(model, xv, yv) if len(xv) else float("nan"),
                **({"target_val_accuracy": accuracy(model, xtv, ytv)} if len(xtv) else {}), **row}
         history.append(row)
         store.save(ADAPT, {"key": key, "model": module_state(model), "rng": rng_state(), "done": unit,
-                           "history": history, "strategy": cfg.strategy})
+                           "history": history, "strategy": cfg.strategy,
+                           **({"fit_state": fit_state} if fit_state is not None else {})})
         log.info("%s %d/%d: source val accuracy %.4f%s", cfg.strategy, unit, _units(cfg), row["val_accuracy"],
                  f", target val accuracy {row['target_val_accuracy']:.4f}" if "target_val_accuracy" in row else "")
 
@@ -140,7 +145,16 @@ def adapt_source_model(base: FitResult, backbone_name: str, manifest: pd.DataFra
             record(unit, {"pseudo_labels": float(len(out.pseudo_labelled)),
                           "adapt_loss": losses[-1] if losses else float("nan")})
         else:
-            out = mcc(model, xs, ys, xt, acfg)
+            # Every epoch is a checkpoint (the model, the optimizer, the schedule and the batch generator); the
+            # last one is recorded once the target's BatchNorm statistics are in.
+            def epoch_done(epoch: int, row: dict[str, float], state: dict[str, Any]) -> None:
+                if epoch < _units(cfg):
+                    model.eval()
+                    record(epoch, {"adapt_loss": row["loss"]}, state)
+                    model.train()
+
+            out = mcc(model, xs, ys, xt, acfg, start=fit_state, on_epoch=epoch_done)
+            unit = _units(cfg)
             record(unit, {"adapt_loss": out.history[-1]["loss"] if out.history else float("nan")})
         done = unit
     model.eval()
@@ -158,5 +172,8 @@ def adapt_source_model(base: FitResult, backbone_name: str, manifest: pd.DataFra
 
 
 def _units(cfg: TrainConfig) -> int:
-    return cfg.adaptation.rounds if cfg.strategy == "self-training" else 1
+    """Checkpoints of the adaptation: self-training's rounds, mcc's epochs, adabn's one pass."""
+    if cfg.strategy == "self-training":
+        return cfg.adaptation.rounds
+    return cfg.adaptation.epochs if cfg.strategy == "mcc" else 1
 

@@ -23,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -200,18 +200,29 @@ def _optimizer(model: nn.Module, cfg: AdaptConfig) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay)
 
 
+EpochHook = Callable[[int, dict[str, float], dict[str, Any]], None]
+
+
 def _fit(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: AdaptConfig, gen: torch.Generator,
          extra: Callable[[torch.Tensor], torch.Tensor] | None = None, what: str = "source",
-         epochs: int | None = None) -> list[dict[str, float]]:
+         epochs: int | None = None, start: dict[str, Any] | None = None,
+         on_epoch: EpochHook | None = None) -> list[dict[str, float]]:
     """Cross-entropy on source batches (weakly shifted), plus ``extra(step)`` per step, for ``epochs``
-    (default ``cfg.epochs``)."""
+    (default ``cfg.epochs``). ``on_epoch(epoch, row, state)`` after each epoch: ``state`` (optimizer, schedule,
+    the batch generator, the epoch and step) is what ``start`` takes to continue from there with the model's
+    weights of that moment, exactly as if never stopped."""
     epochs = cfg.epochs if epochs is None else epochs
     opt = _optimizer(model, cfg)
     steps = epochs * max(1, math.ceil(len(xs) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history = []
-    step = 0
-    for epoch in range(epochs):
+    step, first = 0, 0
+    if start is not None:
+        opt.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["scheduler"])
+        gen.set_state(start["generator"])
+        first, step = int(start["epoch"]), int(start["step"])
+    for epoch in range(first, epochs):
         model.train()
         total, seen = 0.0, 0
         for idx in _batches(len(xs), cfg.batch_size, gen):
@@ -229,6 +240,9 @@ def _fit(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: AdaptConfig,
             total, seen = total + loss.item() * len(idx), seen + len(idx)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
         log.info("%s epoch %d/%d: loss %.4f", what, epoch + 1, epochs, total / max(seen, 1))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history[-1], {"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
+                                              "scheduler": sched.state_dict(), "generator": gen.get_state()})
     model.eval()
     return history
 
@@ -362,10 +376,12 @@ def mcc_loss(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
 
 
 def mcc(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, cfg: AdaptConfig,
-        target_statistics: bool = True) -> AdaptResult:
+        target_statistics: bool = True, start: dict[str, Any] | None = None,
+        on_epoch: EpochHook | None = None) -> AdaptResult:
     """Fine-tuning on the source with the MCC loss on target batches (each step one of each); with
     ``target_statistics`` (the default) the BatchNorm statistics are then re-estimated on the target
-    images (``adabn``), which the target batches were normalised with during training."""
+    images (``adabn``), which the target batches were normalised with during training. ``on_epoch`` and
+    ``start``: a checkpoint after every epoch and the continuation from one (:func:`_fit`)."""
     if len(xt) < 2:
         raise TlopsError(f"mcc: {len(xt)} target image(s); a target batch needs at least two")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -374,7 +390,7 @@ def mcc(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, 
         pick = torch.randint(0, len(xt), (min(cfg.batch_size, len(xt)),), generator=gen)
         return cfg.mcc_weight * mcc_loss(model(weak_view(xt[pick], gen)), cfg.mcc_temperature)
 
-    result = AdaptResult("mcc", _fit(model, xs, ys, cfg, gen, confusion, what="mcc"))
+    result = AdaptResult("mcc", _fit(model, xs, ys, cfg, gen, confusion, what="mcc", start=start, on_epoch=on_epoch))
     if target_statistics:
         adabn(model, xt, cfg.batch_size)
     return result
