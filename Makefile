@@ -47,8 +47,9 @@ test-containers: setup
 test-compress: setup
 	$(BIN)/python -m pytest tests/pipelines/test_compress_run.py tests/unit/test_compress.py $(PYTEST_ARGS)
 
-# Watching the champion end to end: a pipeline run on the digits, `tlops serve` logging held-out and shifted
-# traffic, `tlops monitor` on both and the labelling queue; a slow test, several minutes.
+# Watching the champion end to end, the loop closed: a pipeline run on the digits (demo settings), `tlops serve`
+# logging held-out and shifted traffic, `tlops monitor` on both, the labelling queue labelled, merged and the
+# pipeline run again; a slow test, about 15 minutes.
 test-monitor: setup
 	$(BIN)/python -m pytest -m slow tests/pipelines/test_monitor_scenario.py $(PYTEST_ARGS)
 

@@ -42,6 +42,7 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
     servers = {rate: start_server(model_uri, env, work / f"serve-{rate}.log", "--sample-rate", rate,
                                   "--log-uri", str(work / f"log-{rate}")) for rate in RATES}
     results: dict[str, dict[int, list[dict[str, Any]]]] = {r: {c: [] for c in levels} for r in RATES}
+    load_start = os.getloadavg()[0]
     try:
         for rep in range(repeats):
             for clients in levels:
@@ -51,15 +52,17 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
                     print(f"repeat {rep + 1} clients {clients:2d} sample rate {rate:3s}: "
                           f"{got['requests_per_s']:6.1f} req/s, p50 {got['p50_ms']:6.1f} ms, "
                           f"p99 {got['p99_ms']:6.1f} ms, errors {got['errors']}", flush=True)
+        paired = interleaved({rate: port for rate, (_proc, port) in servers.items()}, bodies, repeats, duration)
     finally:
         for proc, _port in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
-    print(f"\nload average {os.getloadavg()[0]:.1f}; medians of {repeats} repeats")
+    print(f"\nload average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; medians of {repeats} "
+          "repeats (the rates interleaved, their order reversed every other repeat)")
     print("| clients | logging off: p50, p99 | 0.1 logged: p50, p99 (ratio p50, p99) | all logged: p50, p99 "
           "(ratio p50, p99) |")
     print("|---|---|---|---|")
-    summary: dict[int, Any] = {}
+    summary: dict[Any, Any] = {}
     for clients in levels:
         row = {r: {k: statistics.median(x[k] for x in results[r][clients]) for k in ("p50_ms", "p99_ms")}
                for r in RATES}
@@ -72,11 +75,53 @@ def serving(work: Path, model_uri: str, tracking: str, images: list[bytes], leve
             f"{row[r]['p50_ms']:.1f} ms, {row[r]['p99_ms']:.1f} ms (**{row[r]['p50_ratio']:.2f}×**, "
             f"**{row[r]['p99_ratio']:.2f}×**)" for r in RATES[1:]]
         print(f"| {clients} | " + " | ".join(cells) + " |")
+    print(f"\none client, each image sent to the three servers in turn (a shuffled order each round), "
+          f"{repeats} x {duration:g} s: p50 and p99 over {len(paired['0'])} requests each")
+    for rate in RATES:
+        lat = sorted(paired[rate])
+        p50, p99 = lat[len(lat) // 2] * 1e3, lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
+        ratios = [a / b for a, b in zip(paired[rate], paired["0"], strict=True)]
+        summary.setdefault("interleaved", {})[rate] = {"p50_ms": p50, "p99_ms": p99,
+                                                        "median_pair_ratio": statistics.median(ratios)}
+        print(f"  sample rate {rate:3s}: p50 {p50:6.1f} ms, p99 {p99:6.1f} ms; median of the per-image ratios to "
+              f"logging off {statistics.median(ratios):.3f}")
     for rate in RATES:
         tail = [line for line in (work / f"serve-{rate}.log").read_text().splitlines() if "prediction log:" in line]
         if tail:
             print(f"sample rate {rate}: {tail[-1].split('INFO ')[-1]}")
     return summary
+
+
+def interleaved(ports: dict[str, int], bodies: list[bytes], repeats: int, duration: float) -> dict[str, list[float]]:
+    """One client on one keep-alive connection per server; each image goes to the three servers one after the
+    other, in a shuffled order, so that the machine's noise (other jobs, here) falls on all three alike; the
+    latencies per server, in the order sent."""
+    import http.client
+
+    rng = random.Random(1)
+    conns = {rate: http.client.HTTPConnection("127.0.0.1", port, timeout=60) for rate, port in ports.items()}
+    out: dict[str, list[float]] = {rate: [] for rate in ports}
+    n = 0
+    try:
+        for _ in range(repeats):
+            stop = time.monotonic() + duration
+            while time.monotonic() < stop:
+                body = bodies[n % len(bodies)]
+                n += 1
+                order = list(ports)
+                rng.shuffle(order)
+                for rate in order:
+                    t0 = time.perf_counter()
+                    conns[rate].request("POST", "/invocations", body=body,
+                                        headers={"Content-Type": "application/json"})
+                    resp = conns[rate].getresponse()
+                    resp.read()
+                    out[rate].append(time.perf_counter() - t0)
+                    assert resp.status == 200
+    finally:
+        for c in conns.values():
+            c.close()
+    return out
 
 
 def monitor_time(work: Path, model_dir: Path, records: int) -> dict[str, Any]:
@@ -124,7 +169,50 @@ def monitor_time(work: Path, model_dir: Path, records: int) -> dict[str, Any]:
           f"median {statistics.median(times):.1f} s of {', '.join(f'{t:.1f}' for t in times)}; "
           f"reference built in {reference_s:.1f} s; verdict "
           f"{report['verdict']} ({'; '.join(report['reasons'])}), estimate {report['estimate']['accuracy']:.3f}")
-    return {"seconds": times, "reference_s": reference_s, "records": records}
+    variants = served_variants(work, model_dir, manifest, reference)
+    return {"seconds": times, "reference_s": reference_s, "records": records, "variants": variants}
+
+
+def served_variants(work: Path, model_dir: Path, manifest: Any, reference: Any) -> dict[str, Any]:
+    """The test split as the float ONNX and the int8 variant serve it, their logged records (with the graph's
+    embedding output) judged against the PyTorch model's reference: quiet, as the traffic is, or does the
+    variant's own arithmetic look like drift?"""
+    import pandas as pd
+
+    from tlops.fileio import read_json
+    from tlops.monitoring.monitor import assess
+    from tlops.serving.compress import variants as V
+    from tlops.serving.compress.runtime import OnnxPredictor
+    from tlops.serving.predlog import Served, to_row
+    from tlops.serving.pyfunc import load_model_dir
+
+    model, spec, classes = load_model_dir(model_dir)
+    meta = read_json(model_dir / "model.json")
+    onnx_dir = V.build_onnx(model, spec, meta, work / "variant-onnx")
+    train = manifest[manifest["split"] == "train"]
+    calibration = [Path(p).read_bytes() for p in train["path"].sample(n=128, random_state=0)]
+    int8_dir = V.build_int8(onnx_dir, calibration, work / "variant-int8")
+    test = manifest[manifest["split"] == "test"]
+    images = [Path(p).read_bytes() for p in test["path"]]
+    info = {"name": "bench", "version": "1", "classes": classes, "preprocess_fingerprint": spec.fingerprint}
+    out = {}
+    for name, directory in (("onnx", onnx_dir), ("int8", int8_dir)):
+        predictor = OnnxPredictor(directory)
+        proba, emb = predictor.proba_embed(predictor.tensors(images))
+        assert emb is not None
+        now = time.time()
+        frame = pd.DataFrame([to_row(Served(now, info, b, proba[i], emb[i]), 5, False) for i, b in enumerate(images)])
+        report = assess(reference, frame, 0.9)
+        report.pop("_arrays")
+        truth = float((proba.argmax(1) == [classes.index(str(y)) for y in test["label"]]).mean())
+        checks = {c["name"]: c for c in report["checks"]}
+        out[name] = {"verdict": report["verdict"], "reasons": report["reasons"], "accuracy": truth,
+                     "estimate": report["estimate"]["accuracy"], "mmd_p": checks["feature drift (MMD)"]["p_value"],
+                     "ood_p": checks["out of distribution"]["p_value"]}
+        print(f"the test split served by the {name} variant: verdict {report['verdict']} "
+              f"({'; '.join(report['reasons']) or 'nothing flagged'}), MMD p {out[name]['mmd_p']:.3f}, OOD p "
+              f"{out[name]['ood_p']:.3f}; accuracy {truth:.4f}, estimate {out[name]['estimate']:.4f}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,39 +13,45 @@ from components.image import DEFAULT_IMAGE
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def validate(data_uri: str, config_json: str, pipeline_run: str, manifest: Output[Dataset],
              report: Output[Artifact], report_html: Output[HTML], run_plan: Output[Artifact],
-             mlflow_run: Output[Markdown], backbone: str = "", strategy: str = "", epochs: int = 0,
-             model_name: str = "", min_accuracy: float = -1.0, kfp_run_id: str = "", kfp_run_name: str = "") -> str:
+             mlflow_run: Output[Markdown], target_manifest: Output[Dataset], backbone: str = "", strategy: str = "",
+             epochs: int = 0, model_name: str = "", min_accuracy: float = -1.0, kfp_run_id: str = "",
+             kfp_run_name: str = "") -> str:
     from tlops.steps import validate_step
 
     return validate_step(data_uri, config_json, manifest.path, report.path, pipeline_run, report_html.path,
                          run_plan.path, parameters={"backbone": backbone, "strategy": strategy, "epochs": epochs,
                                                     "model_name": model_name, "min_accuracy": min_accuracy},
-                         kfp_run={"id": kfp_run_id, "name": kfp_run_name}, links_path=mlflow_run.path)
+                         kfp_run={"id": kfp_run_id, "name": kfp_run_name}, links_path=mlflow_run.path,
+                         target_manifest_path=target_manifest.path)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def parity(run_plan: Input[Artifact], manifest: Input[Dataset], spec: Output[Artifact],
-           report: Output[Artifact], report_html: Output[HTML]) -> str:
+def parity(run_plan: Input[Artifact], manifest: Input[Dataset], target_manifest: Input[Dataset],
+           spec: Output[Artifact], report: Output[Artifact], report_html: Output[HTML]) -> str:
     from tlops.steps import parity_step
 
-    return parity_step(run_plan.path, manifest.path, spec.path, report.path, report_html.path)
+    return parity_step(run_plan.path, manifest.path, spec.path, report.path, report_html.path,
+                       target_manifest_path=target_manifest.path)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def fine_tune(run_plan: Input[Artifact], manifest: Input[Dataset], spec: Input[Artifact], model: Output[Model],
-              serving_parity: Output[Artifact]) -> str:
+def fine_tune(run_plan: Input[Artifact], manifest: Input[Dataset], target_manifest: Input[Dataset],
+              spec: Input[Artifact], model: Output[Model], serving_parity: Output[Artifact],
+              source_model: Output[Model]) -> str:
     from tlops.steps import fine_tune_step
 
-    return fine_tune_step(run_plan.path, manifest.path, spec.path, model.path, serving_parity.path)
+    return fine_tune_step(run_plan.path, manifest.path, spec.path, model.path, serving_parity.path,
+                          target_manifest_path=target_manifest.path, reference_dir=source_model.path)
 
 
 @dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
-def evaluate(run_plan: Input[Artifact], model_uri: str, manifest: Input[Dataset], metrics: Output[Metrics],
-             evaluation: Output[Artifact], confusion: Output[ClassificationMetrics],
-             report_html: Output[HTML]) -> float:
+def evaluate(run_plan: Input[Artifact], model_uri: str, manifest: Input[Dataset], target_manifest: Input[Dataset],
+             source_model: Input[Model], metrics: Output[Metrics], evaluation: Output[Artifact],
+             confusion: Output[ClassificationMetrics], report_html: Output[HTML]) -> float:
     from tlops.steps import evaluate_step
 
-    out = evaluate_step(run_plan.path, manifest.path, model_uri, evaluation.path, report_html.path)
+    out = evaluate_step(run_plan.path, manifest.path, model_uri, evaluation.path, report_html.path,
+                        target_manifest_path=target_manifest.path, reference_dir=source_model.path)
     metrics.metadata.update(out["metrics"])
     confusion.log_confusion_matrix(out["categories"], out["matrix"])
     return out["metrics"]["accuracy"]

@@ -93,7 +93,8 @@ def transfer_learning_pipeline(data_uri: str = "", config_json: str = "", backbo
         data_uri: s3://bucket/prefix (local runs: a directory or CSV manifest too). Empty: the config's data.uri.
         config_json: The full tlops config as JSON (tlops compile/submit fill it). Empty: the defaults.
         backbone: efficientnet_lite0, resnet18, resnet50, auto or checkpoint:DIR. Empty: the config's backbone.
-        strategy: linear-probe, partial, full, gradual, scratch or auto. Empty: the config's train.strategy.
+        strategy: linear-probe, partial, full, gradual, scratch, adabn, self-training, mcc or auto. Empty: the
+            config's train.strategy.
         epochs: Epochs (L-BFGS iterations for linear-probe). 0: the config's train.epochs.
         model_name: Registered model name in MLflow. Empty: the config's registry.model_name.
         min_accuracy: The gate's accuracy floor, 0 to 1. Negative: the config's gate.min_accuracy.
@@ -107,12 +108,18 @@ def transfer_learning_pipeline(data_uri: str = "", config_json: str = "", backbo
                              min_accuracy=min_accuracy, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                              kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "validate")
     plan, manifest = checked.outputs["run_plan"], checked.outputs["manifest"]
-    proved = _step(parity(run_plan=plan, manifest=manifest), "parity")
+    # The target domain's images (data.target_uri, data.target_labelled_uri; the header alone without them).
+    target = checked.outputs["target_manifest"]
+    proved = _step(parity(run_plan=plan, manifest=manifest, target_manifest=target), "parity")
     # The plan's decision: "train", or "skip" when selection.skip_when found no new data or no drift.
     # A skipped run starts no fine-tune pod (no GPU asked for), no evaluation and no gate.
     with dsl.If(checked.outputs["Output"] == "train", name="train"):
-        trained = _step(fine_tune(run_plan=plan, manifest=manifest, spec=proved.outputs["spec"]), "fine-tune")
-        scored = _step(evaluate(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest), "evaluate")
+        trained = _step(fine_tune(run_plan=plan, manifest=manifest, target_manifest=target,
+                                  spec=proved.outputs["spec"]), "fine-tune")
+        # With a labelled target test split: scored on it and on the source test split (the source-only model
+        # too, the gate's reference for max_source_regression when there is no champion).
+        scored = _step(evaluate(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest,
+                                target_manifest=target, source_model=trained.outputs["source_model"]), "evaluate")
         # Compressed serving variants (deploy.variants); with none the step only writes an empty record.
         shrunk = _step(compress(run_plan=plan, model_uri=trained.outputs["Output"], manifest=manifest,
                                 evaluation=scored.outputs["evaluation"]), "compress")

@@ -137,6 +137,14 @@ def format_summary(s: dict[str, Any], seconds: float) -> str:
         top = ", ".join(f"{k.replace('_', '-')} {v:.4f}" for k, v in cand.get("top_k", {}).items())
         lines.append(f"                 {top}; lowest class recall {cand['min_class_recall']:.4f} "
                      f"(class {cand.get('min_recall_class', '?')}); ECE {cand['ece']:.4f}")
+    domains = s.get("domains") or m.get("domains")
+    if domains:  # adaptation: the test accuracy above is the target's
+        def figures(domain: str) -> str:
+            whos = domains.get(domain) or {}
+            return ", ".join(f"{who.replace('_', '-')} {rec['accuracy']:.4f}" for who, rec in whos.items())
+
+        lines.append(f"  domains        target test: {figures('target')}")
+        lines.append(f"                 source test: {figures('source')}")
     lat = cand.get("latency") or {}
     if lat.get("p95_ms") is not None:
         lines.append(f"  serving        latency p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms (batch size 1, "
@@ -270,7 +278,14 @@ def validate(
     _writable_dir(out, "--output")
     shutil.rmtree(out / "data_docs", ignore_errors=True)  # the site of this run only, not an old one
     manifest, report = validate_data(cfg.data.uri, cfg, out / "data_docs")
+    from tlops.selection.domain import validate_target
+
+    target, report = validate_target(cfg, manifest, report)  # data.target_uri, target_labelled_uri: checked too
     paths = write_outputs(out, manifest, report)
+    if not target.empty:
+        from tlops.data.target import write_target_manifest
+
+        write_target_manifest(target, out / "target_manifest.csv")
     for line in report.summary_lines():
         typer.echo(line)
     typer.echo(f"{len(manifest)} files; {len(report.quarantine)} quarantined"
@@ -678,8 +693,19 @@ def data_merge_cmd(
 
 
 @app.command("demo-data")
-def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")]) -> None:
-    """Export scikit-learn's real digits set as an ImageFolder of PNG files."""
+def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the ImageFolder.")],
+              fonts: Annotated[int, typer.Option(
+                  help="Instead: this many digits per class rendered from the machine's fonts, in the scans' 8x8 "
+                  "look (a target domain for train.strategy adabn, self-training, mcc).", min=0)] = 0,
+              seed: Annotated[int, typer.Option(help="With --fonts: the rendering's seed.")] = 0) -> None:
+    """Export scikit-learn's real digits set as an ImageFolder of PNG files (or, with --fonts, digits rendered from
+    the machine's fonts)."""
+    if fonts:
+        from tlops.data.fontdigits import export_font_digits
+
+        n = export_font_digits(directory, per_class=fonts, seed=seed)
+        typer.echo(f"{directory}: {n} font-rendered digit images in 10 class folders")
+        return
     from tlops.data.discovery import export_digits
 
     n = export_digits(directory)

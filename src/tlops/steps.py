@@ -228,7 +228,7 @@ def _feature_cache(cfg: Config) -> Any:
 def validate_step(data_uri: str, config_json: str, manifest_path: str, report_path: str,
                   pipeline_run: str = "", html_path: str = "", plan_path: str = "",
                   parameters: dict[str, Any] | None = None, kfp_run: dict[str, str] | None = None,
-                  links_path: str = "") -> str:
+                  links_path: str = "", target_manifest_path: str = "") -> str:
     """Build the image manifest, run the GX suite, open the MLflow run, decide what the run does.
 
     Writes the manifest training uses (``manifest_path``; with ``validation.exclude_quarantined`` without the
@@ -239,7 +239,8 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
     ``parameters`` are the pipeline's typed parameters (``tlops.config.settings.with_parameters``: over
     ``config_json``); an empty ``data_uri`` means the config's ``data.uri``. ``kfp_run`` (``id``, ``name``) names
     the KFP run, recorded as MLflow tags with a link to it when ``cluster.host`` is known; ``links_path`` receives
-    a Markdown page with the link to the MLflow run.
+    a Markdown page with the link to the MLflow run. ``target_manifest_path`` receives the target domain's manifest
+    (``data.target_uri``, ``data.target_labelled_uri``; the header alone without them), checked with the source.
     """
     import mlflow
 
@@ -256,9 +257,18 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
     with tempfile.TemporaryDirectory(prefix="tlops-validate-") as tmp:
         docs_dir = Path(tmp) / "data_docs"
         manifest, report = validate_data(data_uri, work, docs_dir)
+        from tlops.data.target import write_target_manifest
+        from tlops.selection.domain import target_summary, validate_target
+
+        # Before anything is written: a target URI with no images or foreign classes stops here (exit 2).
+        target, report = validate_target(work, manifest, report)
         used = training_manifest(manifest, report)
         outputs = write_outputs(Path(tmp) / "out", manifest, report)
         data.write_manifest(used, manifest_path)
+        if target_manifest_path:
+            write_target_manifest(target, target_manifest_path)
+        if not target.empty:
+            outputs["target_manifest"] = write_target_manifest(target, Path(tmp) / "out" / "target_manifest.csv")
         write_json(report_path, report.to_dict())
         if html_path:
             write_text(html_path, report.to_html())
@@ -282,6 +292,8 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
             mlflow.log_metrics({"data.files": len(used), "data.classes": used["label"].nunique(),
                                 "data.quarantined": len(report.quarantine), "data.excluded": len(report.excluded),
                                 **{f"data.split.{k}": int(v) for k, v in split_counts.items()}})
+            if not target.empty:
+                mlflow.log_metrics({f"data.{k}": v for k, v in target_summary(target).items()})
             # validation/manifest.csv (MANIFEST_ARTIFACT) is what a later run reads back as its drift reference.
             for path in outputs.values():
                 mlflow.log_artifact(str(path), "validation")
@@ -296,7 +308,7 @@ def validate_step(data_uri: str, config_json: str, manifest_path: str, report_pa
                                                                        for c in report.failures()))
             from tlops.selection.planner import plan_run, resolved_config
 
-            choices = plan_run(work, used)  # backbone/strategy auto, feature drift, skip decision
+            choices = plan_run(work, used, target)  # backbone/strategy auto, feature drift, skip decision
             resolved = resolved_config(cfg, choices)
             skipped = bool(choices.get("skipped"))
             plan = RunPlan(run_id=run.info.run_id, config=resolved, decision="skip" if skipped else "train",
@@ -340,9 +352,12 @@ def kfp_links(cfg: Config, kfp_run: dict[str, str], experiment_id: str, run_id: 
 
 @step
 def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path: str,
-                html_path: str = "") -> str:
-    """Compare the eval preprocessing with the backbone's reference; returns the spec fingerprint."""
+                html_path: str = "", target_manifest_path: str = "") -> str:
+    """Compare the eval preprocessing with the backbone's reference; returns the spec fingerprint.
+
+    With target images (``target_manifest_path``), some of them are golden images too: one spec for both domains."""
     import mlflow
+    import pandas as pd
 
     from tlops import progress
     from tlops.config.plan import RunPlan
@@ -352,7 +367,11 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
 
     plan = RunPlan.read(plan_path)
     cfg = own_disk(plan.config)
-    golden = golden_set(list(_pixels(cfg, golden_rows(read_manifest(manifest_path)))["path"]))
+    from tlops.data.target import read_target_manifest, target_golden_rows
+
+    rows = pd.concat([golden_rows(read_manifest(manifest_path)),
+                      target_golden_rows(read_target_manifest(target_manifest_path))], ignore_index=True)
+    golden = golden_set(list(_pixels(cfg, rows)["path"]))
     progress.phase(f"{len(golden)} golden images through our transform and {cfg.backbone}'s own")
     report = check_parity(cfg.backbone, cfg.preprocess, golden)
     spec = eval_spec(cfg.backbone, cfg.preprocess)
@@ -386,11 +405,15 @@ def parity_step(plan_path: str, manifest_path: str, spec_path: str, report_path:
 # in the order the run records them (steps.py is kept as it is while the monitoring work changes it).
 @step
 def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir: str,
-                   serving_path: str = "") -> str:
+                   serving_path: str = "", target_manifest_path: str = "", reference_dir: str = "") -> str:
     """Fine-tune with ``train.strategy``, save the model files, log the model to MLflow; returns its model URI.
 
     ``serving_path`` receives the serving parity check (the logged model loaded back, raw bytes in, against
-    the in-memory model), which the gate takes as an input."""
+    the in-memory model), which the gate takes as an input. An adaptation strategy reads the target images of
+    ``target_manifest_path`` (only the adaptation pool and the labelled target's val split are fetched: never a
+    target test image) and writes the source model it started from to ``reference_dir`` (the evaluate step scores
+    it on the source test split: the gate's reference when there is no champion); other strategies write nothing
+    there."""
     import mlflow
     import pandas as pd
     from mlflow.entities import Metric
@@ -411,11 +434,29 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     # The eval spec is the one the parity step proved; augmentation (training only) never changes it.
     spec = PreprocessSpec.from_record(read_json(spec_path))
     classes = class_names(manifest)
+    adapting: dict[str, Any] = {}
+    if cfg.train.is_adaptation:
+        from tlops.data.target import adaptation_pool, labelled_split, read_target_manifest
+
+        target = read_target_manifest(target_manifest_path)
+        pool = adaptation_pool(target)
+        progress.phase(f"fetching {len(pool)} target images to adapt to")
+        adapting = {"target": _pixels(cfg, pool) if not pool.empty else pool,
+                    "target_val": _pixels(cfg, labelled_split(target, "val")),
+                    "target_test_sha256": [str(s) for s in labelled_split(target, "test")["sha256"]]}
     progress.phase(f"{cfg.train.strategy}: loading {cfg.backbone} with its pre-trained weights")
     with _system_metrics(cfg, plan.run_id):
         result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir,
-                           state_uri=cfg.state_uri)
+                           state_uri=cfg.state_uri, **adapting)
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
+    if reference_dir and result.source_only is not None:
+        import copy
+
+        reference = copy.deepcopy(result.model)
+        reference.load_state_dict(result.source_only)
+        save_model_dir(reference_dir, reference, cfg.backbone, classes, spec)
+    elif reference_dir:  # the declared output exists either way; empty: no source-only model
+        Path(reference_dir).mkdir(parents=True, exist_ok=True)
     golden_paths = list(golden_rows(manifest)["path"])
     with _mlflow_run(cfg, plan.run_id) as run, tempfile.TemporaryDirectory(prefix="tlops-fine-tune-") as tmp:
         # One batched call for the whole history instead of a call per epoch.
@@ -436,6 +477,12 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
                          **({"train.probe_kept_over": result.kept_over} if result.kept_over else {})})
         if "probe_val_accuracy" in env:
             mlflow.log_metric("probe.best_val_accuracy", env["probe_val_accuracy"])
+        if cfg.train.is_adaptation:
+            mlflow.set_tags({"train.adaptation_base": str(env.get("adaptation_base", "")),
+                             "train.adaptation_resumed_at": "none" if result.resumed_at_step is None
+                             else str(result.resumed_at_step)})
+            mlflow.log_metrics({"adaptation.target_images": float(env.get("target_images", 0)),
+                                "adaptation.source_val_accuracy_before": float(env["source_val_accuracy_before"])})
         curves = Path(tmp) / "curves.png"
         curves.write_bytes(plot_history(result.history, result.strategy))
         mlflow.log_artifact(str(curves), "train")
@@ -491,8 +538,12 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None, na
 
 @step
 def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_path: str,
-                  html_path: str = "") -> dict[str, Any]:
+                  html_path: str = "", target_manifest_path: str = "", reference_dir: str = "") -> dict[str, Any]:
     """Score the candidate and the current champion on the same test split; write the record and the report.
+
+    With a labelled target test split (``target_manifest_path``) the record is the target's (the gate compares
+    there) and ``domains`` adds the source test split's figures: the candidate's, the champion's and, when the
+    fine-tune step left one in ``reference_dir``, the source-only model's (on both test splits).
 
     Returns what the Kubeflow component passes on: ``metrics`` (headline numbers), and ``categories`` and
     ``matrix`` for its ClassificationMetrics confusion matrix.
@@ -514,6 +565,12 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     if rows.empty:
         raise TlopsError("the test split is empty: add images or raise data.test_fraction")
     rows = _pixels(cfg, rows)
+    from tlops.data.target import labelled_split, read_target_manifest
+
+    target_rows = labelled_split(read_target_manifest(target_manifest_path), "test")
+    source_rows = None
+    if not target_rows.empty:  # the target test split is what the candidate is judged on; the source's beside it
+        source_rows, rows = rows, _pixels(cfg, target_rows)
     progress.phase(f"reading {len(rows)} test images")
     images = evaluation.read_images(list(rows["path"]))
     progress.phase("opening the MLflow run")
@@ -525,6 +582,11 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         loaded: dict[str, Any] = {}
         result = evaluation.evaluate(model_uri, rows, images, cfg.evaluation, champion, features=features,
                                      loaded=loaded)
+        if source_rows is not None:
+            progress.phase(f"scoring on the source test split too ({len(source_rows)} images)")
+            result["domain"] = "target"
+            result["domains"] = _domains(model_uri, cfg, champion, features, rows, source_rows, result, reference_dir)
+            mlflow.log_metrics(_domain_metrics(result["domains"]))
         progress.phase("drawing the figures and writing the report")
         pngs = report.figures(result)
         page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
@@ -653,7 +715,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
         decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
                                    validation_ok=plan.validation_ok, parity_ok=parity_ok,
                                    preprocess=registry.PreprocessEvidence.from_tags(evidence_in),
-                                   comparison=metrics.get("comparison"))
+                                   comparison=metrics.get("comparison"), domains=metrics.get("domains"))
         evidence = registry.evidence_tags(evidence_in, metrics, cfg.backbone, run.info.run_id, cfg.config_hash())
         progress.phase(f"registering the candidate as a version of {name}")
         mv = registry.register(model_uri, name, evidence)
@@ -692,8 +754,11 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
             "fingerprint": evidence_in["preprocess.fingerprint"],
             "manifest_hash": plan.manifest_hash,
             "backbone": cfg.backbone, "backbone_reason": tags.get("backbone.selection_reason"),
-            "strategy": cfg.train.strategy, "strategy_reason": tags.get("similarity.why"),
+            "strategy": cfg.train.strategy,
+            "strategy_reason": tags.get("adaptation.why") or tags.get("similarity.why"),
         }
+        if metrics.get("domains"):  # the target test split decided; the source's beside it
+            summary["domains"] = metrics["domains"]
         if variants and variants["variants"]:
             summary["serving_variant"] = variants["serving_variant"]
             summary["variant_reasons"] = {n: r["reasons"] for n, r in variants["variants"].items()}
@@ -736,6 +801,61 @@ def skip_step(plan_path: str, decision_path: str) -> str:
         mlflow.log_dict(summary, "gate/decision.json")
     write_json(decision_path, summary)
     return json.dumps(summary)
+
+
+def _accuracy_of_dir(model_dir: str, rows: Any) -> float:
+    """Accuracy of the model files in ``model_dir`` on ``rows`` (with ``path``), through its own preprocessing."""
+    import torch
+
+    from tlops.serving.pyfunc import load_model_dir
+    from tlops.vision.preprocessing import build_transform
+
+    model, spec, classes = load_model_dir(model_dir)
+    transform = build_transform(spec)
+    labels = [str(x) for x in rows["label"]]
+    paths = list(rows["path"])
+    right = 0
+    with torch.inference_mode():
+        for start in range(0, len(paths), 64):
+            x = torch.stack([transform(p) for p in paths[start : start + 64]])
+            pred = model(x).argmax(1).tolist()
+            right += sum(classes[p] == t for p, t in zip(pred, labels[start : start + 64], strict=True))
+    return right / max(len(paths), 1)
+
+
+def _domains(model_uri: str, cfg: Config, champion: Any, features: Any, target_rows: Any, source_rows: Any,
+             result: dict[str, Any], reference_dir: str) -> dict[str, Any]:
+    """Both test splits' figures: target (from ``result``) and source (scored now), for the candidate, the champion
+    and the source-only model the adaptation started from (when ``reference_dir`` holds it)."""
+    from pathlib import Path as _Path
+
+    from tlops.evaluation import evaluate as evaluation
+
+    images = evaluation.read_images(list(source_rows["path"]))
+    src = evaluation.evaluate(model_uri, source_rows, images, cfg.evaluation.model_copy(update={"latency_images": 0}),
+                              champion, features=features)
+
+    def brief(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: record[k] for k in ("accuracy", "macro_f1", "n") if k in record} | (
+            {"version": record["version"]} if "version" in record else {})
+
+    out: dict[str, Any] = {
+        "target": {"candidate": brief(result["candidate"]), **({"champion": brief(result["champion"])}
+                                                               if "champion" in result else {})},
+        "source": {"candidate": brief(src["candidate"]), **({"champion": brief(src["champion"])}
+                                                             if "champion" in src else {})},
+    }
+    if reference_dir and (_Path(reference_dir) / "model.json").is_file():
+        out["target"]["source_only"] = {"accuracy": _accuracy_of_dir(reference_dir, target_rows),
+                                        "n": len(target_rows)}
+        out["source"]["source_only"] = {"accuracy": _accuracy_of_dir(reference_dir, source_rows),
+                                        "n": len(source_rows)}
+    return out
+
+
+def _domain_metrics(domains: dict[str, Any]) -> dict[str, float]:
+    return {f"{domain}.{who}.test_accuracy": float(rec["accuracy"]) for domain, whos in domains.items()
+            for who, rec in whos.items()}
 
 
 def _headline(evaluation: dict[str, Any]) -> dict[str, Any]:

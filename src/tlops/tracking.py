@@ -229,9 +229,12 @@ def run_params(cfg: Config) -> dict[str, str]:
     params = {"backbone": str(dumped["backbone"]), "model_name": str(dumped["registry"]["model_name"])}
     data = dumped["data"]
     params.update({f"data.{k}": str(data[k]) for k in ("uri", "val_fraction", "test_fraction")})
+    params.update({f"data.{k}": str(data[k]) for k in ("target_uri", "target_labelled_uri") if data.get(k)})
     params.update(flatten({k: v for k, v in dumped["preprocess"].items() if v is not None}, "preprocess."))
     train = {k: v for k, v in dumped["train"].items() if k not in _TRAIN_OPERATIONAL and v is not None}
     strategy = cfg.train.strategy
+    if not cfg.train.is_adaptation:
+        train.pop("adaptation", None)
     if strategy == "linear-probe":  # L-BFGS on cached features: the gradient settings do not apply
         train = {k: v for k, v in train.items() if k in ("strategy", "epochs", "l2_grid", "batch_size", "seed")}
     else:

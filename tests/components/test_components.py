@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from kfp import dsl, local
-from kfp.dsl import Artifact, Dataset
+from kfp.dsl import Artifact, Dataset, Model
 
 from components import compress, evaluate, fine_tune, gate, parity, validate
 from tests.conftest import write_config
@@ -66,7 +66,8 @@ def test_validate_builds_the_manifest_and_opens_the_run(validated) -> None:
 
 
 def plan_input(validated) -> dict:
-    return {"run_plan": (validated.path("run_plan"), Artifact), "manifest": (validated.path("manifest"), Dataset)}
+    return {"run_plan": (validated.path("run_plan"), Artifact), "manifest": (validated.path("manifest"), Dataset),
+            "target_manifest": (validated.path("target_manifest"), Dataset)}
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +92,14 @@ def test_fine_tune_writes_model_files_and_logs_the_model(trained) -> None:
     assert {p.name for p in model_dir.iterdir()} >= {"weights.pt", "preprocess.json", "model.json"}
     assert trained.output.startswith("models:/")
     assert read_json(trained.path("serving_parity"))["status"] == "pass"
+    assert not any(Path(trained.path("source_model")).iterdir())  # no adaptation: no source-only model
 
 
 @pytest.fixture(scope="module")
 def scored(env: dict, validated, trained):
-    return StepRun(env["root"], evaluate, float, plan_input(validated), model_uri=trained.output)
+    return StepRun(env["root"], evaluate, float, {**plan_input(validated),
+                                                  "source_model": (trained.path("source_model"), Model)},
+                   model_uri=trained.output)
 
 
 def test_evaluate_scores_the_test_split(scored) -> None:
@@ -107,8 +111,8 @@ def test_evaluate_scores_the_test_split(scored) -> None:
 
 @pytest.fixture(scope="module")
 def compressed(env: dict, validated, trained, scored):
-    return StepRun(env["root"], compress, str, {**plan_input(validated),
-                                                "evaluation": (scored.path("evaluation"), Artifact)},
+    inputs = {k: v for k, v in plan_input(validated).items() if k != "target_manifest"}
+    return StepRun(env["root"], compress, str, {**inputs, "evaluation": (scored.path("evaluation"), Artifact)},
                    model_uri=trained.output)
 
 

@@ -72,7 +72,8 @@ def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Pat
     env["MLFLOW_TRACKING_URI"] = store["uri"]
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", f"models:/{NAME}@champion",
-                             "--port", str(port)], cwd=store["cwd"], env=env, stdout=subprocess.PIPE,
+                             "--port", str(port), "--sample-rate", "1", "--log-uri", str(store["cwd"] / "served-log")],
+                            cwd=store["cwd"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         assert wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 120)
@@ -91,6 +92,11 @@ def test_serve_answers_with_the_variant_as_offline(store: dict, tiny_digits: Pat
         print(f"serve ready in {ready_s:.1f} s")
     finally:
         stop(proc, group=True)
+    # The variant's graph gives the backbone's features: the prediction log of an ONNX-served version has them.
+    from tlops.serving.predlog import read_log
+
+    logged = read_log(str(store["cwd"] / "served-log"))
+    assert len(logged) == len(images) and all(len(e) == 1280 for e in logged["embedding"])
 
 
 def test_an_unreachable_pruning_target_is_one_line_and_the_candidate_is_registered(store: dict,
@@ -103,3 +109,35 @@ def test_an_unreachable_pruning_target_is_one_line_and_the_candidate_is_register
     assert tags["variant.pruned"] == "refused"
     assert "deploy.prune_target_mb 0.001: cannot be reached" in tags["variant.pruned.reason"]
     assert "\n" not in tags["variant.pruned.reason"]
+
+
+def test_a_pruned_serving_variant_is_checked_against_its_recorded_outputs(store: dict, tiny_digits: Path) -> None:
+    """`tlops parity` on a version served by its pruned graph: the pruned network is not kept, so the graph is
+    checked against the outputs that network gave on the golden images at build time; altered, they fail it."""
+    import mlflow
+
+    run = run_cli("run", "--config", str(store["cfg"]), "--data", str(tiny_digits), "--set",
+                  "deploy.variants=[pruned]", "--set", "deploy.prune_epochs=1", "--set",
+                  "gate.max_compression_drop=1.0", "--set", "evaluation.confidence=0.9999",
+                  cwd=store["cwd"], timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    c = mlflow.MlflowClient(tracking_uri=store["uri"], registry_uri=store["uri"])
+    version = str(max(int(v.version) for v in c.search_model_versions(f"name='{NAME}'")))
+    tags = _tags(store, version)
+    assert tags["serving.variant"] == "pruned", tags.get("variant.pruned.reason")
+    parity = run_cli("parity", "--model", f"models:/{NAME}/{version}", "--config", str(store["cfg"]),
+                     cwd=store["cwd"])
+    assert parity.returncode == 0, parity.stdout + parity.stderr
+    assert "serving variant pruned: pass" in parity.stdout
+    run_id = tags["serving.artifact"].split("/")[1]  # runs:/<id>/variants/pruned
+    stored = [p for p in (store["cwd"] / ".tlops").rglob("variants/pruned/golden_reference.json")
+              if run_id in p.parts]  # the artifact store's own copy, which `tlops parity` downloads
+    assert len(stored) == 1, stored
+    stored = stored[0]
+    record = json.loads(stored.read_text())
+    record["probabilities"] = {k: list(reversed(v)) for k, v in record["probabilities"].items()}
+    stored.write_text(json.dumps(record))
+    parity = run_cli("parity", "--model", f"models:/{NAME}/{version}", "--config", str(store["cfg"]),
+                     cwd=store["cwd"])
+    assert parity.returncode != 0
+    assert "golden images differ from the PyTorch model" in parity.stdout + parity.stderr

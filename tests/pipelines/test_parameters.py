@@ -34,7 +34,8 @@ def test_the_run_form_has_typed_parameters_with_unset_defaults_and_descriptions(
         "data_uri": "", "config_json": "", "backbone": "", "strategy": "", "epochs": 0, "model_name": "",
         "min_accuracy": -1.0, "pipeline_run": ""}
     assert all(v["isOptional"] and v["description"] for v in params.values())
-    assert "linear-probe, partial, full, gradual, scratch or auto" in params["strategy"]["description"]
+    assert ("linear-probe, partial, full, gradual, scratch, adabn, self-training, mcc or auto"
+            in params["strategy"]["description"])
 
 
 def test_validate_takes_every_parameter_and_the_kfp_run_id_and_name(ir: dict) -> None:

@@ -89,6 +89,10 @@ def test_self_training_and_mcc_train_on_tiny_data(trained: torch.nn.Module, doma
     assert result.history and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                        trained.state_dict().values(), strict=True))
+    # Class-balanced portions: about half the pool (each predicted class's most confident half) in round 1.
+    half = AdaptConfig(**{**CFG.__dict__, "portion": 0.5, "threshold": 1.01})
+    result = self_train(copy.deepcopy(trained), domains["xs"], domains["ys"], domains["xt"], half)
+    assert 0.3 * len(domains["xt"]) <= len(result.pseudo_labelled) <= 0.7 * len(domains["xt"])
     torch.manual_seed(0)
     fresh = build_classifier("efficientnet_lite0", num_classes=3)
     result = mcc(fresh, domains["xs"], domains["ys"], domains["xt"], CFG)
@@ -141,3 +145,28 @@ def test_bad_target_input_is_one_line(domains: dict) -> None:
         check_target_classes(CLASSES, pd.DataFrame({"label": ["0", "9"]}), "data.target_labelled_uri")
     with pytest.raises(TlopsError, match="set data.target_uri"):
         adapt("adabn", torch.nn.Linear(1, 1), domains["xs"], domains["ys"], None, CFG)
+
+
+def test_self_training_reads_and_leaves_the_target_statistics(domains: dict) -> None:
+    """Pseudo-labels are read with BatchNorm statistics re-estimated on the target pool, and the adapted
+    model keeps them (not the mix of source and target batches that training leaves)."""
+    torch.manual_seed(0)
+    model = build_classifier("efficientnet_lite0", num_classes=3)
+    expected = copy.deepcopy(model)
+    adabn(expected, domains["xt"], batch_size=16)
+    nothing_confident = AdaptConfig(epochs=1, batch_size=16, rounds=1, threshold=1.01, seed=0)
+    result = self_train(model, domains["xs"], domains["ys"], domains["xt"], nothing_confident)
+    assert result.pseudo_labelled == [] and result.history == []
+    for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values(), strict=True):
+        assert torch.equal(got, want), name
+
+
+def test_class_balanced_portion_is_each_class_own_threshold() -> None:
+    """With a portion, every predicted class gets its most confident share, however low its confidence
+    (here no image reaches 0.8, and class 1 is far less sure than class 0)."""
+    probs = torch.tensor([[0.75, 0.25], [0.7, 0.3], [0.65, 0.35], [0.6, 0.4], [0.45, 0.55], [0.4, 0.6]])
+    assert select_pseudo_labels(probs, threshold=0.8)[0].numel() == 0
+    idx, labels = select_pseudo_labels(probs, threshold=0.8, portion=0.5)
+    assert idx.tolist() == [0, 1, 5] and labels.tolist() == [0, 0, 1]
+    idx, _ = select_pseudo_labels(probs, threshold=0.8, portion=0.01)  # at least one per predicted class
+    assert idx.tolist() == [0, 5]

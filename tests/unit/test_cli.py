@@ -29,7 +29,7 @@ def test_backbone_choices_are_the_catalogue() -> None:
 
 
 @pytest.mark.parametrize(("command", "shown"), [
-    (["run"], ["[linear-probe|partial|full|gradual|scratch|auto]",
+    (["run"], ["[linear-probe|partial|full|gradual|scratch|adabn|self-training|mcc|auto]",
                "[efficientnet_lite0|resnet18|resnet50|auto|checkpoint:DIR]", "--fail-on-reject"]),
     (["history"], ["[table|json]"]), (["audit"], ["[table|json]"]), (["parity"], ["[table|json]"]),
     (["select"], ["[table|json]", "among efficientnet_lite0, resnet18, resnet50 and checkpoint:DIR"]),
@@ -40,7 +40,8 @@ def test_help_shows_every_closed_set(command: list[str], shown: list[str]) -> No
     flat = " ".join(result.output.split())
     for text in shown:
         assert text in flat, text
-    assert set(STRATEGIES) == {"linear-probe", "partial", "full", "gradual", "scratch", "auto"}
+    assert set(STRATEGIES) == {"linear-probe", "partial", "full", "gradual", "scratch", "adabn", "self-training",
+                               "mcc", "auto"}
 
 
 def _complete(words: str) -> list[str]:

@@ -144,6 +144,14 @@ def test_pruned_is_smaller_recovers_and_matches_its_graph(tiny_models: dict[str,
     assert accuracy >= 0.6, accuracy  # three classes, 32 px, 30 training images: chance is 0.33
     report = V.parity(tmp_path / "pruned", pruned, spec, _golden(images), "pruned")
     assert report["status"] == "pass", report["errors"]
+    # Later (`tlops parity`) the pruned network is gone: the graph is checked against its recorded outputs.
+    reference = V.golden_reference(pruned, spec, _golden(images))
+    assert V.parity(tmp_path / "pruned", reference, spec, _golden(images), "pruned")["status"] == "pass"
+    other = V.golden_reference(model, spec, _golden(images))  # outputs of another network: the check must fail
+    report = V.parity(tmp_path / "pruned", other, spec, _golden(images), "pruned")
+    assert report["status"] == "fail" and "differ from the PyTorch model" in report["errors"][0], report["errors"]
+    unknown = V.parity(tmp_path / "pruned", {"probabilities": {}}, spec, _golden(images), "pruned")
+    assert unknown["status"] == "fail" and "none of the golden images" in unknown["errors"][0]
 
 
 def test_runtime_serves_without_importing_torch(onnx_dir: Path, images: tuple[list[bytes], list[str]],
@@ -189,6 +197,49 @@ def test_served_variant_answers_as_offline_evaluation(onnx_dir: Path, images: tu
     assert status == 200, answer
     offline = V.measure(onnx_dir, sample, images[1][:6], [True] * 6, latency_images=1)
     assert [p["label"] for p in answer["predictions"]] == offline["labels"]
+
+
+def test_onnx_and_int8_served_log_the_backbone_embedding(onnx_dir: Path, images: tuple[list[bytes], list[str]],
+                                                        tiny_models: dict[str, Path], tiny_digits: Path,
+                                                        tmp_path: Path) -> None:
+    """The graph's second output is the features the head sees: the prediction log of an ONNX-served version
+    holds them (the float graph's to rounding, the int8 graph's close), so feature drift and out-of-distribution
+    are measured for it too. A graph without the output (exported before, or pruned) logs none and still serves."""
+    import hashlib
+
+    from tlops.serving.metrics import ServingMonitor
+    from tlops.serving.predlog import PredictionLog, read_log
+    from tlops.serving.server import Batcher, ScoringApp, ServeLimits, variant_model
+
+    model, spec, classes = load_model_dir(tiny_models["good"])
+    sample = images[0][:12]
+    x = Predictor(model, spec, classes).tensors(sample)
+    with torch.inference_mode():
+        features = model.backbone(x).numpy()
+    calibration = [p.read_bytes() for p in sorted(tiny_digits.glob("*/*.png"))[1::3][:24]]
+    int8 = V.build_int8(onnx_dir, calibration, tmp_path / "int8")
+    no_output = V.build_onnx(model, spec, read_json(tiny_models["good"] / "model.json"), tmp_path / "plain",
+                             embedding=False)
+    body = json.dumps({"instances": [{"image": base64.b64encode(b).decode()} for b in sample]}).encode()
+    logged = {}
+    for name, directory in (("onnx", onnx_dir), ("int8", int8), ("plain", no_output)):
+        monitor = ServingMonitor(1.0, PredictionLog(str(tmp_path / f"log-{name}"), flush_s=60), seed=0)
+        app = ScoringApp(variant_model(directory, {"name": "digits", "version": "3"}), ServeLimits(),
+                         Batcher(8, 0.0), monitor)
+        status, answer = _post(app, body)
+        assert status == 200, answer
+        monitor.close()
+        frame = read_log(str(tmp_path / f"log-{name}"))
+        assert len(frame) == len(sample)
+        order = [[hashlib.sha256(b).hexdigest() for b in sample].index(sha) for sha in frame["image_sha256"]]
+        logged[name] = (frame, order)
+    frame, order = logged["onnx"]
+    np.testing.assert_allclose(np.stack(frame["embedding"].to_numpy()), features[order], rtol=1e-4, atol=1e-4)
+    frame, order = logged["int8"]
+    got = np.stack(frame["embedding"].to_numpy())
+    cosine = (got * features[order]).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(features[order], axis=1))
+    assert got.shape == features[order].shape and np.median(cosine) > 0.98 and cosine.min() > 0.9, cosine
+    assert logged["plain"][0]["embedding"].isna().all()
 
 
 def test_bad_input_is_one_line(tiny_models: dict[str, Path]) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tlops.config.settings import TrainConfig
-from tlops.data.discovery import build_manifest, class_names
+from tlops.data.discovery import class_names
 from tlops.errors import TlopsError
 from tlops.training.finetune import fine_tune
 from tlops.training.loaders import ResumableSampler
@@ -24,11 +24,6 @@ BACKBONE = "efficientnet_lite0"
 CFG = TrainConfig(strategy="full", epochs=1, batch_size=16, optimizer="sgd", lr=0.05, backbone_lr_factor=1.0,
                   warmup_epochs=0.0, num_threads=2, patience=None, resume=False, freeze_bn_stats=True,
                   head_init="random")
-
-
-@pytest.fixture(scope="module")
-def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"))
 
 
 def test_two_gloo_processes_match_one_process(manifest: pd.DataFrame, tmp_path: Path) -> None:

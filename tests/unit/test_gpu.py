@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tlops.config.settings import TrainConfig
-from tlops.data.discovery import build_manifest, class_names
+from tlops.data.discovery import class_names
 from tlops.training.finetune import fine_tune
 from tlops.vision.backbones import feature_extractor, reference_spec
 from tlops.vision.preprocessing import with_resolution
@@ -18,11 +18,6 @@ from tlops.vision.stages import split_stages
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 BACKBONE = "efficientnet_lite0"
-
-
-@pytest.fixture(scope="module")
-def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"))
 
 
 def cfg(**kw: object) -> TrainConfig:

@@ -9,25 +9,14 @@ import pytest
 import torch
 
 from tlops.config.settings import TrainConfig
-from tlops.data.discovery import build_manifest, class_names
+from tlops.data.discovery import class_names
 from tlops.training.finetune import fine_tune
 from tlops.training.loop import train_gradient
 from tlops.training.probe import linear_probe
 from tlops.training.state import run_key
-from tlops.vision.backbones import reference_spec
-from tlops.vision.preprocessing import PreprocessSpec, with_resolution
+from tlops.vision.preprocessing import PreprocessSpec
 
 BACKBONE = "efficientnet_lite0"
-
-
-@pytest.fixture(scope="module")
-def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def spec() -> PreprocessSpec:
-    return with_resolution(reference_spec(BACKBONE), 32)
 
 
 def cfg(**overrides: object) -> TrainConfig:

@@ -25,8 +25,7 @@ from tlops.fileio import write_json
 from tlops.training.checkpoints import rng_state, set_rng_state
 from tlops.training.finetune import fine_tune
 from tlops.training.state import FitResult
-from tlops.vision.backbones import reference_spec
-from tlops.vision.preprocessing import PreprocessSpec, with_resolution
+from tlops.vision.preprocessing import PreprocessSpec
 
 BACKBONE = "efficientnet_lite0"
 # 53 training images, batch 8: 6 steps an epoch, 12 in all. Checkpoints every 2 steps; the first process
@@ -39,11 +38,6 @@ CFG = TrainConfig(strategy="full", epochs=2, batch_size=8, lr=2e-3, num_threads=
 def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     # The content-hash split, whose 53 training images the step counts here are written for.
     return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"), stratified=False)
-
-
-@pytest.fixture(scope="module")
-def spec() -> PreprocessSpec:
-    return with_resolution(reference_spec(BACKBONE), 32)
 
 
 def train_in_subprocess(manifest: pd.DataFrame, spec: PreprocessSpec, cfg: TrainConfig, workdir: Path,

@@ -10,26 +10,16 @@ import torch
 
 from tests.conftest import run_cli
 from tlops.config.settings import AugmentConfig, TrainConfig, load_config
-from tlops.data.discovery import build_manifest, class_names
+from tlops.data.discovery import class_names
 from tlops.errors import TlopsError
 from tlops.training.finetune import fine_tune
 from tlops.training.optim import class_weights, make_plan, param_groups, warmup_cosine
 from tlops.training.state import FitResult
-from tlops.vision.backbones import build_classifier, feature_extractor, reference_spec
-from tlops.vision.preprocessing import PreprocessSpec, build_transform, with_resolution
+from tlops.vision.backbones import build_classifier, feature_extractor
+from tlops.vision.preprocessing import PreprocessSpec, build_transform
 from tlops.vision.stages import Stage, split_stages
 
 BACKBONE = "efficientnet_lite0"
-
-
-@pytest.fixture(scope="module")
-def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def spec() -> PreprocessSpec:
-    return with_resolution(reference_spec(BACKBONE), 32)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,13 @@ import pytest
 import torch
 
 from tlops.config.settings import TrainConfig
-from tlops.data.discovery import build_manifest, class_names
+from tlops.data.discovery import class_names
 from tlops.training.finetune import fine_tune
 from tlops.vision import features
 from tlops.vision.backbones import reference_spec
 from tlops.vision.preprocessing import with_resolution
 
 BACKBONE = "efficientnet_lite0"
-
-
-@pytest.fixture(scope="module")
-def manifest(tiny_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
-    return build_manifest(str(tiny_digits), tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture

@@ -30,11 +30,24 @@ class DataConfig(Section):
     manifest_workers: int = Field(0, ge=0)
     # Re-use what an earlier manifest build saw in files whose path, size and mtime are unchanged.
     manifest_cache: bool = True
+    # Domain adaptation (train.strategy adabn, self-training, mcc): unlabelled images of the new domain (a folder
+    # or s3:// prefix as uri: class folders, split folders, a CSV manifest or a flat folder; labels are ignored),
+    # and an optional small labelled target set, split like the source (val_fraction, test_fraction). Its test
+    # split is what the gate compares on; no adaptation ever reads it.
+    target_uri: str | None = None
+    target_labelled_uri: str | None = None
+    # Instead of target_labelled_uri: this share of each class of target_uri (class folders) keeps its labels as the
+    # labelled target set (split by val_fraction and test_fraction); the rest is the unlabelled target.
+    target_labelled_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave images for training (sum < 1)")
+        if self.target_labelled_fraction and self.target_labelled_uri:
+            raise ValueError("set target_labelled_uri or target_labelled_fraction, not both")
+        if self.target_labelled_fraction and not self.target_uri:
+            raise ValueError("target_labelled_fraction holds out a share of target_uri, which is not set")
         return self
 
 
@@ -118,9 +131,13 @@ class PreprocessConfig(Section):
     exif_transpose: bool | None = None
 
 
-Strategy = Literal["linear-probe", "partial", "full", "gradual", "scratch"]
+Strategy = Literal["linear-probe", "partial", "full", "gradual", "scratch", "adabn", "self-training", "mcc"]
 # What a config may say: a strategy, or auto (one Literal, so a wrong value gets one plain message).
-StrategyChoice = Literal["linear-probe", "partial", "full", "gradual", "scratch", "auto"]
+StrategyChoice = Literal["linear-probe", "partial", "full", "gradual", "scratch", "adabn", "self-training", "mcc",
+                         "auto"]
+# Domain adaptation strategies (tlops.training.adaptation): a source model (train.adaptation.base) adapted to the
+# target images of data.target_uri. They need target data.
+ADAPTATION_STRATEGIES: tuple[str, ...] = ("adabn", "self-training", "mcc")
 # Strategies trained by gradient descent through the backbone (everything but the linear probe).
 GRADIENT_STRATEGIES: tuple[str, ...] = ("partial", "full", "gradual", "scratch")
 # train.epochs when unset: the probe's L-BFGS iterations (each a full pass over the cached features),
@@ -151,6 +168,25 @@ class AugmentConfig(Section):
     @property
     def active(self) -> bool:
         return self.random_resized_crop or self.hflip
+
+
+class AdaptationConfig(Section):
+    """The adaptation phase of train.strategy adabn, self-training and mcc (tlops.training.adaptation).
+
+    The source model is trained first with ``base`` (every other train field applies to it, resumable as that
+    strategy is); then it is adapted to the target images: adabn re-estimates the BatchNorm statistics, self-training
+    learns ``rounds`` rounds of confident class-balanced pseudo-labels (weak/strong views), mcc fine-tunes
+    ``epochs`` more epochs on the source with the Minimum Class Confusion loss on the target."""
+
+    base: Literal["linear-probe", "partial", "full", "gradual"] = "full"
+    # self-training: epochs per round; mcc: epochs. Learning rates, weight decay, label smoothing, batch size and
+    # seed are train's.
+    epochs: int = Field(3, ge=1)
+    rounds: int = Field(3, ge=1)
+    threshold: float = Field(0.8, gt=0.0, lt=1.0)
+    unlabelled_weight: float = Field(1.0, ge=0.0)
+    mcc_weight: float = Field(1.0, ge=0.0)
+    mcc_temperature: float = Field(2.5, gt=0.0)
 
 
 class AcceleratorConfig(Section):
@@ -217,6 +253,8 @@ class TrainConfig(Section):
     # probe's model is the result (said in the log and the run's tags), so fine-tuning never loses to it.
     keep_better_probe: bool = True
     augment: AugmentConfig = AugmentConfig()
+    # Domain adaptation strategies only (a part of their checkpoint key; left out of every other strategy's key).
+    adaptation: AdaptationConfig = AdaptationConfig()
     # Decoded evaluation tensors kept in memory across epochs when augmentation is off and workers are 0.
     input_cache_mb: int = Field(2048, ge=0, json_schema_extra=RUNTIME)
 
@@ -250,8 +288,12 @@ class TrainConfig(Section):
                          if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("runtime"))
 
     def result_fields(self) -> dict[str, Any]:
-        """The fields that change what training computes (JSON values): the training part of the checkpoint key."""
-        return self.model_dump(mode="json", exclude=set(self.runtime_fields()))
+        """The fields that change what training computes (JSON values): the training part of the checkpoint key.
+        ``adaptation`` only for an adaptation strategy (the key of every other run is as it was before it existed)."""
+        exclude = set(self.runtime_fields())
+        if self.strategy not in ADAPTATION_STRATEGIES:
+            exclude.add("adaptation")
+        return self.model_dump(mode="json", exclude=exclude)
 
     @model_validator(mode="before")
     @classmethod
@@ -263,6 +305,10 @@ class TrainConfig(Section):
             strategy = data.get("strategy", "linear-probe")
             data = {**data, "epochs": DEFAULT_EPOCHS["linear-probe" if strategy == "linear-probe" else "gradient"]}
         return data
+
+    @property
+    def is_adaptation(self) -> bool:
+        return self.strategy in ADAPTATION_STRATEGIES
 
     @property
     def is_gradient(self) -> bool:
@@ -295,6 +341,10 @@ class GateConfig(Section):
     min_class_recall: float = Field(0.0, ge=0.0, le=1.0)
     # Largest accuracy drop against the champion that still promotes (0: must not be worse).
     max_regression: float = Field(0.0, ge=0.0, le=1.0)
+    # With a labelled target test set (data.target_labelled_uri) the candidate is compared on the target; it must
+    # also not lose more than this accuracy on the source test split against the champion (or, with no champion,
+    # against the source-only model the adaptation started from).
+    max_source_regression: float = Field(0.02, ge=0.0, le=1.0)
     # When set, the candidate must beat the champion by at least this much accuracy, and the paired
     # bootstrap confidence interval of the difference (evaluation.confidence) must lie above zero.
     min_improvement: float | None = Field(None, ge=0.0, le=1.0)
@@ -486,6 +536,13 @@ class Config(Section):
     deploy: DeployConfig = DeployConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
 
+    @model_validator(mode="after")
+    def _adaptation_needs_target(self) -> Config:
+        if self.train.strategy in ADAPTATION_STRATEGIES and not self.data.target_uri:
+            raise ValueError(f"train.strategy {self.train.strategy} adapts to target images, but data.target_uri is "
+                             "not set: set it to a folder or s3:// prefix of unlabelled images of the new domain")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
@@ -532,6 +589,8 @@ def with_parameters(config_json: str, backbone: str = "", strategy: str = "", ep
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
+        if not err["loc"]:
+            raise TlopsError(f"pipeline parameters: {str(err['msg']).removeprefix('Value error, ')[:300]}") from None
         name = next((k for k, v in PIPELINE_PARAMETERS.items() if v == where), where)
         raise TlopsError(f"pipeline parameter {name}: {' '.join(str(err['msg']).split())[:300]}") from None
 
@@ -649,4 +708,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         msg = " ".join(str(err["msg"]).split())  # one line, whatever the validator said
         if err["type"] == "extra_forbidden":
             msg = "no such field" + did_you_mean(err["loc"])
+        if not err["loc"]:  # a check across sections (an adaptation strategy without data.target_uri): it names them
+            raise TlopsError(f"{src}: {msg.removeprefix('Value error, ')[:300]}") from None
         raise TlopsError(f"{src}: field {_shown(where, 120)[1:-1]}: {msg[:300]}") from None

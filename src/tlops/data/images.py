@@ -12,7 +12,7 @@ import re
 import warnings
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlops.data.discovery import DECODE_FORMATS, DEFAULT_MAX_PIXELS
 
@@ -93,6 +93,34 @@ def check_header(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXE
         raise ImageInputError(index, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}; "
                                      "not decoded", "send a smaller image")
     return width, height
+
+
+def load_image(data: bytes, index: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image decoded, by the pipeline's decoders only, after its header passed the pixel limit."""
+    img = _open(data, index, max_pixels)
+    if img.width * img.height > max_pixels:
+        raise ImageInputError(index, f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels}; "
+                                     "not decoded", "send a smaller image")
+    try:
+        img.load()
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _refused(index, exc) from None
+    return img
+
+
+def to_mode(img: Image.Image, color_mode: str, exif_transpose: bool) -> Image.Image:
+    """A decoded image as a preprocessing spec reads it: turned upright by its EXIF orientation (when the spec
+    says so), then converted to the spec's colour mode, palette and alpha images through RGBA so that
+    transparency turns black, as PIL does. One function for training, evaluation and every serving runtime."""
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    if img.mode != color_mode:
+        if img.mode in ("P", "LA", "PA"):
+            img = img.convert("RGBA")
+        img = img.convert(color_mode)
+    return img
 
 
 def resized_size(spec: Any, width: int, height: int) -> tuple[int, int]:

@@ -134,6 +134,9 @@ def release_markdown(release: dict[str, Any], result: dict[str, Any], run_id: st
     lines += ["", "| figure | candidate | champion |", "|---|---|---|"]
     for label, key in (("test accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("ECE", "ece")):
         lines.append(f"| {label} | {_num(cand.get(key))} | {_num(champ.get(key)) if champ else '–'} |")
+    if result.get("domains"):
+        lines += ["", "| test split (accuracy) | candidate | champion | source-only |", "|---|---|---|---|"]
+        lines += [f"| {' | '.join(row)} |" for row in domain_rows(result["domains"])]
     data = release.get("data") or {}
     splits = ", ".join(f"{k} {v}" for k, v in (data.get("splits") or {}).items())
     lines += ["", f"Preprocessing fingerprint `{release.get('fingerprint', '')}`.", "",
@@ -207,9 +210,27 @@ def _comparison(comp: dict[str, Any]) -> list[list[Any]]:
     ]
 
 
+def domain_rows(domains: dict[str, Any]) -> list[list[str]]:
+    """Accuracy on the target and the source test splits: candidate, champion, source-only model."""
+    rows = []
+    for domain in ("target", "source"):
+        whos = domains.get(domain) or {}
+        n = (whos.get("candidate") or {}).get("n")
+        rows.append([f"{domain} test ({_num(n)} images)" + (" — the gate compares here" if domain == "target" else ""),
+                     *(_num((whos.get(who) or {}).get("accuracy")) for who in ("candidate", "champion",
+                                                                              "source_only"))])
+    return rows
+
+
 def _tables(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per class, the slices, calibration and serving figures: (title, header, rows) each."""
+    """Per class, the slices, calibration and serving figures: (title, header, rows) each; first, with a target
+    test split, accuracy on both domains."""
     cand, champ = result["candidate"], result.get("champion")
+    domains = []
+    if result.get("domains"):
+        domains = [{"title": "Target and source domains (accuracy; every figure below is the target test split's)",
+                    "header": ["test split", "candidate", "champion", "source-only model"],
+                    "rows": domain_rows(result["domains"])}]
     per_class = [[c, str(m["support"]), _num(m["precision"]), _num(m["recall"]), _num(m["f1"]),
                   _num(champ["per_class"].get(c, {}).get("recall") if champ else None)]
                  for c, m in cand["per_class"].items()]
@@ -231,7 +252,7 @@ def _tables(result: dict[str, Any]) -> list[dict[str, Any]]:
         ["latency per image, p95", f"{_num(lat['p95_ms'], 2)} ms"],
         ["images timed", str(lat["n"])],
         ["weights", f"{cand['model_size_bytes']:,} bytes"]]})
-    return tables
+    return domains + tables
 
 
 def report_html(result: dict[str, Any], pngs: dict[str, bytes], title: str = "tlops evaluation",

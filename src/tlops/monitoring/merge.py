@@ -66,6 +66,25 @@ def _from_label_studio(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _contents(existing: Any, root: Path) -> set[str]:
+    """The sha256 of every file the manifest lists: its own column where a row has one (merged rows), else the
+    file's bytes (the data's own rows), so that a served image that is already in the data is not added again."""
+    from tlops.data.storage import safe_relpath
+
+    sums = list(existing["sha256"]) if "sha256" in existing.columns else [""] * len(existing)
+    known = set()
+    for rel, sha in zip(existing["path"], sums, strict=True):
+        if sha:
+            known.add(sha)
+            continue
+        try:
+            path = root / safe_relpath(str(rel).strip(), str(root))
+            known.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        except (OSError, TlopsError):
+            continue  # a row the data reader will report (missing, outside the folder); nothing to compare
+    return known
+
+
 def _copy(source: Path, tmp: str) -> None:
     shutil.copyfile(source, tmp)
 
@@ -94,7 +113,7 @@ def merge(labels: str | Path, into: str | Path, queue: str | Path | None = None)
         columns=["path", "label"])
     if into.is_file() and not {"path", "label"} <= set(existing.columns):
         raise TlopsError(f"--into {into}: not a CSV manifest (needs path and label columns)")
-    known = set(existing["sha256"]) if "sha256" in existing.columns else set()
+    known = _contents(existing, into.parent)
     staged: list[tuple[Path, str, dict[str, Any]]] = []
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     for row in rows:

@@ -138,7 +138,8 @@ def assess(reference: Reference, frame: Any, floor: float | None, alpha: float =
                             f"{ood_quantile:.0%} of held-out images ({limit:.3f}); expected {expected:.1%}"))
         arrays.update(distance=distance, val_distance=reference.val_nn_distance, ood_limit=limit)
     else:
-        why = "the records hold no embeddings (an ONNX serving variant logs none)" if emb is None else (
+        why = ("the records hold no embeddings (a pruned serving variant logs none, as does an ONNX variant "
+               "exported before its graph had an embedding output)") if emb is None else (
             "the records' embeddings do not match the reference's")
         checks += [Check("feature drift (MMD)", None, None, False, why, measured=False),
                    Check("out of distribution", None, None, False, why, measured=False)]

@@ -143,14 +143,40 @@ def _against_champion(c: _Checks, acc: float, champion: dict[str, Any], gate: Ga
     return compared_with
 
 
+def _source_regression(c: _Checks, domains: dict[str, Any], gate: GateConfig) -> None:
+    """With a target test split (``domains``, the evaluate step's): the candidate may lose at most
+    ``gate.max_source_regression`` accuracy on the source test split against the champion, or, with none, against
+    the source-only model the adaptation started from."""
+    source = domains.get("source") or {}
+    cand = (source.get("candidate") or {}).get("accuracy")
+    if source.get("champion"):
+        ref, what = source["champion"]["accuracy"], f"champion version {source['champion'].get('version', '?')}"
+    elif source.get("source_only"):
+        ref, what = source["source_only"]["accuracy"], "the source-only model"
+    else:
+        c.reasons.append("no champion and no source-only model: the source test split is reported, not compared")
+        return
+    if cand is None:
+        c.check(False, "", "the source test split was not scored")
+        return
+    loss = ref - cand
+    c.check(loss <= gate.max_source_regression + 1e-12,
+            f"source test accuracy {cand:.4f} against {what}'s {ref:.4f}: {cand - ref:+.4f} (at most "
+            f"{gate.max_source_regression:.4f} loss allowed)",
+            f"source test accuracy {cand:.4f} loses {loss:.4f} against {what}'s {ref:.4f}, more than "
+            f"gate.max_source_regression {gate.max_source_regression:.4f}")
+
+
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, gate: GateConfig,
            validation_ok: bool, parity_ok: bool, preprocess: PreprocessEvidence | None = None,
-           comparison: dict[str, Any] | None = None) -> Decision:
+           comparison: dict[str, Any] | None = None, domains: dict[str, Any] | None = None) -> Decision:
     """Every check of the policy must pass; the reasons list says what passed and what did not.
 
     ``candidate``/``champion`` are the evaluation's records (``accuracy`` at least; ``min_class_recall``,
     ``latency`` and ``model_size_bytes`` when the policy limits them); ``comparison`` is the paired
-    bootstrap record. A passing candidate is ``promote`` in auto mode and ``needs-approval`` in manual mode.
+    bootstrap record. With ``domains`` (a labelled target test split) ``candidate``/``champion`` are the target's,
+    and the source test split is held to ``gate.max_source_regression``. A passing candidate is ``promote`` in auto
+    mode and ``needs-approval`` in manual mode.
     """
     c = _Checks()
     _evidence(c, gate, validation_ok, parity_ok, preprocess)
@@ -160,6 +186,8 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, gate: Gat
         c.reasons.append("no champion yet: absolute thresholds only")
     else:
         compared_with = _against_champion(c, candidate["accuracy"], champion, gate, comparison)
+    if domains:
+        _source_regression(c, domains, gate)
     decision = "reject"
     if c.ok:
         decision = "promote" if gate.mode == "auto" else "needs-approval"

@@ -99,9 +99,12 @@ def needs_plan(cfg: Config) -> bool:
             or cfg.selection.skip_when != "never")
 
 
-def plan_run(cfg: Config, manifest: pd.DataFrame) -> dict[str, Any]:
+def plan_run(cfg: Config, manifest: pd.DataFrame, target: pd.DataFrame | None = None) -> dict[str, Any]:
     """The validate step's choices, recorded in the active MLflow run: ``backbone: auto``, ``train.strategy:
-    auto``, feature drift against the champion and whether to skip training. Returns what was decided."""
+    auto``, feature drift against the champion and whether to skip training. Returns what was decided.
+
+    With target data (``target``, the validate step's target manifest), ``auto`` picks an adaptation strategy
+    (:func:`tlops.selection.domain.choose_adaptation`) on top of the source strategy the similarity recommends."""
     import mlflow
 
     plan: dict[str, Any] = {"backbone": cfg.backbone, "strategy": cfg.train.strategy}
@@ -122,8 +125,16 @@ def plan_run(cfg: Config, manifest: pd.DataFrame) -> dict[str, Any]:
         sim = task_similarity(cfg, manifest)
         plan["strategy"] = sim.strategy
         sim.log_to_mlflow()
-        mlflow.set_tag(STRATEGY_TAG, sim.strategy)
-        mlflow.log_param("train.strategy.selected", sim.strategy)
+        if target is not None and not target.empty:
+            from tlops.selection.domain import choose_adaptation, labelled_per_class
+
+            plan["strategy"], why = choose_adaptation(sim.verdict, sim.strategy, labelled_per_class(target))
+            plan["adaptation_base"] = sim.strategy
+            plan["adaptation_why"] = why
+            mlflow.set_tag("adaptation.why", why[:5000])
+            log.info("strategy auto: %s", why)
+        mlflow.set_tag(STRATEGY_TAG, plan["strategy"])
+        mlflow.log_param("train.strategy.selected", plan["strategy"])
         log.info("strategy auto: %s", sim.why)
     if cfg.selection.drift or cfg.selection.skip_when != "never":
         from tlops.selection.drift import decide_skip
@@ -139,4 +150,7 @@ def resolved_config(cfg: Config, choices: dict[str, Any]) -> Config:
         update["backbone"] = choices["backbone"]
     if cfg.train.strategy == "auto":
         update["train"] = resolve_strategy(cfg.train, choices["strategy"])
+        if choices.get("adaptation_base"):
+            update["train"] = update["train"].model_copy(update={"adaptation": update["train"].adaptation.model_copy(
+                update={"base": choices["adaptation_base"]})})
     return cfg.model_copy(update=update)

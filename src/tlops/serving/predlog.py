@@ -3,8 +3,9 @@
 ``<log_uri>/day=YYYY-MM-DD/part-<UTC time>-<id>.parquet``, under a local directory or an ``s3://`` prefix. Each
 file appears whole or not at all (a local file is written beside and renamed; an S3 object is one PUT), so a
 reader never sees half of one. The request path only offers records to a bounded queue (:meth:`PredictionLog.offer`,
-never blocking); one background thread turns them into rows (image hash, size, brightness, top-k) and writes them
-in batches. A full queue or a store that fails drops records and counts them; no request waits for the store.
+never blocking); one background thread, woken when a batch is ready, turns them into rows (image hash, size,
+brightness, top-k) and writes them in batches, handing the GIL back after each row. A full queue or a store that
+fails drops records and counts them; no request waits for the store.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ FORMAT = "tlops-prediction-log/1"
 FORMAT_KEY = b"tlops.format"
 _DAY_DIR = re.compile(r"day=(\d{4}-\d{2}-\d{2})")
 _PART = re.compile(r"part-[A-Za-z0-9T_-]+\.parquet")
+_DICTIONARY = ("model_name", "model_version", "preprocess_fingerprint", "mode", "format", "predicted")
 COLUMNS = ("time", "model_name", "model_version", "preprocess_fingerprint", "image_sha256", "width", "height",
            "mode", "format", "brightness", "predicted", "confidence", "top_classes", "top_probabilities",
            "embedding", "image")
@@ -48,7 +50,7 @@ def schema() -> Any:
         ("format", pa.string()), ("brightness", pa.float32()),
         ("predicted", pa.string()), ("confidence", pa.float32()),
         ("top_classes", pa.list_(pa.string())), ("top_probabilities", pa.list_(pa.float32())),
-        ("embedding", pa.list_(pa.float32())),  # null where the runtime gives none (an ONNX variant)
+        ("embedding", pa.list_(pa.float32())),  # null where the runtime gives none (a graph without the output)
         ("image", pa.binary()),  # null unless image bytes are kept (monitoring.log_images)
     ], metadata={FORMAT_KEY: FORMAT.encode()})
 
@@ -132,15 +134,18 @@ def write_part(uri: str, day: str, table: Any, client: Any = None) -> str:
     from tlops.fileio import atomic_write
 
     name = f"part-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+    # Dictionaries and statistics only where they pay: on the float lists (the embeddings, most of the bytes) they
+    # doubled the encoding time and made the file larger (256 records: 20 ms and 1.08 MB against 10 ms, 0.76 MB).
+    options = {"compression": "zstd", "use_dictionary": list(_DICTIONARY), "write_statistics": ["time"]}
     if is_s3(uri):
         bucket, prefix = parse_s3(uri)
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, **options)
         key = "/".join(p for p in (prefix, f"day={day}", name) if p)
         (client or s3_client()).put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
         return f"s3://{bucket}/{key}"
     path = Path(uri) / f"day={day}" / name
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, **options))
     return str(path)
 
 
@@ -162,18 +167,23 @@ class PredictionLog:
         self._last_problem = ""
         self._client: Any = None
         self._closed = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tlops-prediction-log", daemon=True)
         self._thread.start()
 
     def offer(self, item: Served) -> bool:
-        """Queue one record without waiting; False (and counted) when the queue is full."""
+        """Queue one record without waiting; False (and counted) when the queue is full. The log's thread is
+        woken only when a batch is ready (or by its flush interval), not for every record: a wake per request
+        would have it take the GIL while the request's answer is still being written."""
         try:
             self._queue.put_nowait(item)
-            return True
         except queue.Full:
             with self._lock:
                 self.dropped["queue_full"] += 1
             return False
+        if self._queue.qsize() >= self.batch_records:
+            self._wake.set()
+        return True
 
     @property
     def pending(self) -> int:
@@ -186,25 +196,28 @@ class PredictionLog:
         self._closed.set()
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
+        self._wake.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        batch: list[Served] = []
-        deadline = time.monotonic() + self.flush_s
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pass  # the flush interval is over
-            else:
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            batch: list[Served] = []
+            done = False
+            while not done:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
                 if item is None:  # close()
-                    self._flush(batch)
-                    return
-                batch.append(item)
-            if len(batch) >= self.batch_records or time.monotonic() >= deadline:
-                self._flush(batch)
-                batch = []
-                deadline = time.monotonic() + self.flush_s
+                    done = True
+                else:
+                    batch.append(item)
+            for start in range(0, len(batch), self.batch_records):
+                self._flush(batch[start : start + self.batch_records])
+            if done:
+                return
 
     def _flush(self, batch: list[Served]) -> None:
         if not batch:
@@ -215,6 +228,9 @@ class PredictionLog:
             for item in batch:
                 row = to_row(item, self.top_k, self.keep_images)
                 by_day.setdefault(day_of(row["time"]), []).append(row)
+                # Hand the GIL over after each record: a request waiting for it gets it now, not at the end of
+                # the interpreter's 5 ms switch interval (a batch of 256 rows is about 17 ms of Python).
+                time.sleep(0)
             for day, rows in sorted(by_day.items()):
                 if self._client is None and self.uri.startswith("s3://"):
                     from tlops.data.storage import s3_client

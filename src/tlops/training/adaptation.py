@@ -6,10 +6,12 @@ benchmark share them:
 - ``adabn``: BatchNorm statistics re-estimated on the target images (Li et al. 2016). No gradients; only
   the BatchNorm running means and variances change.
 - ``self-training``: rounds of pseudo-labels on the target's training pool, kept above a confidence
-  threshold and balanced across classes, read from a weak view of each image and learnt from a strong one
-  (FixMatch-style consistency), beside the labelled source.
+  threshold (or each class's most confident share) and balanced across classes, read from a weak view of
+  each image with the target's BatchNorm statistics and learnt from a strong one (FixMatch-style
+  consistency), beside the labelled source.
 - ``mcc``: fine-tuning on the source with Minimum Class Confusion on the target (Jin et al. 2020): the
-  target predictions' class-correlation matrix is pushed towards the diagonal.
+  target predictions' class-correlation matrix is pushed towards the diagonal; then the target's
+  BatchNorm statistics.
 
 Target-test images never reach any of them: ``target_pool`` takes the target manifest's non-test rows
 only, and ``self_train`` refuses a pool that shares content with the target test split.
@@ -21,7 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -40,7 +42,8 @@ ADAPTATION_STRATEGIES = ("adabn", "self-training", "mcc")
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """What each strategy needs; the defaults are the benchmark's."""
+    """What each strategy needs (``bench/bench_adapt.py`` sets its own: 10 epochs, lr 3e-3, backbone x0.3,
+    two self-training rounds of 3 epochs at threshold 0.9)."""
 
     epochs: int = 3
     batch_size: int = 64
@@ -51,7 +54,11 @@ class AdaptConfig:
     seed: int = 0
     # self-training
     rounds: int = 3
+    round_epochs: int | None = None  # epochs of each self-training round; None: ``epochs``
     threshold: float = 0.8
+    # class-balanced self-training: round r (from 1) pseudo-labels each predicted class's most confident
+    # min(r * portion, 1); None: the fixed ``threshold``
+    portion: float | None = None
     unlabelled_weight: float = 1.0
     # mcc
     mcc_weight: float = 1.0
@@ -193,15 +200,29 @@ def _optimizer(model: nn.Module, cfg: AdaptConfig) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay)
 
 
+EpochHook = Callable[[int, dict[str, float], dict[str, Any]], None]
+
+
 def _fit(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: AdaptConfig, gen: torch.Generator,
-         extra: Callable[[torch.Tensor], torch.Tensor] | None = None, what: str = "source") -> list[dict[str, float]]:
-    """Cross-entropy on source batches (weakly shifted), plus ``extra(step)`` per step, for ``cfg.epochs``."""
+         extra: Callable[[torch.Tensor], torch.Tensor] | None = None, what: str = "source",
+         epochs: int | None = None, start: dict[str, Any] | None = None,
+         on_epoch: EpochHook | None = None) -> list[dict[str, float]]:
+    """Cross-entropy on source batches (weakly shifted), plus ``extra(step)`` per step, for ``epochs``
+    (default ``cfg.epochs``). ``on_epoch(epoch, row, state)`` after each epoch: ``state`` (optimizer, schedule,
+    the batch generator, the epoch and step) is what ``start`` takes to continue from there with the model's
+    weights of that moment, exactly as if never stopped."""
+    epochs = cfg.epochs if epochs is None else epochs
     opt = _optimizer(model, cfg)
-    steps = cfg.epochs * max(1, math.ceil(len(xs) / cfg.batch_size))
+    steps = epochs * max(1, math.ceil(len(xs) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     history = []
-    step = 0
-    for epoch in range(cfg.epochs):
+    step, first = 0, 0
+    if start is not None:
+        opt.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["scheduler"])
+        gen.set_state(start["generator"])
+        first, step = int(start["epoch"]), int(start["step"])
+    for epoch in range(first, epochs):
         model.train()
         total, seen = 0.0, 0
         for idx in _batches(len(xs), cfg.batch_size, gen):
@@ -218,7 +239,10 @@ def _fit(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: AdaptConfig,
             step += 1
             total, seen = total + loss.item() * len(idx), seen + len(idx)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1)})
-        log.info("%s epoch %d/%d: loss %.4f", what, epoch + 1, cfg.epochs, total / max(seen, 1))
+        log.info("%s epoch %d/%d: loss %.4f", what, epoch + 1, epochs, total / max(seen, 1))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history[-1], {"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
+                                              "scheduler": sched.state_dict(), "generator": gen.get_state()})
     model.eval()
     return history
 
@@ -258,12 +282,27 @@ def adabn(model: nn.Module, xt: torch.Tensor, batch_size: int = 64) -> AdaptResu
     return AdaptResult("adabn", [{"target_images": float(len(xt))}])
 
 
-def select_pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def select_pseudo_labels(probs: torch.Tensor, threshold: float,
+                         portion: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, labels) of the confident predictions, balanced across classes.
 
     Above ``threshold``; then each class keeps at most as many as the class with the fewest confident
-    images (at least one), its most confident first, so that an easy class cannot crowd out the others."""
+    images (at least one), its most confident first, so that an easy class cannot crowd out the others.
+
+    With ``portion`` (class-balanced self-training, Zou et al. 2018) the threshold is each class's own
+    instead: of the images predicted as a class, its most confident ``portion`` (at least one), whatever
+    the absolute confidence. A calibration-free rule: label smoothing or a hard domain can hold every
+    confidence below a fixed threshold, and a class the model finds hard still gets its share."""
     conf, label = probs.max(1)
+    if portion is not None:
+        chosen = []
+        for c in range(probs.shape[1]):
+            mine = torch.nonzero(label == c).flatten()
+            if len(mine):
+                take = max(1, round(portion * len(mine)))
+                chosen.append(mine[conf[mine].argsort(descending=True)[:take]])
+        idx = torch.cat(chosen).sort().values
+        return idx, label[idx]
     keep = torch.nonzero(conf >= threshold).flatten()
     if keep.numel() == 0:
         return keep, keep
@@ -281,9 +320,15 @@ def select_pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.T
 
 
 def self_train(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, cfg: AdaptConfig,
-               pool_sha256: list[str] | None = None, test_sha256: list[str] | None = None) -> AdaptResult:
+               pool_sha256: list[str] | None = None, test_sha256: list[str] | None = None,
+               target_statistics: bool = True) -> AdaptResult:
     """Rounds of confident, class-balanced pseudo-labels on the target pool (read from a weak view),
-    learnt from a strong view of the same images beside the labelled source."""
+    learnt from a strong view of the same images beside the labelled source.
+
+    With ``target_statistics`` (the default) the BatchNorm statistics are re-estimated on the target pool
+    (``adabn``) before each round's pseudo-labels are read and once more at the end: the pseudo-labels
+    come from, and the adapted model keeps, the target's statistics rather than the mix of both domains
+    that training leaves in the running averages. The first round thus starts from the AdaBN model."""
     if pool_sha256 is not None and test_sha256 is not None:
         disjoint_or_fail(pool_sha256, test_sha256)
     if len(xt) == 0:
@@ -291,10 +336,13 @@ def self_train(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.T
     gen = torch.Generator().manual_seed(cfg.seed)
     result = AdaptResult("self-training")
     for r in range(cfg.rounds):
+        if target_statistics:
+            adabn(model, xt, cfg.batch_size)
         with torch.no_grad():
             model.eval()
             probs = torch.cat([F.softmax(model(weak_view(xt[i], gen)), 1) for i in _batches(len(xt), 256)])
-        idx, labels = select_pseudo_labels(probs, cfg.threshold)
+        portion = None if cfg.portion is None else min(cfg.portion * (r + 1), 1.0)
+        idx, labels = select_pseudo_labels(probs, cfg.threshold, portion)
         result.pseudo_labelled = [int(i) for i in idx]
         log.info("self-training round %d/%d: %d of %d target images pseudo-labelled", r + 1, cfg.rounds,
                  len(idx), len(xt))
@@ -306,8 +354,11 @@ def self_train(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.T
             pick = torch.randint(0, len(xp), (min(cfg.batch_size, len(xp)),), generator=gen)
             return cfg.unlabelled_weight * F.cross_entropy(model(strong_view(xp[pick], gen)), labels[pick])
 
-        hist = _fit(model, xs, ys, cfg, gen, consistency, what=f"self-training round {r + 1}")
+        hist = _fit(model, xs, ys, cfg, gen, consistency, what=f"self-training round {r + 1}",
+                    epochs=cfg.round_epochs)
         result.history += [{**h, "round": r + 1, "pseudo_labels": float(len(idx))} for h in hist]
+    if target_statistics:
+        adabn(model, xt, cfg.batch_size)
     return result
 
 
@@ -324,8 +375,13 @@ def mcc_loss(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
     return (confusion.sum() - confusion.trace()) / k
 
 
-def mcc(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, cfg: AdaptConfig) -> AdaptResult:
-    """Fine-tuning on the source with the MCC loss on target batches (each step one of each)."""
+def mcc(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, cfg: AdaptConfig,
+        target_statistics: bool = True, start: dict[str, Any] | None = None,
+        on_epoch: EpochHook | None = None) -> AdaptResult:
+    """Fine-tuning on the source with the MCC loss on target batches (each step one of each); with
+    ``target_statistics`` (the default) the BatchNorm statistics are then re-estimated on the target
+    images (``adabn``), which the target batches were normalised with during training. ``on_epoch`` and
+    ``start``: a checkpoint after every epoch and the continuation from one (:func:`_fit`)."""
     if len(xt) < 2:
         raise TlopsError(f"mcc: {len(xt)} target image(s); a target batch needs at least two")
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -334,7 +390,10 @@ def mcc(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, 
         pick = torch.randint(0, len(xt), (min(cfg.batch_size, len(xt)),), generator=gen)
         return cfg.mcc_weight * mcc_loss(model(weak_view(xt[pick], gen)), cfg.mcc_temperature)
 
-    return AdaptResult("mcc", _fit(model, xs, ys, cfg, gen, confusion, what="mcc"))
+    result = AdaptResult("mcc", _fit(model, xs, ys, cfg, gen, confusion, what="mcc", start=start, on_epoch=on_epoch))
+    if target_statistics:
+        adabn(model, xt, cfg.batch_size)
+    return result
 
 
 def adapt(strategy: str, model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor | None,

@@ -23,11 +23,32 @@ log = logging.getLogger(__name__)
 
 
 def fine_tune(backbone_name: str, manifest: pd.DataFrame, classes: list[str], spec: PreprocessSpec,
-              cfg: TrainConfig, workdir: str | Path = ".tlops", state_uri: str | None = None) -> FitResult:
+              cfg: TrainConfig, workdir: str | Path = ".tlops", state_uri: str | None = None,
+              target: pd.DataFrame | None = None, target_val: pd.DataFrame | None = None,
+              target_test_sha256: list[str] | None = None) -> FitResult:
     """Train with ``cfg.strategy``: the entry point of the fine-tune step.
 
     With ``state_uri`` the feature cache and the checkpoints live there (as well as in ``workdir``), so a step
-    that runs again on a fresh disk resumes."""
+    that runs again on a fresh disk resumes. An adaptation strategy (adabn, self-training, mcc) trains the source
+    model with ``train.adaptation.base`` first, then adapts it to ``target`` (the target pool, rows with ``path``;
+    ``target_val``: labelled target rows for validation; ``target_test_sha256``: content the pool may not hold)."""
+    if cfg.is_adaptation:
+        from tlops.errors import TlopsError
+        from tlops.training.adapt_run import adapt_source_model
+
+        if ddp.launched_by_torchrun():  # every rank would adapt and write adapt.pt on its own
+            raise TlopsError(f"train.strategy {cfg.strategy} does not run under torchrun (its adaptation phase is one "
+                             "process); use train.processes for DDP on one machine")
+
+        base_cfg = cfg.model_copy(update={"strategy": cfg.adaptation.base})
+        if base_cfg.strategy == "linear-probe":  # L-BFGS iterations, not the gradient epochs of train.epochs
+            base_cfg = base_cfg.model_copy(update={"epochs": DEFAULT_EPOCHS["linear-probe"]})
+        base = fine_tune(backbone_name, manifest, classes, spec, base_cfg, workdir, state_uri)
+        empty = pd.DataFrame(columns=["sha256", "label", "path"])
+        return adapt_source_model(base, backbone_name, manifest, classes, spec, cfg,
+                                  target if target is not None else empty,
+                                  target_val if target_val is not None else empty, list(target_test_sha256 or []),
+                                  workdir, state_uri)
     cache_dir = Path(workdir) / "cache" / "features" if cfg.feature_cache else None
     remote = f"{state_uri.rstrip('/')}/features" if state_uri else None
     if cfg.strategy == "linear-probe":

@@ -38,6 +38,8 @@ class FitResult:
     resumed_at_step: int | None = None  # the global step a rerun resumed from; None: started afresh
     stopped_early: bool = False
     kept_over: str | None = None  # the fine-tuning strategy whose model lost to this probe's on validation
+    # Adaptation strategies: the source model's weights before adaptation (the gate's source-only reference).
+    source_only: dict[str, torch.Tensor] | None = None
 
 
 def run_key(backbone_name: str, spec: PreprocessSpec, classes: list[str], manifest: pd.DataFrame,

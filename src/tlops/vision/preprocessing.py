@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from tlops.data.images import to_mode
 from tlops.errors import TlopsError
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
@@ -137,15 +138,7 @@ def _to_pil(data: bytes | str | Path | Image.Image) -> Image.Image:
 
 def decode(data: bytes | str | Path | Image.Image, spec: PreprocessSpec) -> Image.Image:
     """File bytes to an RGB image, as the spec says (decoder, EXIF orientation, colour conversion)."""
-    img = _to_pil(data)
-    if spec.exif_transpose:
-        img = ImageOps.exif_transpose(img)
-    if img.mode != spec.color_mode:
-        # Palette and alpha images go through RGBA so transparency turns into black, as PIL does.
-        if img.mode in ("P", "LA", "PA"):
-            img = img.convert("RGBA")
-        img = img.convert(spec.color_mode)
-    return img
+    return to_mode(_to_pil(data), spec.color_mode, spec.exif_transpose)
 
 
 def build_transform(spec: PreprocessSpec):  # noqa: ANN201 - returns a closure

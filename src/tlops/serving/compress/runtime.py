@@ -10,34 +10,26 @@ golden images.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from tlops.data.images import ImageInputError, check_work, resized_size
+from tlops.data.discovery import DEFAULT_MAX_PIXELS
+from tlops.data.images import check_work, load_image, resized_size, to_mode
 from tlops.errors import TlopsError
 
 GRAPH = "model.onnx"
+EMBEDDING = "embedding"  # the graph's second output, where it has one: the features the head sees
 SPEC = "preprocess.json"
 META = "model.json"
 VARIANT = "variant.json"
 FORMAT = "tlops-onnx-classifier/1"
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
              "bicubic": Image.Resampling.BICUBIC}
-
-
-class VariantInputError(ImageInputError):
-    """One image of a request cannot be read; the message names the instance (the server answers 422, as for
-    the PyTorch model)."""
-
-    def __init__(self, index: int, problem: str) -> None:
-        super().__init__(index, problem)
 
 
 @dataclass(frozen=True)
@@ -67,41 +59,9 @@ class SpecView:
         raise AttributeError(name)
 
 
-def _formats() -> tuple[str, ...]:
-    from tlops.data.discovery import DECODE_FORMATS
-
-    Image.init()
-    return tuple(f for f in DECODE_FORMATS if f in Image.OPEN)
-
-
 def decode(data: bytes, spec: SpecView, index: int = 0, max_pixels: int | None = None) -> Image.Image:
     """File bytes to the spec's colour mode: the decoders the pipeline reads, EXIF orientation, conversion."""
-    from tlops.data.discovery import DEFAULT_MAX_PIXELS
-
-    limit = max_pixels or DEFAULT_MAX_PIXELS
-    img: Image.Image
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_formats())
-            if img.width * img.height > limit:
-                raise VariantInputError(index, f"{img.width}x{img.height} pixels exceeds the limit of {limit}; "
-                                               "not decoded")
-            img.load()
-    except VariantInputError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise VariantInputError(index, f"not a readable image ({type(exc).__name__}: {first:.200})") from None
-    if spec.exif_transpose:
-        img = ImageOps.exif_transpose(img)
-    if img.mode != spec.color_mode:
-        if img.mode in ("P", "LA", "PA"):
-            img = img.convert("RGBA")
-        img = img.convert(spec.color_mode)
-    return img
+    return to_mode(load_image(data, index, max_pixels or DEFAULT_MAX_PIXELS), spec.color_mode, spec.exif_transpose)
 
 
 def preprocess(data: bytes, spec: SpecView, index: int = 0) -> np.ndarray:
@@ -162,10 +122,30 @@ class OnnxPredictor:
                                         if (d / VARIANT).is_file() else {})
         self.session = session(d / GRAPH, threads)
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = outputs[0]
+        # The backbone's features, where the graph has them (variants exported before, and pruned ones, do not).
+        self.embedding_name = EMBEDDING if EMBEDDING in outputs[1:] else None
         self.batch_size = batch_size
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run(None, {self.input_name: batch})[0], dtype=np.float32)
+        return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0], dtype=np.float32)
+
+    def proba_embed(self, x: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities and the backbone's features the head saw, from the same run (None where the graph
+        has no ``embedding`` output): the server's prediction log keeps the features."""
+        if self.embedding_name is None:
+            return self.proba(x, batch_size), None
+        step = batch_size or self.batch_size
+        probs, feats = [], []
+        for start in range(0, len(x), step):
+            logits, features = self.session.run([self.output_name, self.embedding_name],
+                                                {self.input_name: x[start : start + step]})
+            probs.append(softmax(np.asarray(logits, dtype=np.float32)))
+            feats.append(np.asarray(features, dtype=np.float32).reshape(len(features), -1))
+        if not probs:
+            return np.zeros((0, len(self.classes)), dtype=np.float32), None
+        return np.concatenate(probs), np.concatenate(feats)
 
     def tensors(self, images: list[bytes], first: int = 0) -> np.ndarray:
         """The images decoded and preprocessed, stacked (errors name instance ``first + i``): the server's

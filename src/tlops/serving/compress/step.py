@@ -40,7 +40,7 @@ def compress(cfg: Config, model_uri: str, test_rows: pd.DataFrame, train_rows: p
     built is recorded with its reason (one line) and the others go on."""
     import torch
 
-    from tlops.fileio import read_json
+    from tlops.fileio import read_json, write_json
     from tlops.serving.pyfunc import Predictor, load_model_dir
 
     names = V.check_names(list(cfg.deploy.variants))
@@ -77,6 +77,7 @@ def compress(cfg: Config, model_uri: str, test_rows: pd.DataFrame, train_rows: p
                 sources[name] = model
             else:
                 sources[name] = _pruned(cfg, model, spec, meta, train_rows, target)
+                write_json(target / V.REFERENCE, V.golden_reference(sources[name], spec, golden))
             measured = V.measure(target, images, y_true, cand_correct, cfg.evaluation.confidence,
                                  cfg.evaluation.bootstrap_resamples, cfg.evaluation.seed,
                                  cfg.evaluation.latency_images or 30)
@@ -220,15 +221,19 @@ def variant_parity(name: str, version: str, model: Any, spec: Any,
                    golden: list[tuple[str, bytes]]) -> dict[str, Any] | None:
     """``tlops parity`` on a version's serving variant: its files against the version's PyTorch model on the
     golden images, and its spec against the version's. None when the version has no serving variant. A pruned
-    variant is checked for its spec only (its graph is not the version's weights)."""
+    variant's graph is not the version's weights: it is checked against the outputs its pruned PyTorch network
+    gave on the golden images when it was built (``golden_reference.json``); one built before that record
+    existed, for its spec only."""
+    from tlops.fileio import read_json
     from tlops.registry import client
 
     found = serving_variant_dir(name, version)
     if found is None:
         return None
     variant = client().get_model_version(name, version).tags.get("serving.variant", "onnx")
+    if variant == "pruned" and (found / V.REFERENCE).is_file():
+        return {"name": variant, **V.parity(found, read_json(found / V.REFERENCE), spec, golden, variant)}
     if variant == "pruned":
-        from tlops.fileio import read_json
         from tlops.serving.compress.runtime import SPEC, SpecView
 
         fp = SpecView.from_record(read_json(found / SPEC)).fingerprint

@@ -1,0 +1,145 @@
+"""The target domain's images (domain adaptation): their manifest, as the validate step hands it on.
+
+One CSV beside the source's manifest (a declared output of the validate step, an input of parity, fine-tune and
+evaluate), with the source manifest's columns and ``domain``:
+
+- ``target``: the unlabelled images of ``data.target_uri`` (any labels they came with are dropped), all in the
+  ``train`` split: what adaptation reads;
+- ``target-labelled``: the labelled target set of ``data.target_labelled_uri``, split as the source is (its own
+  split folders or CSV column, else ``data.val_fraction``/``test_fraction`` of a hash of each file's content). Its
+  test split is what the candidate is scored on; its train and val splits are never used for gradient steps on
+  their labels (the labels only validate).
+
+With no target data the CSV holds the header alone, so every step reads the same declared input either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from tlops.data.discovery import MANIFEST_COLUMNS, build_manifest, read_manifest, write_manifest
+from tlops.errors import TlopsError
+
+if TYPE_CHECKING:
+    from tlops.config.settings import Config, DataConfig, ValidationConfig
+
+log = logging.getLogger(__name__)
+
+TARGET = "target"
+LABELLED = "target-labelled"
+DOMAIN_COLUMN = "domain"
+TARGET_COLUMNS = [*MANIFEST_COLUMNS, DOMAIN_COLUMN]
+
+
+def empty_target_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in TARGET_COLUMNS})
+
+
+def _manifest(uri: str, field: str, data: DataConfig, validation: ValidationConfig, cache_root: Path) -> pd.DataFrame:
+    try:
+        return build_manifest(uri, cache_root, data.val_fraction, data.test_fraction, data.split_salt,
+                              max_pixels=validation.max_pixels, workers=data.manifest_workers,
+                              use_cache=data.manifest_cache, stratified=data.split == "stratified")
+    except TlopsError as exc:
+        raise TlopsError(f"{field} {uri}: {exc}") from None
+
+
+def build_target_manifest(cfg: Config, cache_root: str | Path) -> pd.DataFrame:
+    """The target rows of a config; empty without target data.
+
+    A target URI with no images, or whose files none decode, is one line (exit 2) naming the field."""
+    data, validation = cfg.data, cfg.validation
+    parts = []
+    if data.target_uri:
+        rows = _manifest(data.target_uri, "data.target_uri", data, validation, Path(cache_root))
+        if not rows["decodable"].astype(bool).any():
+            raise TlopsError(f"data.target_uri {data.target_uri}: none of its {len(rows)} file(s) is a readable "
+                             "image; point it at a folder of the new domain's images")
+        if data.target_labelled_fraction:
+            held, rows = _held_out(rows, data)
+            parts.append(held)
+        parts.append(rows.assign(label=None, split="train", **{DOMAIN_COLUMN: TARGET}))
+    if data.target_labelled_uri:
+        rows = _manifest(data.target_labelled_uri, "data.target_labelled_uri", data, validation, Path(cache_root))
+        ok = rows[rows["decodable"].astype(bool) & rows["label"].notna()]
+        if ok.empty:
+            raise TlopsError(f"data.target_labelled_uri {data.target_labelled_uri}: no readable labelled image; "
+                             "expected <class>/<image> files with the source's class names")
+        if not (ok["split"] == "test").any():
+            raise TlopsError(f"data.target_labelled_uri {data.target_labelled_uri}: {len(ok)} labelled image(s) "
+                             "leave none for the target test split; add images or raise data.test_fraction")
+        parts.append(rows.assign(**{DOMAIN_COLUMN: LABELLED}))
+    if not parts:
+        return empty_target_manifest()
+    out = pd.concat(parts, ignore_index=True)
+    return out[TARGET_COLUMNS]
+
+
+def _held_out(rows: pd.DataFrame, data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(labelled, the rest) of ``data.target_uri``'s rows: ``target_labelled_fraction`` of each class, chosen in
+    the class's salted hash order (stable as data grows), split by ``val_fraction``/``test_fraction``."""
+    from tlops.data.discovery import stratified_splits
+
+    ok = rows["decodable"].astype(bool) & rows["label"].notna()
+    if not ok.any():
+        raise TlopsError(f"data.target_labelled_fraction: data.target_uri {data.target_uri} has no labelled image; "
+                         "it needs <class>/<image> folders to hold labelled images out")
+    labels = [str(x) if isinstance(x, str) else None for x in rows["label"].where(ok, None)]
+    salt = f"{data.split_salt}/target-labelled"
+    held = pd.Series(stratified_splits(labels, list(rows["sha256"].fillna("")), 0.0,
+                                       data.target_labelled_fraction, salt), index=rows.index).eq("test") & ok
+    labelled = rows[held].copy()
+    labelled["split"] = stratified_splits(list(labelled["label"].astype(str)), list(labelled["sha256"]),
+                                          data.val_fraction, data.test_fraction, data.split_salt)
+    rest = rows[~held & ~rows["sha256"].isin(set(labelled["sha256"]))]
+    return labelled.assign(**{DOMAIN_COLUMN: LABELLED}), rest
+
+
+def write_target_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    return write_manifest(df[TARGET_COLUMNS] if len(df.columns) else empty_target_manifest(), path)
+
+
+def read_target_manifest(path: str | Path | None) -> pd.DataFrame:
+    """The target manifest a step was given; an empty frame when there is none (no path, or the header alone)."""
+    if not path or not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return empty_target_manifest()
+    df = read_manifest(path)
+    if DOMAIN_COLUMN not in df:
+        raise TlopsError(f"{path}: not a target manifest (no {DOMAIN_COLUMN} column)")
+    return df
+
+
+def unlabelled(target: pd.DataFrame) -> pd.DataFrame:
+    """The unlabelled target rows (``data.target_uri``), decodable."""
+    return target[(target[DOMAIN_COLUMN] == TARGET) & target["decodable"].astype(bool)]
+
+
+def labelled(target: pd.DataFrame) -> pd.DataFrame:
+    """The labelled target rows (``data.target_labelled_uri``), decodable and labelled."""
+    rows = target[target[DOMAIN_COLUMN] == LABELLED]
+    return rows[rows["decodable"].astype(bool) & rows["label"].notna()]
+
+
+def labelled_split(target: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = labelled(target)
+    return rows[rows["split"] == split].reset_index(drop=True)
+
+
+def adaptation_pool(target: pd.DataFrame) -> pd.DataFrame:
+    """What adaptation may look at: the unlabelled target images and the labelled set's train and val images,
+    without their labels; never a target test image, nor any image whose content is also a target test image."""
+    test_sha = set(labelled_split(target, "test")["sha256"])
+    pool = pd.concat([unlabelled(target), labelled(target).query("split != 'test'")], ignore_index=True)
+    pool = pool[~pool["sha256"].isin(test_sha)]
+    return pool.drop_duplicates("sha256").assign(label=None).reset_index(drop=True)
+
+
+def target_golden_rows(target: pd.DataFrame, count: int = 4) -> pd.DataFrame:
+    """Target images among the parity step's golden images (the first ``count`` decodable by content hash): the
+    one preprocessing spec is proven on both domains."""
+    rows = target[target["decodable"].astype(bool)]
+    return rows.sort_values("sha256").drop_duplicates("sha256").head(count).drop(columns=[DOMAIN_COLUMN])
