@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.helpers.registry import log_model_run, new_version, race_worker, restored_mlflow_uris, use_store
+from tests.helpers.registry import log_model_run, new_version, race_worker, use_store
 from tlops import registry
 from tlops.errors import TlopsError
 from tlops.registry import Decision, LockSettings
 
 pytestmark = pytest.mark.integration
 LOCK = LockSettings(settle_s=0.3, timeout_s=60, poll_s=0.1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 @pytest.fixture(scope="module")

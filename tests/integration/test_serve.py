@@ -27,18 +27,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port, run_cli
-from tests.helpers.registry import log_model_run, new_version, restored_mlflow_uris, use_store
+from tests.helpers.registry import log_model_run, new_version, use_store
 
 pytestmark = pytest.mark.integration
 NAME = "serve-it"
 MAX_BYTES = 1_000_000
 TIMEOUT = 30  # seconds, for any one HTTP exchange
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 def _png(array: np.ndarray) -> bytes:

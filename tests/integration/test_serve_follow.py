@@ -15,7 +15,6 @@ import pytest
 from tests.helpers.registry import log_model_run, new_version, use_store
 from tests.integration.test_serve import (
     _b64,
-    _own_mlflow_uris,  # noqa: F401 - the module-scoped fixture that puts MLflow's URIs back afterwards
     running_serve,
 )
 

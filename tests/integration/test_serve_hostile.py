@@ -23,7 +23,6 @@ import pytest
 from tests.integration.test_serve import (
     _b64,
     _invoke,
-    _own_mlflow_uris,  # noqa: F401 - the module-scoped fixture that puts MLflow's URIs back afterwards
     _png,
     _png_declaring,
     _request,

@@ -21,7 +21,6 @@ import pytest
 from tests.conftest import free_port, stop
 from tests.integration.test_serve import (
     _invoke,
-    _own_mlflow_uris,  # noqa: F401 - the module-scoped fixture that puts MLflow's URIs back afterwards
     _png,
     _png_declaring,
     images,  # noqa: F401 - the module-scoped fixture of real image files

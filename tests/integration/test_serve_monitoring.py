@@ -7,21 +7,13 @@ import base64
 import http.client
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.registry import restored_mlflow_uris
 from tests.integration.test_serve import running_serve
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 def test_served_images_reach_the_s3_log_and_the_metrics(mlflow_server: str, tiny_models: dict, tiny_digits: Path,

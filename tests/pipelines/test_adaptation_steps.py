@@ -3,14 +3,13 @@ read, only the adaptation pool fetched, the model and the source-only model writ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from tests.conftest import write_config
-from tests.helpers.registry import restored_mlflow_uris, step_inputs
+from tests.helpers.registry import step_inputs
 from tlops import tracking
 from tlops.config.settings import load_config
 from tlops.data.discovery import build_manifest, write_manifest
@@ -18,12 +17,6 @@ from tlops.data.fontdigits import export_font_digits
 from tlops.data.target import build_target_manifest, labelled_split, write_target_manifest
 from tlops.fileio import write_json
 from tlops.vision.parity import eval_spec
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 @pytest.mark.slow  # a step run each (the model logged and loaded back): about 40 s each under load

@@ -4,25 +4,18 @@ in a SQLite store: judged on the target, the source beside it, the source-only m
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.helpers.registry import EVIDENCE, gate_lab, restored_mlflow_uris, step_inputs
+from tests.helpers.registry import EVIDENCE, gate_lab, step_inputs
 from tlops import tracking
 from tlops.config.settings import Config
 from tlops.data.fontdigits import export_font_digits
 from tlops.data.target import build_target_manifest, write_target_manifest
 from tlops.fileio import read_json
 from tlops.steps import evaluate_step, gate_step
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.registry import EVIDENCE, gate_lab, restored_mlflow_uris, step_inputs
+from tests.helpers.registry import EVIDENCE, gate_lab, step_inputs
 from tlops import registry, tracking
 from tlops.data.discovery import read_manifest
 from tlops.data.manifest import localize, split_rows
@@ -32,12 +31,6 @@ VOLATILE = {"evaluated_at", "latency", "report", "model_uri"}
 # config.hash: the two configs differ in evaluation.feature_cache itself.
 VOLATILE_TAGS = {"latency_p50_ms", "latency_p95_ms", "mlflow.run_id", "mlflow.source.run_id", "run_id",
                  "gate.decided_at", "evaluation.report", "git.commit", "config.hash"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,17 +16,11 @@ import mlflow
 import pytest
 import torch
 
-from tests.helpers.registry import EVIDENCE, gate_lab, log_model_run, restored_mlflow_uris, step_inputs
+from tests.helpers.registry import EVIDENCE, gate_lab, log_model_run, step_inputs
 from tlops import registry, tracking
 from tlops.errors import TlopsError
 from tlops.fileio import read_json
 from tlops.steps import evaluate_step, gate_step
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 @pytest.fixture(scope="module")

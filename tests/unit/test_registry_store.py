@@ -9,24 +9,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.registry import new_version, race_worker, restored_mlflow_uris, use_store
+from tests.helpers.registry import new_version, race_worker, use_store
 from tlops import registry
 from tlops.errors import GateFailed, TlopsError
 from tlops.registry import Decision, LockSettings
 
 # A lease write must come back within settle_s; on a loaded 2-core machine a SQLite write can take 100 ms.
 FAST = LockSettings(settle_s=0.3, timeout_s=20, poll_s=0.05)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _own_mlflow_uris() -> Iterator[None]:
-    with restored_mlflow_uris():
-        yield
 
 
 @pytest.fixture(scope="module")
