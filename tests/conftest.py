@@ -47,6 +47,18 @@ def ir_tasks(ir: dict) -> dict[str, dict]:
     return found
 
 
+@pytest.fixture(scope="session")
+def font_targets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A target domain for adaptation tests: digits 0, 1 and 7 printed in the machine's fonts, 8 unlabelled and
+    10 labelled images per class, as class folders (read-only: a test that changes them copies them first)."""
+    from tlops.data.fontdigits import export_font_digits
+
+    root = tmp_path_factory.mktemp("font-targets")
+    export_font_digits(root / "unlabelled", per_class=8, classes=[0, 1, 7], seed=3)
+    export_font_digits(root / "labelled", per_class=10, classes=[0, 1, 7], seed=11)
+    return {"unlabelled": root / "unlabelled", "labelled": root / "labelled"}
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _mlflow_uris_stay_with_their_module() -> Iterator[None]:
     """mlflow.set_tracking_uri / set_registry_uri are process-wide: a module (or the CLI run in process) that sets

@@ -16,11 +16,8 @@ from tlops.errors import GateFailed, TlopsError
 
 
 @pytest.fixture(scope="module")
-def fonts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("fonts")
-    export_font_digits(root / "unlabelled", per_class=6, classes=[0, 1, 7], seed=3)
-    export_font_digits(root / "labelled", per_class=8, classes=[0, 1, 7], seed=11)
-    return {"unlabelled": root / "unlabelled", "labelled": root / "labelled"}
+def fonts(font_targets: dict[str, Path]) -> dict[str, Path]:
+    return font_targets
 
 
 def _validate(tmp_path: Path, tiny_digits: Path, **data: object):
@@ -46,7 +43,7 @@ def test_the_target_manifest_is_a_declared_output_checked_with_the_source(tmp_pa
     assert decision == "train"
     target = read_target_manifest(out / "target.csv")
     assert target["path"].isna().all()  # by URI only, as the source manifest
-    assert (target["domain"] == "target").sum() == 18 and (target["domain"] == "target-labelled").sum() == 24
+    assert (target["domain"] == "target").sum() == 24 and (target["domain"] == "target-labelled").sum() == 30
     checks = {c["name"]: c["status"] for c in read_json(out / "report.json")["checks"]}
     assert checks["target_decodable"] == checks["domain_overlap"] == checks["domain_leakage"] == "PASS"
     assert RunPlan.read(out / "plan.json").config.data.target_uri == str(fonts["unlabelled"])

@@ -12,7 +12,6 @@ import torch
 
 from tlops.config.settings import Config, TrainConfig, load_config
 from tlops.data.discovery import build_manifest, class_names
-from tlops.data.fontdigits import export_font_digits
 from tlops.data.target import LABELLED, TARGET, adaptation_pool, build_target_manifest, labelled_split
 from tlops.errors import TlopsError
 from tlops.training.finetune import fine_tune
@@ -24,11 +23,8 @@ STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @pytest.fixture(scope="module")
-def target_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("target")
-    export_font_digits(root / "unlabelled", per_class=8, classes=[0, 1, 7], seed=3)
-    export_font_digits(root / "labelled", per_class=10, classes=[0, 1, 7], seed=11)
-    return {"unlabelled": root / "unlabelled", "labelled": root / "labelled"}
+def target_dirs(font_targets: dict[str, Path]) -> dict[str, Path]:
+    return font_targets
 
 
 @pytest.fixture(scope="module")
