@@ -12,20 +12,18 @@ import torch
 
 from tlops.data.discovery import build_manifest
 from tlops.data.fontdigits import export_font_digits
+from tlops.data.target import check_target_classes, cross_domain_leakage, target_pool
 from tlops.errors import TlopsError
 from tlops.training.adaptation import (
     AdaptConfig,
     adabn,
     adapt,
     batchnorm_layers,
-    check_target_classes,
-    cross_domain_leakage,
     fine_tune_source,
     mcc,
     mcc_loss,
     select_pseudo_labels,
     self_train,
-    target_pool,
 )
 from tlops.vision.backbones import build_classifier, reference_spec
 from tlops.vision.preprocessing import build_transform, with_resolution

@@ -60,3 +60,14 @@ def test_lint_fails_on_a_deliberate_violation(tmp_path: Path, kind: str) -> None
     out = " ".join((run.stdout + run.stderr).split())
     assert run.returncode != 0, out
     assert " ".join(broken.split()) in out and named in out, out
+
+
+def test_the_data_checks_load_no_torch() -> None:
+    """`tlops validate` (the data checks, the target domain's included) runs without torch: its memory stays that
+    of pandas and GX (the hostile-tree test bounds it), and a step that only validates starts in a second."""
+    code = ("import sys; import tlops.cli, tlops.data.validation, tlops.data.target, tlops.selection.domain, "
+            "tlops.selection.planner; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -26,6 +26,7 @@ from tlops.errors import TlopsError
 
 if TYPE_CHECKING:
     from tlops.config.settings import Config, DataConfig, ValidationConfig
+    from tlops.data.validation import CheckResult
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +144,70 @@ def target_golden_rows(target: pd.DataFrame, count: int = 4) -> pd.DataFrame:
     one preprocessing spec is proven on both domains."""
     rows = target[target["decodable"].astype(bool)]
     return rows.sort_values("sha256").drop_duplicates("sha256").head(count).drop(columns=[DOMAIN_COLUMN])
+
+
+# ---------------------------------------------------------------------------------------------- checks
+# Plain pandas (no torch): validation runs them without loading the training code.
+
+
+def target_pool(target: pd.DataFrame) -> pd.DataFrame:
+    """The target rows adaptation may look at: decodable, never the test split."""
+    from tlops.data.manifest import usable
+
+    rows = usable(target)
+    return rows[rows["split"] != "test"]
+
+
+def check_target_classes(source_classes: list[str], labelled_target: pd.DataFrame, where: str) -> None:
+    """A labelled target set must use the source's classes: one line naming the strangers otherwise."""
+    labels = set(labelled_target["label"].dropna().astype(str))
+    strangers = sorted(labels - set(source_classes))
+    if strangers:
+        shown = ", ".join(strangers[:5]) + (f" and {len(strangers) - 5} more" if len(strangers) > 5 else "")
+        raise TlopsError(f"{where}: labelled target class(es) {shown} are not among the source's classes "
+                         f"({', '.join(source_classes[:10])}{'...' if len(source_classes) > 10 else ''}); "
+                         "rename them to the source's class names or leave them out")
+
+
+def disjoint_or_fail(pool_sha256: list[str], test_sha256: list[str]) -> None:
+    shared = set(pool_sha256) & set(test_sha256)
+    if shared:
+        raise TlopsError(f"{len(shared)} target training image(s) are also in the target test split "
+                         f"(sha256 {sorted(shared)[0][:12]}...): pseudo-labels may never see test images")
+
+
+def cross_domain_leakage(source: pd.DataFrame, target: pd.DataFrame | None,
+                         labelled: pd.DataFrame | None) -> CheckResult:
+    """The check ``domain_leakage``: no content of a test split (the source's, the labelled target's) is
+    in any set that training or adaptation reads (source train/val, the unlabelled target, the labelled
+    target's train/val). One line naming the first files and where each copy is."""
+    from tlops.data.validation import CheckResult
+
+    roles: list[tuple[str, pd.DataFrame]] = []
+    for name, df in (("source", source), ("target", target), ("target-labelled", labelled)):
+        if df is None:
+            continue
+        rows = df[df["sha256"].fillna("").ne("")]
+        for split, part in rows.groupby("split"):
+            if name == "target":  # unlabelled: every image may be adapted on, whatever its split
+                roles.append(("target", part))
+            else:
+                roles.append((f"{name}/{split}", part))
+    tests = [(role, part) for role, part in roles if role.endswith("/test")]
+    found: list[str] = []
+    files: list[str] = []
+    for role, part in tests:
+        by_sha = dict(zip(part["sha256"], part["uri"], strict=False))
+        for other, rows in roles:
+            if other == role:
+                continue
+            for sha, uri in zip(rows["sha256"], rows["uri"], strict=True):
+                if sha in by_sha:
+                    files.append(str(by_sha[sha]))
+                    found.append(f"{by_sha[sha]} ({role}; also {other}: {uri})")
+    if not found:
+        names = ", ".join(role for role, _ in roles)
+        return CheckResult("domain_leakage", True, "error", f"no test image is in another set ({names})")
+    shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+    return CheckResult("domain_leakage", False, "error",
+                       f"{len(found)} test image(s) also in a set that trains or adapts: {shown}", files=files)

@@ -18,9 +18,15 @@ import pandas as pd
 
 from tlops.config.settings import ADAPTATION_STRATEGIES, Config
 from tlops.data.discovery import class_names
-from tlops.data.target import LABELLED, TARGET, build_target_manifest, labelled
+from tlops.data.target import (
+    LABELLED,
+    TARGET,
+    build_target_manifest,
+    check_target_classes,
+    cross_domain_leakage,
+    labelled,
+)
 from tlops.data.validation import CheckResult, ValidationReport
-from tlops.training.adaptation import check_target_classes, cross_domain_leakage
 
 log = logging.getLogger(__name__)
 
