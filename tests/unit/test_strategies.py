@@ -213,7 +213,7 @@ def test_epochs_default_by_strategy_and_a_bad_strategy_is_named() -> None:
     assert TrainConfig(strategy="full", epochs=3).epochs == 3
     assert load_config(overrides=["train.strategy=gradual"]).train.epochs == 10
     with pytest.raises(TlopsError, match="field train.strategy: Input should be 'linear-probe', 'partial', 'full', "
-                                         "'gradual', 'scratch' or 'auto'"):
+                                         "'gradual', 'scratch', 'adabn', 'self-training', 'mcc' or 'auto'"):
         load_config(overrides=["train.strategy=bogus"])
 
 
