@@ -211,7 +211,7 @@ def _run(data_uri: str, cfg: Config, verbose: bool, containers: Containers | Non
     if containers is not None:
         return _run_steps(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
     # Started first, so that it imports what the steps need while this process imports kfp and builds the DAG.
-    with stepserver.running(log=log_path.with_name(f"{log_path.stem}-stepserver.log")) as server, \
+    with stepserver.running(log=log_path.with_name(f"stepserver-{stamp}.log")) as server, \
             _steps_through(server):
         return _run_steps(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
 

@@ -91,6 +91,9 @@ def test_no_credential_reaches_the_store_artifacts_or_logs(two_runs: dict) -> No
     work = two_runs["cwd"] / ".tlops"
     files = [p for p in work.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".log" for p in files)
+    # One run log per run: what people (and the container tests) list as runs; the step server's is apart.
+    assert len(list((work / "logs").glob("run-*.log"))) == 2
+    assert len(list((work / "logs").glob("stepserver-*.log"))) == 2
     leaked = [str(p) for p in files if CANARY.encode() in p.read_bytes()]
     assert leaked == []
     for run in (two_runs["first"], two_runs["second"]):
