@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import http.client
 import json
 import os
 import re
@@ -71,25 +70,16 @@ def build_demo_model(work: Path) -> tuple[str, str, list[bytes]]:
 
 
 def start_server(model_uri: str, env: dict[str, str], log_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    from tests.conftest import free_port
+    from tests.conftest import free_port, wait_until_up
 
     port = free_port()
     log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
     proc = subprocess.Popen([sys.executable, "-m", "tlops", "serve", "--model", model_uri, "--port", str(port),
                              "--poll-s", "0", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/ping")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"tlops serve did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.5)
+    if not wait_until_up(f"http://127.0.0.1:{port}/ping", proc, 180):
+        proc.kill()
+        raise SystemExit(f"tlops serve did not start: {log_path.read_text()[-2000:]}")
+    return proc, port
 
 
 def cpu_seconds(pid: int) -> float:

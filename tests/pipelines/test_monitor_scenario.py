@@ -28,7 +28,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import free_port, run_cli
+from tests.conftest import free_port, run_cli, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -80,17 +79,7 @@ def _serving(cfg: Path, cwd: Path, log_uri: Path) -> Iterator[int]:
                                    str(log_uri), "--set", "monitoring.log_images=true"],
                                   cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                    conn.request("GET", "/ping")
-                    if conn.getresponse().status == 200:
-                        break
-                except OSError:
-                    pass
-                assert server.poll() is None and time.monotonic() < deadline, out.read_text()
-                time.sleep(0.5)
+            assert wait_until_up(f"http://127.0.0.1:{port}/ping", server, 300), out.read_text()
             yield port
         finally:
             server.send_signal(signal.SIGTERM)
