@@ -805,30 +805,19 @@ def skip_step(plan_path: str, decision_path: str) -> str:
 
 def _accuracy_of_dir(model_dir: str, rows: Any) -> float:
     """Accuracy of the model files in ``model_dir`` on ``rows`` (with ``path``), through its own preprocessing."""
-    import torch
-
-    from tlops.serving.pyfunc import load_model_dir
-    from tlops.vision.preprocessing import build_transform
+    from tlops.serving.pyfunc import Predictor, load_model_dir
 
     model, spec, classes = load_model_dir(model_dir)
-    transform = build_transform(spec)
+    proba = Predictor(model, spec, classes, batch_size=64).predict_proba([Path(p).read_bytes() for p in rows["path"]])
     labels = [str(x) for x in rows["label"]]
-    paths = list(rows["path"])
-    right = 0
-    with torch.inference_mode():
-        for start in range(0, len(paths), 64):
-            x = torch.stack([transform(p) for p in paths[start : start + 64]])
-            pred = model(x).argmax(1).tolist()
-            right += sum(classes[p] == t for p, t in zip(pred, labels[start : start + 64], strict=True))
-    return right / max(len(paths), 1)
+    right = sum(classes[int(k)] == t for k, t in zip(proba.argmax(1), labels, strict=True))
+    return right / max(len(labels), 1)
 
 
 def _domains(model_uri: str, cfg: Config, champion: Any, features: Any, target_rows: Any, source_rows: Any,
              result: dict[str, Any], reference_dir: str) -> dict[str, Any]:
     """Both test splits' figures: target (from ``result``) and source (scored now), for the candidate, the champion
     and the source-only model the adaptation started from (when ``reference_dir`` holds it)."""
-    from pathlib import Path as _Path
-
     from tlops.evaluation import evaluate as evaluation
 
     images = evaluation.read_images(list(source_rows["path"]))
@@ -845,7 +834,7 @@ def _domains(model_uri: str, cfg: Config, champion: Any, features: Any, target_r
         "source": {"candidate": brief(src["candidate"]), **({"champion": brief(src["champion"])}
                                                              if "champion" in src else {})},
     }
-    if reference_dir and (_Path(reference_dir) / "model.json").is_file():
+    if reference_dir and (Path(reference_dir) / "model.json").is_file():
         out["target"]["source_only"] = {"accuracy": _accuracy_of_dir(reference_dir, target_rows),
                                         "n": len(target_rows)}
         out["source"]["source_only"] = {"accuracy": _accuracy_of_dir(reference_dir, source_rows),
