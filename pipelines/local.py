@@ -186,34 +186,108 @@ def _failure(error_file: str, log_path: Path) -> TlopsError | None:
     return GateFailed(message) if failure["exit_code"] == 1 else TlopsError(message)
 
 
-def run_local(data_uri: str, cfg: Config, verbose: bool = False,
-              containers: Containers | None = None) -> dict[str, Any]:
-    """Run the whole pipeline; returns the gate's summary, or raises TlopsError naming the failed step."""
+@dataclass
+class Launch:
+    """What a run has before its pipeline starts: its stamp, its log and, for steps run as subprocesses here, the
+    step server's socket (None when turned off or when the steps run in containers)."""
+
+    workdir: Path
+    stamp: str
+    log_path: Path
+    server: str | None = None
+    store: _NewStore | None = None
+
+    def ready(self) -> None:
+        """Before the first step: the new store made ahead (if any) is in place."""
+        if self.store is not None:
+            self.store.finish()
+            self.store = None
+
+
+class _NewStore:
+    """A new SQLite tracking store made ahead, in a process of its own, while the step server imports: MLflow
+    creates a store by running every schema migration (2-3 s here), which the first step would otherwise pay.
+    It is made under a temporary name and linked into place only when complete (never over a store that appeared
+    meanwhile), so an interrupted launch leaves no half-made store; if anything fails, the steps make it as
+    before and say what is wrong."""
+
+    def __init__(self, cfg: Config, db: Path, log: Path) -> None:
+        import subprocess
+
+        self.db = db
+        self.tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
+        ahead = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{self.tmp}"})})
+        with open(log, "ab") as err:
+            # A session of its own: Ctrl-C in the terminal does not cut a migration short.
+            self.proc = subprocess.Popen([sys.executable, "-m", "tlops.tracking", "setup"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.write(ahead.to_json().encode())
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+
+    @staticmethod
+    def start(cfg: Config, log: Path) -> _NewStore | None:
+        from tlops import tracking
+
+        uri = tracking.resolve_tracking_uri(cfg)
+        if not uri.startswith("sqlite:///"):
+            return None
+        db = Path(uri[len("sqlite:///"):])
+        if db.exists() or not db.parent.is_dir():
+            return None
+        return _NewStore(cfg, db, log)
+
+    def finish(self) -> None:
+        try:
+            if self.proc.wait() == 0:
+                with contextlib.suppress(OSError):  # FileExistsError: a store appeared meanwhile, which wins
+                    os.link(self.tmp, self.db)
+        finally:
+            for leftover in (self.tmp, self.tmp.with_name(self.tmp.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def launched(cfg: Config, containers: Containers | None = None) -> Iterator[Launch]:
+    """A run's stamp and log, and its step server started at once: enter it first (``tlops run`` does, before its
+    checks, its imports of kfp and the DAG) so that the server imports what the steps need meanwhile."""
     workdir = Path(cfg.workdir).resolve()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log_path = workdir / "logs" / f"run-{stamp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    pipeline_root = workdir / "pipeline_root"
+    if containers is not None:  # every step its own container of the image: nothing to start here
+        yield Launch(workdir, stamp, log_path)
+        return
+    server_log = log_path.with_name(f"stepserver-{stamp}.log")
+    with stepserver.running(log=server_log) as server:
+        launch = Launch(workdir, stamp, log_path, server, _NewStore.start(cfg, server_log))
+        try:
+            yield launch
+        finally:
+            launch.ready()
+
+
+def run_local(data_uri: str, cfg: Config, verbose: bool = False,
+              containers: Containers | None = None, launch: Launch | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; returns the gate's summary, or raises TlopsError naming the failed step.
+    ``launch``: from ``launched`` when the caller started the run's server before its own work."""
+    if launch is None:
+        with launched(cfg, containers) as launch:
+            return run_local(data_uri, cfg, verbose, containers, launch)
+    pipeline_root = launch.workdir / "pipeline_root"
     # The steps say how far they are as structured lines, which the view draws (tlops.progress).
     old_progress = os.environ.get(progress.ENV)
     os.environ[progress.ENV] = "json"
     try:
-        return _run(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
+        with _steps_through(launch.server):
+            return _run_steps(data_uri, cfg, verbose, containers, launch, pipeline_root)
     finally:
         if old_progress is None:
             os.environ.pop(progress.ENV, None)
         else:
             os.environ[progress.ENV] = old_progress
-
-
-def _run(data_uri: str, cfg: Config, verbose: bool, containers: Containers | None, workdir: Path, stamp: str,
-         log_path: Path, pipeline_root: Path) -> dict[str, Any]:
-    if containers is not None:
-        return _run_steps(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
-    # Started first, so that it imports what the steps need while this process imports kfp and builds the DAG.
-    with stepserver.running(log=log_path.with_name(f"stepserver-{stamp}.log")) as server, \
-            _steps_through(server):
-        return _run_steps(data_uri, cfg, verbose, containers, workdir, stamp, log_path, pipeline_root)
 
 
 @contextlib.contextmanager
@@ -237,12 +311,13 @@ def _steps_through(server: str | None) -> Iterator[None]:
         handler.run_local_subprocess = original
 
 
-def _run_steps(data_uri: str, cfg: Config, verbose: bool, containers: Containers | None, workdir: Path,
-               stamp: str, log_path: Path, pipeline_root: Path) -> dict[str, Any]:
+def _run_steps(data_uri: str, cfg: Config, verbose: bool, containers: Containers | None, launch: Launch,
+               pipeline_root: Path) -> dict[str, Any]:
     from kfp import local
 
     from pipelines.transfer_learning import transfer_learning_pipeline
 
+    workdir, stamp, log_path = launch.workdir, launch.stamp, launch.log_path
     # Resource requests and limits are the cluster's business; kfp.local says so once per step.
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     if containers is None:
@@ -262,6 +337,7 @@ def _run_steps(data_uri: str, cfg: Config, verbose: bool, containers: Containers
                    pipeline_root=str(pipeline_root))
         pipeline = _compiled(cfg, containers, workdir / f"pipeline-{stamp}.yaml")
         config_json = cfg.model_copy(update={"workdir": CONTAINER_WORKDIR}).to_json()
+    launch.ready()
     old = os.environ.get(ERROR_FILE_ENV)
     os.environ[ERROR_FILE_ENV] = error_file
     terminal = sys.stdout

@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ENV = "TLOPS_STEP_SERVER"
-PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"  # 0: import nothing ahead (tests of the mechanism itself)
+# 0: import nothing ahead; MOD,MOD...: those modules as one stage (tests of the mechanism itself); else the stages.
+PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # Imported in two stages: a step that asks before a stage is done waits for it (it would import the same modules
 # itself, on the same cores), so the first step (validate: MLflow, pandas, GX) starts after the first stage and
 # runs while the server imports torch and timm for the others.
@@ -203,8 +204,10 @@ def serve(path: str) -> None:
     """Import the stages, serving requests between them, until stdin (the launcher's pipe) closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the steps and the launcher, which end us
     server = Server(path)
-    preload = os.environ.get(PRELOAD_ENV, "1") != "0"
-    for stage in STAGES if preload else ():
+    setting = os.environ.get(PRELOAD_ENV, "1")
+    preload = setting != "0"
+    stages = STAGES if setting in ("", "1") else (tuple(setting.split(",")),) if preload else ()
+    for stage in stages:
         for name in stage:
             try:
                 importlib.import_module(name)
@@ -212,7 +215,7 @@ def serve(path: str) -> None:
                 sys.stderr.write(f"tlops step server: importing {name} failed: {exc}\n")
         if server.poll(0, 0) is False:
             return
-    for module, function in WARM if preload else ():
+    for module, function in WARM if stages is STAGES else ():
         try:
             getattr(importlib.import_module(module), function)()
         except Exception as exc:  # an MLflow without it: the steps do it themselves
@@ -236,10 +239,14 @@ def running(python: str = sys.executable, log: str | Path | None = None) -> Iter
     path = str(Path(tmp) / "steps.sock")
     proc = None
     err = open(log, "ab") if log is not None else None  # noqa: SIM115 - the server writes to it until it ends
+    failed = False
     try:
         proc = subprocess.Popen([python, "-m", "pipelines.stepserver", "serve", path], stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=err, cwd=str(Path(__file__).resolve().parents[1]))
         yield path
+    except BaseException:
+        failed = True
+        raise
     finally:
         if err is not None:
             err.close()
@@ -247,7 +254,9 @@ def running(python: str = sys.executable, log: str | Path | None = None) -> Iter
             if proc.stdin is not None:
                 proc.stdin.close()
             try:
-                proc.wait(timeout=30)
+                # The block failed (a bad input found before any step, Ctrl-C): no step is left to wait for, and
+                # the server may be in the middle of an import stage, which it would finish before it listens.
+                proc.wait(timeout=0 if failed else 30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

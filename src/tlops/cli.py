@@ -97,9 +97,10 @@ def preflight(data_uri: str, backbone: str) -> str:
     """Cheap checks before any step starts: a bad input fails in a second, with one line."""
     from tlops.data import discovery as data
     from tlops.data import storage
-    from tlops.vision import backbones
 
-    if backbone != "auto":  # auto: the validate step picks among selection.candidates
+    if backbone not in (*BACKBONES, "auto"):  # auto: the validate step picks among selection.candidates
+        from tlops.vision import backbones  # torch: only for a checkpoint's own description or to name the choices
+
         backbones.get_info(backbone)
     if storage.is_s3(data_uri):
         objects = storage.list_s3(data_uri)
@@ -219,29 +220,32 @@ def run(
         "(repeatable).")] = None,
 ) -> None:
     """Run the whole pipeline locally (kfp.local) and print a summary."""
-    from pipelines.local import Containers, run_local
+    t0 = time.perf_counter()
+    from pipelines.local import Containers, launched, run_local
     from tlops import tracking
 
     cfg = _config(config, set_, **{"data.uri": data, "backbone": backbone, "registry.model_name": model_name,
                                    "train.strategy": strategy, "train.epochs": epochs,
                                    "gate.min_accuracy": min_accuracy})
     _writable_dir(Path(cfg.workdir), "workdir")
-    found = preflight(cfg.data.uri, cfg.backbone)
     if image and not (tracking.env_uri_set() or cfg.tracking.uri):
         raise TlopsError("--image: steps in containers need a tracking server: set MLFLOW_TRACKING_URI to its "
                          "http:// URL")
-    if not cfg.tracking.uri and not tracking.env_uri_set():
-        # Freeze the embedded default so every step (a subprocess) uses the same store.
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
-            update={"uri": tracking.resolve_tracking_uri(cfg)})})
-    data_uri = cfg.data.uri if "://" in cfg.data.uri else str(Path(cfg.data.uri).resolve())
-    typer.echo(f"tlops: {data_uri} ({found}), backbone {cfg.backbone}, model {cfg.registry.model_name}")
-    t0 = time.perf_counter()
     containers = None
     if image:
         containers = Containers(image=image, network=network, hosts=_pairs(add_host, ":", "--add-host", "NAME:ADDRESS"),
                                 env=_pairs(step_env, "=", "--step-env", "KEY=VALUE"))
-    summary = run_local(data_uri, cfg, verbose=verbose, containers=containers)
+    # The step server starts first and imports what the steps need while this process checks the input, imports
+    # kfp and builds the DAG (a bad input stops it at once).
+    with launched(cfg, containers) as launch:
+        found = preflight(cfg.data.uri, cfg.backbone)
+        if not cfg.tracking.uri and not tracking.env_uri_set():
+            # Freeze the embedded default so every step (a subprocess) uses the same store.
+            cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+                update={"uri": tracking.resolve_tracking_uri(cfg)})})
+        data_uri = cfg.data.uri if "://" in cfg.data.uri else str(Path(cfg.data.uri).resolve())
+        typer.echo(f"tlops: {data_uri} ({found}), backbone {cfg.backbone}, model {cfg.registry.model_name}")
+        summary = run_local(data_uri, cfg, verbose=verbose, containers=containers, launch=launch)
     typer.echo(format_summary(summary, time.perf_counter() - t0))
     if fail_on_reject and summary.get("decision") == "reject":
         typer.echo(f"error: gate: {summary['model_name']} version {summary['model_version']} rejected "

@@ -321,3 +321,22 @@ def system_metrics(run_id: str, interval_s: float = 5.0) -> Iterator[None]:
             except Exception as exc:
                 log.warning("system metrics: the last sample was not recorded (%s)",
                             str(exc).splitlines()[0][:200])
+
+
+def main(argv: list[str]) -> int:
+    """``python -m tlops.tracking setup < CONFIG_JSON``: make the store and the run's experiment, as a step's
+    ``setup`` does. ``tlops run`` has a new SQLite store made this way while its step server imports, so that the
+    first step does not spend seconds creating the tables."""
+    import sys
+
+    if argv != ["setup"]:
+        sys.stderr.write("usage: python -m tlops.tracking setup < CONFIG_JSON\n")
+        return 2
+    setup(Config.from_json(sys.stdin.read()))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
