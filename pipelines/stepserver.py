@@ -7,6 +7,10 @@ Why: on the demo every step's process spent 2-5 s (quiet machine) importing the 
 line of work, five times a run; timm alone pulls torchvision, which pulls ``torch._dynamo``, sympy and triton.
 The child of a fork has them already: only pages of memory are copied, and only when written.
 
+Two servers, after the imports every step needs (``COMMON``): the first goes on to import what the steps without
+torch need (validate, gate, skip) and serves them, a fork of it imports torch, timm and the rest for the other
+steps, on its own socket; on two cores both import at once. Each step is routed by kfp's function name.
+
 What a step sees is what it saw before: a new process (its own pid, a fresh ``__main__``, ``sys.argv``, the
 environment and working directory kfp.local gives it), nothing of another step's (each child is forked from the
 server, which only imports: it opens no file, store or connection and runs no torch op, so no thread pool exists
@@ -38,18 +42,23 @@ from pathlib import Path
 ENV = "TLOPS_STEP_SERVER"
 # 0: import nothing ahead; MOD,MOD...: those modules as one stage (tests of the mechanism itself); else the stages.
 PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
-# Imported in two stages: a step that asks before a stage is done waits for it (it would import the same modules
-# itself, on the same cores), so the first step (validate: MLflow, pandas, GX) starts after the first stage and
-# runs while the server imports torch and timm for the others.
-STAGES: tuple[tuple[str, ...], ...] = (
-    ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
-     "pandas", "great_expectations", "tlops.data.validation", "tlops.selection.planner", "tlops.tracking"),
-    ("torch", "timm", "torchvision", "mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.parity",
-     "tlops.vision.features", "tlops.training.finetune",
-     "tlops.serving.pyfunc", "sklearn.linear_model", "matplotlib.pyplot", "tlops.training.curves",
-     "tlops.evaluation.evaluate", "tlops.evaluation.report", "tlops.monitoring.reference", "tlops.registry",
-     "tlops.serving.compress.step"),
-)
+# What every step imports, loaded first. Then the server splits in two (a fork: both share what was loaded): the
+# first imports what the steps without torch need (validate, gate, skip: GX, pandas, the registry's store,
+# matplotlib) and serves them, the second imports torch, timm and the rest for the other steps. On two cores the
+# two imports run side by side, so the first step starts after COMMON + LIGHT and the parity step finds torch
+# loaded. A step that asks before its server is ready waits (it would import the same modules itself, on the
+# same cores).
+COMMON = ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
+          "tlops.tracking", "tlops.config.plan")
+LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
+         "mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
+         "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
+HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target",
+         "mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.parity", "tlops.vision.features",
+         "tlops.training.finetune", "tlops.serving.pyfunc", "sklearn.linear_model", "matplotlib.pyplot",
+         "tlops.training.curves", "tlops.evaluation.evaluate", "tlops.evaluation.report",
+         "tlops.monitoring.reference", "tlops.registry", "tlops.serving.compress.step")
+LIGHT_STEPS = frozenset({"validate", "gate", "skip"})  # kfp's --function_to_execute of the steps without torch
 # Work done once in the server that every step would otherwise repeat: MLflow's map of the installed packages
 # (built on the first pyfunc load, to compare a model's requirements with this environment: 1-4 s).
 WARM = (("mlflow.utils.requirements_utils", "_init_packages_to_modules_map"),)
@@ -136,6 +145,7 @@ class Server:
         self.listener.listen(16)
         self.children: dict[int, socket.socket] = {}
         self.exited: dict[int, int] = {}  # reaped before _fork had recorded them
+        self.helper: int | None = None  # the second server's pid, in the first
         # A step that ends is reported at once, even while the server imports the next stage (a signal handler
         # runs between the import's bytecodes): the next step starts when the last one has ended.
         signal.signal(signal.SIGCHLD, lambda _sig, _frame: self._reap())
@@ -200,30 +210,66 @@ class Server:
         return True
 
 
+def heavy_socket(path: str) -> str:
+    """The socket of the server of the steps that use torch, beside the first one's."""
+    return str(Path(path).with_name("torch-" + Path(path).name))
+
+
+def _imported(server: Server | None, modules: tuple[str, ...]) -> bool:
+    """Import ``modules``, then serve what waits (with a server); False once the launcher has gone."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a step that needs it will fail the same way in its own process, and say so
+            sys.stderr.write(f"tlops step server: importing {name} failed: {exc}\n")
+    return server is None or server.poll(0, 0) is not False
+
+
+def _split(server: Server, path: str) -> tuple[Server, tuple[str, ...]]:
+    """Fork the second server: in the child, the server of the torch steps (on its own socket) and what it
+    imports; in the parent, this one and what it imports."""
+    heavy = heavy_socket(path)
+    try:
+        pid = os.fork()
+    except OSError as exc:  # one server for every step, as before the split
+        sys.stderr.write(f"tlops step server: no second server ({exc}); one serves every step\n")
+        return server, (*LIGHT, *HEAVY)
+    if pid == 0:
+        server.listener.close()
+        server.children.clear()
+        with contextlib.suppress(Exception):  # Linux: end with the first server if it is killed
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return Server(heavy), HEAVY
+    server.helper = pid
+    return server, LIGHT
+
+
 def serve(path: str) -> None:
     """Import the stages, serving requests between them, until stdin (the launcher's pipe) closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the steps and the launcher, which end us
     server = Server(path)
     setting = os.environ.get(PRELOAD_ENV, "1")
-    preload = setting != "0"
-    stages = STAGES if setting in ("", "1") else (tuple(setting.split(",")),) if preload else ()
-    for stage in stages:
-        for name in stage:
-            try:
-                importlib.import_module(name)
-            except Exception as exc:  # a step that needs it will fail the same way in its own process, and say so
-                sys.stderr.write(f"tlops step server: importing {name} failed: {exc}\n")
-        if server.poll(0, 0) is False:
+    full = setting in ("", "1")
+    if setting != "0":
+        # Nothing is served before the split: a step forked now would lack what its server imports next.
+        if not _imported(None if full else server, COMMON if full else tuple(setting.split(","))):
             return
-    for module, function in WARM if stages is STAGES else ():
-        try:
-            getattr(importlib.import_module(module), function)()
-        except Exception as exc:  # an MLflow without it: the steps do it themselves
-            sys.stderr.write(f"tlops step server: {module}.{function} failed: {exc}\n")
+        if full:
+            server, rest = _split(server, path)
+            if not _imported(server, rest):
+                return
+            if server.helper is None:  # the torch steps' server (or the only one): warmed for them
+                for module, function in WARM:
+                    try:
+                        getattr(importlib.import_module(module), function)()
+                    except Exception as exc:  # an MLflow without it: the steps do it themselves
+                        sys.stderr.write(f"tlops step server: {module}.{function} failed: {exc}\n")
     while server.poll(1.0, 0):
         pass
-    # The launcher is gone: let running steps finish and report, then leave.
-    while server.children:
+    # The launcher is gone: let running steps (and the second server) finish and report, then leave.
+    while server.children or (server.helper is not None and server.helper not in server.exited):
         server.poll(0.2, None)
 
 
@@ -260,14 +306,21 @@ def running(python: str = sys.executable, log: str | Path | None = None) -> Iter
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        for sock in (path, heavy_socket(path)):
+            with contextlib.suppress(OSError):
+                os.unlink(sock)
         with contextlib.suppress(OSError):
             os.rmdir(tmp)
 
 
 def route_command(full_command: list[str], path: str, python: str = sys.executable) -> list[str]:
-    """kfp.local's command for a step with ``python -m kfp.dsl.executor_main`` sent through the server."""
+    """kfp.local's command for a step with ``python -m kfp.dsl.executor_main`` sent through the server: the first
+    one for the steps without torch, the second (when there is one) for the others."""
+    function = next((b for a, b in zip(full_command, full_command[1:], strict=False)
+                     if a == "--function_to_execute"), None)
+    heavy = heavy_socket(path)
+    if function not in LIGHT_STEPS and os.path.exists(heavy):
+        path = heavy
     old = f"{python} -m kfp.dsl.executor_main"
     new = f"{python} -m pipelines.stepserver {path} kfp.dsl.executor_main"
     return [part.replace(old, new) for part in full_command]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,40 @@ def test_turned_off_there_is_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(stepserver.ENV, "0")
     with stepserver.running() as path:
         assert path is None
+
+
+PROBE = """
+import sys
+import time
+print("torch", "torch" in sys.modules, "gx", "great_expectations" in sys.modules)
+"""
+
+
+def test_the_torch_steps_have_a_server_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the imports every step needs, the server splits: validate, gate and skip are forked from a server
+    with GX and no torch, the other steps from one with torch loaded, each routed by kfp's function name."""
+    (tmp_path / "probe_module.py").write_text(PROBE)
+    (tmp_path / "work").mkdir()
+    monkeypatch.delenv(stepserver.PRELOAD_ENV, raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), str(REPO / "src"), *sys.path]))
+    env = {**os.environ}
+
+    def kfp_command(function: str) -> list[str]:
+        return ["sh", "-c", f"{sys.executable} -m kfp.dsl.executor_main \"$@\"", "--", "--executor_input", "{}",
+                "--function_to_execute", function]
+
+    with stepserver.running() as path:
+        assert path is not None
+        heavy = stepserver.heavy_socket(path)
+        assert stepserver.route_command(kfp_command("parity"), path)[2].split()[3] == path  # no second one yet
+        deadline = time.monotonic() + 120
+        while not os.path.exists(heavy) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seen = {}
+        for function in ("validate", "parity", "gate", "fine_tune"):
+            routed = stepserver.route_command(kfp_command(function), path)[2].split()[3]
+            assert routed == (path if function in stepserver.LIGHT_STEPS else heavy)
+            seen[function] = _run([sys.executable, "-m", "pipelines.stepserver", routed, "probe_module"], tmp_path,
+                                  env).stdout.strip()
+    assert seen["validate"] == seen["gate"] == "torch False gx True"
+    assert seen["parity"] == seen["fine_tune"] == "torch True gx False"
