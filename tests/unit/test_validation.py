@@ -260,9 +260,12 @@ def test_outputs_gx_result_data_docs_and_summaries(clean: Path, tmp_path: Path) 
     df, report = run(clean, docs_dir=tmp_path / "docs")
     paths = write_outputs(tmp_path / "out", df, report)
     index = (tmp_path / "docs" / "index.html").read_text()
-    assert "tlops_files" in index
     pages = list((tmp_path / "docs" / "validations").rglob("*.html"))
     assert len(pages) == 3  # files, class counts, splits
+    suites = sorted(p.stem for p in (tmp_path / "docs" / "expectations").glob("*.html"))
+    assert suites == ["tlops_class_counts", "tlops_files", "tlops_splits"]
+    for page in pages:  # one site built once links every table's page
+        assert str(page.relative_to(tmp_path / "docs")) in index
     gx = paths["gx_result"].read_text()
     assert '"critical"' in gx and '"check": "decodable"' in gx
     assert "FAIL | decodable" in paths["summary"].read_text()
