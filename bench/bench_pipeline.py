@@ -12,8 +12,9 @@ The floor is measured in the same run, before and after, in a fresh process:
 the imports of every library the steps use (kfp, MLflow with its SQL store, pandas, Great Expectations, torch,
 timm, scikit-learn, matplotlib; the time of the first five alone is printed too), loading Lite0 with its ImageNet
 weights, and one feature pass over every image at the demo's 96 px. A cold run is held against imports + load +
-pass, a warm one (features from the cache) against imports + load. Prints the per-step seconds of each run (from the run's
-summary) and the ratios to the floor.
+pass, a warm one (features from the cache) against imports + load. Prints the per-step seconds of each run (from
+the run's summary) and the ratios to the floor. ``--cold-rounds N`` makes N cold runs (fresh work directories),
+with ``--before`` side by side with the earlier code's.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-cold", action="store_true", help="warm the work directory with an untimed first run")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of one warm run with, one without the fast "
                         "paths")
+    parser.add_argument("--cold-rounds", type=int, default=1, help="cold runs, each in a fresh work directory; "
+                        "with --before, that many rounds of a cold run of each code side by side")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         subprocess.run([sys.executable, "-m", "tlops", "demo-data", str(args.data)], env=env(), check=True)
@@ -138,6 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cold: {runs['cold'][0]}", flush=True)
     if args.no_cold:
         runs["cold"] = []
+    cold_before = f"cold, the code of {args.before}"
+    if args.before:
+        runs[cold_before] = []
+    for i in range(1, args.cold_rounds):  # more cold runs (and the earlier code's beside them), order alternating
+        kinds = ["cold", cold_before] if args.before else ["cold"]
+        for kind in kinds if i % 2 else kinds[::-1]:
+            got = tlops_run(args.data, work / f"cold-{i}-{len(runs[kind])}-{kind == 'cold'}", [],
+                            code=REPO if kind == "cold" else args.before)
+            runs[kind].append(got)
+            print(f"{kind}: {got}", flush=True)
     # Side by side: in each round a warm run with the fast paths and one without (the order alternating).
     fast = "warm"
     slow = f"warm, the code of {args.before}" if args.before else "warm, fast paths off"
@@ -176,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     if floors:
         print("| ÷ (imports + load + pass) | " + " | ".join(f"{walls[k] / floor_cold:.2f}×" for k in kinds) + " |")
         print("| ÷ (imports + load) | " + " | ".join(f"{walls[k] / floor_warm:.2f}×" for k in kinds) + " |")
+    if runs.get(cold_before) and len(runs["cold"]) > 1:
+        pairs = list(zip(runs["cold"][1:], runs[cold_before], strict=False))
+        print(f"\n{cold_before} against this code's cold runs, medians of the per-round ratios: wall "
+              f"{statistics.median(b['wall'] / a['wall'] for a, b in pairs):.2f}x, CPU "
+              f"{statistics.median(b['cpu'] / a['cpu'] for a, b in pairs):.2f}x")
     if runs[fast] and runs[slow]:
         wall_ratio = statistics.median(s_["wall"] / f_["wall"] for f_, s_ in zip(runs[fast], runs[slow], strict=False))
         cpu_ratio = statistics.median(s_["cpu"] / f_["cpu"] for f_, s_ in zip(runs[fast], runs[slow], strict=False))
