@@ -196,11 +196,19 @@ class Launch:
     log_path: Path
     server: str | None = None
     store: _NewStore | None = None
+    started: bool = False  # the pipeline was started
 
     def ready(self) -> None:
         """Before the first step: the new store made ahead (if any) is in place."""
+        self.started = True
         if self.store is not None:
             self.store.finish()
+            self.store = None
+
+    def abandon(self) -> None:
+        """The launch failed: the store being made is dropped, not waited for."""
+        if self.store is not None:
+            self.store.drop()
             self.store = None
 
 
@@ -218,9 +226,8 @@ class _NewStore:
         self.tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
         ahead = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{self.tmp}"})})
         with open(log, "ab") as err:
-            # A session of its own: Ctrl-C in the terminal does not cut a migration short.
             self.proc = subprocess.Popen([sys.executable, "-m", "tlops.tracking", "setup"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                                         stdout=subprocess.DEVNULL, stderr=err)
         assert self.proc.stdin is not None
         with contextlib.suppress(OSError):
             self.proc.stdin.write(ahead.to_json().encode())
@@ -239,14 +246,22 @@ class _NewStore:
             return None
         return _NewStore(cfg, db, log)
 
+    def drop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._clean()
+
+    def _clean(self) -> None:
+        for leftover in (self.tmp, self.tmp.with_name(self.tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+
     def finish(self) -> None:
         try:
             if self.proc.wait() == 0:
                 with contextlib.suppress(OSError):  # FileExistsError: a store appeared meanwhile, which wins
                     os.link(self.tmp, self.db)
         finally:
-            for leftover in (self.tmp, self.tmp.with_name(self.tmp.name + "-journal")):
-                leftover.unlink(missing_ok=True)
+            self._clean()
 
 
 @contextlib.contextmanager
@@ -265,8 +280,12 @@ def launched(cfg: Config, containers: Containers | None = None) -> Iterator[Laun
         launch = Launch(workdir, stamp, log_path, server, _NewStore.start(cfg, server_log))
         try:
             yield launch
-        finally:
-            launch.ready()
+        except BaseException:
+            launch.abandon()
+            if not launch.started:  # a bad input before any step: no log of a run that never started
+                server_log.unlink(missing_ok=True)
+            raise
+        launch.ready()
 
 
 def run_local(data_uri: str, cfg: Config, verbose: bool = False,

@@ -113,3 +113,17 @@ def test_a_step_body_is_profiled_on_request(tmp_path: Path, monkeypatch: pytest.
     assert probe_step() > 0
     stats = pstats.Stats(str(tmp_path / "prof" / "probe.prof"))
     assert any(func[2] == "busy_work" for func in stats.stats)  # type: ignore[attr-defined]
+
+
+def test_a_failed_launch_drops_the_store_being_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad input found before any step: nothing of the store is left, no step-server log, and no wait."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _cfg(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="bad input"), local.launched(cfg) as launch:
+        assert launch.store is not None
+        raise ValueError("bad input")
+    assert time.monotonic() - started < 10
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.iterdir()) == ["logs"]
+    assert list((work / "logs").iterdir()) == []
