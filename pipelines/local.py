@@ -284,6 +284,8 @@ def launched(cfg: Config, containers: Containers | None = None) -> Iterator[Laun
             launch.abandon()
             if not launch.started:  # a bad input before any step: no log of a run that never started
                 server_log.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # made for this launch, if nothing else is in it
+                    log_path.parent.rmdir()
             raise
         launch.ready()
 
