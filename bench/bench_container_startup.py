@@ -19,10 +19,17 @@ The container runs as the runner starts it (``pipelines/local.py``): read-only r
 here without a network (nothing is reached before the first line of work). Rounds interleave the images and the
 steps; medians of ``--rounds``. ``--profile`` adds one run per step and image under ``-X importtime`` and prints
 where the head's import time goes (self time summed by top-level package; that run is slower and not in the
-medians). The step's own log line ``step timing: start-up S`` measures the same span from the process's start.
+medians).
+
+``--pipeline N`` then runs the whole pipeline N times per image, interleaved: ``tlops run --image`` (kfp's DockerRunner
+on a podman API socket of its own) on tiny digits (3 classes x 30) in S3, against the stores in containers
+(infra/containers/stores.py, instance ``bench``; the container tests' config), and reads each step's own log line
+``step timing: start-up S, body B``: S is the process's start to the step's entry (kfp's executor and
+``tlops.steps``; the head's imports are in B). Slow (a minute or two a run on two cores) and noisy: B is mostly
+the step's work.
 
     python bench/bench_container_startup.py [--image localhost/tlops:0.1.0 --image localhost/tlops:new]
-        [--rounds 3] [--steps validate,gate] [--profile]
+        [--rounds 3] [--steps validate,gate] [--profile] [--pipeline 3]
 """
 
 from __future__ import annotations
@@ -149,6 +156,61 @@ def bytecode_missing(image: str) -> str:
     return proc.stdout.strip() or proc.stderr.strip()[-300:]
 
 
+def pipeline_rounds(images: list[str], rounds: int) -> dict[str, list[dict]]:
+    """``rounds`` whole runs per image in containers; per image, each run's {step: (start-up, body)}, wall, load."""
+    sys.path.insert(0, str(REPO))
+    import boto3
+
+    from tests.conftest import write_config
+    from tests.containers.conftest import load_stores_module
+    from tests.containers.test_pipeline import TRAIN, container_args
+    from tlops.data.discovery import export_digits
+
+    stores_module = load_stores_module()
+    out: dict[str, list[dict]] = {image: [] for image in images}
+    with tempfile.TemporaryDirectory(prefix="tlops-bench-pipeline-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        sock = work / "podman.sock"
+        service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        state = work / "stores"
+        try:
+            stores = stores_module.up(image=images[-1], state_dir=state, timeout=600, instance="bench")
+            export_digits(work / "digits", classes=[0, 1, 7], per_class=30)
+            s3 = boto3.client("s3", endpoint_url=stores.s3_endpoint, aws_access_key_id=stores.aws_access_key_id,
+                              aws_secret_access_key=stores.aws_secret_access_key, region_name="us-east-1")
+            if stores.data_bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+                s3.create_bucket(Bucket=stores.data_bucket)
+            for path in sorted((work / "digits").rglob("*.png")):
+                s3.upload_file(str(path), stores.data_bucket, f"bench/{path.relative_to(work / 'digits').as_posix()}")
+            data = f"s3://{stores.data_bucket}/bench"
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+            env.update({**stores.host_env(), "DOCKER_HOST": f"unix://{sock}"})
+            for i, image in enumerate(images * rounds):
+                root = work / f"run{i}"
+                root.mkdir()
+                cfg = write_config(root / "config.yaml", root / ".tlops", registry__model_name=f"bench-start-{i}",
+                                   state_uri=f"{data}-state/{i}", **TRAIN)
+                started = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "tlops", "run", "--config", str(cfg), "--data", data,
+                                       *container_args(stores, image)], cwd=root, env=env, capture_output=True,
+                                      text=True, timeout=1800)
+                wall = time.perf_counter() - started
+                if proc.returncode != 0:
+                    raise SystemExit(f"tlops run --image {image} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                text = "\n".join(p.read_text() for p in sorted((root / ".tlops" / "logs").glob("*.log")))
+                steps = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
+                    r"([\w-]+): step timing: start-up ([\d.]+) s, body ([\d.]+) s", text)}
+                out[image].append({"steps": steps, "wall": wall, "load": os.getloadavg()[0]})
+                print(f"pipeline run {i + 1}: {image} {wall:.1f} s, load {os.getloadavg()[0]:.1f}: "
+                      + ", ".join(f"{n} {a:.2f}+{b:.2f}" for n, (a, b) in steps.items()), flush=True)
+        finally:
+            stores_module.down(state, volumes=True)
+            service.terminate()
+            service.wait(timeout=30)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", action="append", help="an image (repeat for side by side); default "
@@ -156,6 +218,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--profile", action="store_true", help="one more run per step under -X importtime")
+    parser.add_argument("--pipeline", type=int, default=0, metavar="N",
+                        help="also N whole `tlops run --image` per image against the stores in containers")
     args = parser.parse_args()
     images = args.image or ["localhost/tlops:0.1.0"]
     steps = [s.strip().replace("-", "_") for s in args.steps.split(",") if s.strip()]
@@ -211,6 +275,17 @@ def main() -> int:
         spent = run["kfp"] + run["steps"] + run["head"]
         print(f"\n{step} in {image} under -X importtime: kfp+steps+head {spent:.2f} s; self time by package: "
               + ", ".join(f"{name} {s:.2f}" for name, s in run["profile"]))
+    if args.pipeline:
+        print(f"\nwhole runs in containers, {args.pipeline} per image: each step's logged start-up (process start to "
+              "the step's entry), medians; a step whose line the run log lacks is left out of its median")
+        runs = pipeline_rounds(images, args.pipeline)
+        names = ("validate", "parity", "fine-tune", "evaluate", "compress", "gate")
+        for image in images:
+            medians = {n: statistics.median(r["steps"][n][0] for r in runs[image] if n in r["steps"])
+                       for n in names if any(n in r["steps"] for r in runs[image])}
+            wall = statistics.median(r["wall"] for r in runs[image])
+            print(f"{image:28s} " + ", ".join(f"{n} {v:.2f}" for n, v in medians.items())
+                  + f"; sum {sum(medians.values()):.2f} s; run {wall:.1f} s")
     return 0
 
 
