@@ -86,7 +86,8 @@ find "$root/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
 find "$root/usr/share/doc" -mindepth 1 -type d -empty -delete 2>/dev/null || true
 rm -rf "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/lintian
 find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 -not -name locale.alias -exec rm -rf {} + 2>/dev/null || true
-find "$root/usr/lib/python3"* -name __pycache__ -type d -prune -exec rm -rf {} + 2>/dev/null || true
+# The standard library's bytecode (Debian's py3compile wrote it at install) stays: containers run read-only, so
+# without it every Python process in them compiles json, logging, asyncio, email, ... again at each start.
 : >"$root/etc/machine-id"
 echo "tlops-base" >"$root/etc/hostname"
 

@@ -70,3 +70,48 @@ def test_build_time_package_sources_stay_out_of_the_image(run_in_image: Run, tlo
     user = subprocess.run(["podman", "image", "inspect", "--format", "{{.Config.User}}", tlops_image],
                           capture_output=True, text=True, timeout=60).stdout.strip()
     assert user == "10001:10001"
+
+
+# Every module the steps' start-up imports, and how to tell whether its bytecode in the image is the one Python
+# would use: a timestamp-based .pyc whose header names the source's mtime and size (what importlib checks).
+_BYTECODE_CHECK = r"""
+import importlib, importlib.util, os, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+missing, checked = [], 0
+for module in list(sys.modules.values()):
+    spec = getattr(module, "__spec__", None)
+    origin = getattr(spec, "origin", None) or ""
+    if not (spec is not None and spec.has_location and origin.endswith(".py")):
+        continue
+    checked += 1
+    try:
+        with open(importlib.util.cache_from_source(origin), "rb") as fh:
+            header = fh.read(16)
+    except OSError:
+        missing.append(origin)
+        continue
+    st = os.stat(origin)
+    flags = int.from_bytes(header[4:8], "little")
+    if flags == 0 and (int.from_bytes(header[8:12], "little") != int(st.st_mtime) & 0xFFFFFFFF
+                       or int.from_bytes(header[12:16], "little") != st.st_size & 0xFFFFFFFF):
+        missing.append(origin + " (stale)")
+print(checked)
+print("\n".join(missing))
+"""
+
+
+def test_every_module_a_step_starts_with_has_its_bytecode_in_the_image(run_in_image: Run) -> None:
+    """The steps run read-only as uid 10001 (PYTHONDONTWRITEBYTECODE=1): a module whose compiled bytecode the image
+    does not carry, or carries stale, is compiled again at every start of every step. The Dockerfile compiles the
+    interpreter's standard library, components/ and pipelines/ at build time (pip compiles site-packages); an image
+    built without that has none for the standard library (json, logging, asyncio, email, unittest, ...)."""
+    steps = ["kfp.dsl.executor_main", "mlflow", "tlops.steps", "tlops.data.validation", "tlops.evaluation.report",
+             "tlops.registry", "tlops.serving.compress.step", "tlops.vision.parity", "tlops.training.finetune"]
+    launch = ["tlops.cli", "components.steps", "pipelines.transfer_learning"]  # `tlops run`/`submit` in the image
+    for modules, env in ((steps, {"_KFP_RUNTIME": "true"}), (launch, {})):  # the steps' command sets _KFP_RUNTIME
+        proc = run_in_image("python", "-c", _BYTECODE_CHECK, *modules, env=env, network=False, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        checked, *missing = proc.stdout.strip().splitlines()
+        assert int(checked) > 1000, "the check must have seen the steps' imports"
+        assert missing == [], f"{len(missing)} of {checked} modules without up-to-date bytecode, e.g. {missing[:8]}"
