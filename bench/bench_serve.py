@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.before and not (args.before / "src" / "tlops").is_dir():
         raise SystemExit(f"--before {args.before}: no src/tlops there; extract a commit with "
                          "`git archive COMMIT | tar -x -C DIR`")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     print(machine())
     work = Path(tempfile.mkdtemp(prefix="tlops-bench-serve-"))
     if args.model:
