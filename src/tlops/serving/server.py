@@ -6,7 +6,8 @@ request and response shapes (``/invocations`` taking ``dataframe_split``, ``data
 or ``inputs``; ``{"predictions": [...]}`` back; ``/ping``, ``/health``, ``/version``), so MLflow and KServe
 clients work unchanged, and it answers a bad request with a 4xx and a message naming the instance and the fix.
 KServe v1 clients find the same under ``/v1/models/NAME:predict`` and ``/v1/models/NAME``.
-The model is the pyfunc itself (``mlflow.pyfunc.load_model``): served predictions are the evaluated ones.
+The model is the pyfunc itself (``mlflow.pyfunc.load_model``): served predictions are the evaluated ones (within
+1e-4: :func:`prepare_for_serving` folds its BatchNorm layers into the convolutions).
 
 Hostile clients (see :class:`ServeLimits`): silent and slow connections hold a socket, never a slot others need
 (uvicorn's ``limit_concurrency`` counted them, so 64 of them made every other client get 503); the work of each
