@@ -235,8 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         tracking, model_uri, images = build_demo_model(work)
     bodies = [json.dumps({"inputs": {"image": [base64.b64encode(im).decode()]}}).encode() for im in images]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    modes: dict[str, tuple[str, ...]] = {"off": ("--max-batch", "1", "--poll-s", "0", *args.off_args.split()),
-                                         "on": ("--poll-s", "0", *args.on_args.split())}
+    # Both with `tlops serve`'s default prediction log (10% of the images, with their embeddings), written under the
+    # work directory (removed at the end) rather than the current directory's .tlops.
+    logged = ("--poll-s", "0", "--log-uri", str(work / "prediction-log"))
+    modes: dict[str, tuple[str, ...]] = {"off": ("--max-batch", "1", *logged, *args.off_args.split()),
+                                         "on": (*logged, *args.on_args.split())}
     uris, envs = {"off": model_uri, "on": model_uri}, {"off": env, "on": env}
     if args.before:
         model_dir = work / "model"
