@@ -15,8 +15,9 @@ about ``2 x len(clients) x repeats x (duration + 1)`` seconds plus the set-up. N
 
 ``--before DIR``: a checkout of earlier tlops code (``git archive COMMIT | tar -x -C DIR``; the issue's server, one
 image at a time behind one lock, is ``87f0647^``) runs as a third server, its own ``tlops serve`` with
-``PYTHONPATH=DIR/src`` in the same environment, measured right after the other two in every repeat; it prints the
-ratios on/before as well. It serves the same weights: the model directory built here (state dict, preprocessing
+``PYTHONPATH=DIR/src`` in the same environment, measured beside the other two at every number of clients in every
+repeat (the three take turns going first; the bound above becomes ``3 x ...``); it prints the ratios on/before as
+well. It serves the same weights: the model directory built here (state dict, preprocessing
 record, ``model.json``: a format both codes read) is logged and registered by that code's own
 ``log_pyfunc_model``, so its server loads it with its own pyfunc; before measuring, both servers' answers to the
 same test digits are checked to agree (labels equal, probabilities within 1e-4).
