@@ -156,7 +156,9 @@ def test_served_predictions_equal_the_offline_evaluation(server: dict, images: d
         assert status == 200, (fmt, body)
         served = body["predictions"]
         assert [p["label"] for p in served] == offline.labels, fmt
-        np.testing.assert_allclose([p["probabilities"] for p in served], offline.proba, rtol=0, atol=1e-6)
+        # Within the serving parity tolerance: the server folds BatchNorm into the convolutions (float32 rounding,
+        # measured up to 1.1e-5 on the demo digits; the same labels above).
+        np.testing.assert_allclose([p["probabilities"] for p in served], offline.proba, rtol=0, atol=1e-4)
         assert all(abs(p["score"] - max(p["probabilities"])) < 1e-12 for p in served)
         if fmt in scoring_server.SUPPORTED_FORMATS:  # {"b64": ...} objects are not MLflow's
             mlflow_out = scoring_server.invocations(json.dumps(payload), "application/json", offline_model, schema)

@@ -1,7 +1,8 @@
 """Dynamic batching in `tlops serve`'s app, in process, on the real tiny model: concurrent requests share forward
 passes, each gets the answer it gets alone (batching off: the same labels, the probabilities within float32
-rounding), a bad request among them gets its 4xx and spoils no other, and a lone request never waits for the
-batch window."""
+rounding) and the answer of the model as logged (its own eager forward pass, before the server folded its
+BatchNorm layers: within 1e-4), a bad request among them gets its 4xx and spoils no other, and a lone request never
+waits for the batch window."""
 
 from __future__ import annotations
 
@@ -66,6 +67,15 @@ def test_batched_answers_equal_unbatched_ones_and_a_bad_request_spoils_no_other(
         np.testing.assert_allclose([p["probabilities"] for p in b["predictions"]],
                                    [p["probabilities"] for p in a["predictions"]], rtol=0, atol=1e-5)
         assert [p["score"] for p in b["predictions"]] == [max(p["probabilities"]) for p in b["predictions"]]
+    # The model as logged, unprepared (what `mlflow models serve` and the evaluation run): the same answers.
+    from tlops.serving.pyfunc import Predictor, load_model_dir
+
+    logged = Predictor(*load_model_dir(tiny_models["good"]))
+    for i, (_, b) in enumerate(together):
+        expected = logged.predict_proba(files[i : i + 1 + i % 3])
+        np.testing.assert_allclose([p["probabilities"] for p in b["predictions"]], expected, rtol=0, atol=1e-4)
+        assert [p["label"] for p in b["predictions"]] == [logged.classes[k] for k in expected.argmax(axis=1)]
+    assert not hasattr(logged, "_tlops_served")  # compared with the eager model, not a folded one
     assert on.pending == on.budget.held == on.slots.held == 0
 
 

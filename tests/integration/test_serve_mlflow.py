@@ -165,8 +165,9 @@ def test_mlflow_models_serve_without_tlops_answers_as_tlops_serve(served: dict, 
     ours_p, theirs_p = ours["predictions"], theirs["predictions"]
     assert len({p["label"] for p in ours_p}) > 1  # the digits are told apart: a meaningful comparison
     assert [p["label"] for p in theirs_p] == [p["label"] for p in ours_p]
+    # tlops serve folds BatchNorm into the convolutions, MLflow runs the pyfunc as logged: float32 rounding apart.
     np.testing.assert_allclose([p["probabilities"] for p in theirs_p], [p["probabilities"] for p in ours_p],
-                               rtol=0, atol=1e-6)
+                               rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize(("image", "words"), [

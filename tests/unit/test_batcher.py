@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -70,33 +71,45 @@ def test_two_workers_run_two_forward_passes_at_once_and_each_request_gets_its_ro
     assert (batcher.batches, batcher.requests) == (2, 2)
 
 
-class _Conv:
-    """A predictor over a small convolutional model, as the served Predictor runs it."""
+class _Threads:
+    """A predictor that notes which thread ran each forward pass and how many requests' rows it took."""
 
-    batch_size = 8
+    batch_size = 1
 
     def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
-                                         torch.nn.ReLU6(), torch.nn.Conv2d(8, 8, 3, groups=8, padding=1),
-                                         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                         torch.nn.Linear(8, 4)).eval()
+        self.threads: list[str] = []
+        self.sizes: list[int] = []
 
     def concat(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts)
 
     def proba(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.softmax(self.model(x), dim=1)
+        self.threads.append(threading.current_thread().name)
+        self.sizes.append(len(x))
+        return x.clone()
 
 
-def test_the_batcher_runs_the_model_in_channels_last_with_the_same_answers() -> None:
-    predictor = _Conv()
-    x = torch.rand(5, 3, 24, 24)
-    expected = predictor.proba(x, 8)
-    got = Batcher(max_batch=8, window_s=0.0).submit(ServedModel(None, predictor=predictor), x).result(timeout=10)
-    assert predictor.model[0].weight.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+def test_a_lone_clients_requests_all_run_on_the_first_worker() -> None:
+    predictor = _Threads()
+    model, batcher = ServedModel(None, predictor=predictor), Batcher(max_batch=8, window_s=0.0, workers=2)
+    for i in range(6):  # one at a time: each answered before the next is sent
+        x = torch.full((1, 2), float(i))
+        assert torch.equal(batcher.submit(model, x).result(timeout=10), x)
+    assert predictor.threads == ["tlops-batcher-0"] * 6  # taken in turns by two threads, they ran ~7% slower
+
+
+def test_requests_within_the_window_join_the_batch_being_filled_not_a_second_worker() -> None:
+    predictor = _Threads()
+    model, batcher = ServedModel(None, predictor=predictor), Batcher(max_batch=8, window_s=5.0, workers=2)
+    for _ in range(3):
+        batcher.expect()  # three requests on their way: the first worker waits for them
+    futures = []
+    for i in range(3):
+        futures.append(batcher.submit(model, torch.full((1, 2), float(i))))
+        time.sleep(0.05)  # each arrives while the first worker fills its batch and the second is idle
+    for i, future in enumerate(futures):
+        assert torch.equal(future.result(timeout=10), torch.full((1, 2), float(i)))
+    assert predictor.sizes == [3], predictor.sizes
 
 
 def test_served_connections_send_each_write_at_once() -> None:

@@ -63,6 +63,76 @@ def load_model_dir(model_dir: str | Path) -> tuple[ImageClassifier, PreprocessSp
     return model.eval(), spec, list(meta["classes"])
 
 
+def _after_fold(bn: torch.nn.Module) -> torch.nn.Module | None:
+    """What a BatchNorm layer still does once folded into the convolution before it (None: not one to fold)."""
+    if type(bn) is torch.nn.BatchNorm2d:
+        return torch.nn.Identity()
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency of the backbones
+        return None
+    if type(bn) is BatchNormAct2d:  # timm's BatchNorm, then its dropout and activation (EfficientNet's layers)
+        return torch.nn.Sequential(bn.drop, bn.act)
+    return None
+
+
+def fold_batch_norm(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, int]:
+    """An inference copy of ``model`` (eval mode) with every BatchNorm that takes a convolution's output folded into
+    that convolution's weights (``torch.nn.utils.fusion.fuse_conv_bn_eval``), and how many were folded. Which
+    BatchNorm follows which convolution is seen in a forward pass on ``example`` (the BatchNorm's input is the very
+    tensor the convolution returned), not guessed from names; a layer run more than once is left as it is.
+
+    Folding is exact in real arithmetic: the caller checks the copy's outputs against the model's (float32 rounding
+    differs)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    modules = dict(folded.named_modules())
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors kept alive, so that no id is reused
+    follows: dict[str, list[str | None]] = {}
+    calls: dict[str, int] = {}
+
+    def conv_hook(name: str):  # noqa: ANN202
+        def hook(_module: torch.nn.Module, _args: Any, out: torch.Tensor) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            outputs[id(out)] = (name, out)
+        return hook
+
+    def bn_hook(name: str):  # noqa: ANN202
+        def hook(_module: torch.nn.Module, args: Any) -> None:
+            found = outputs.get(id(args[0]))
+            follows.setdefault(name, []).append(found[0] if found and found[1] is args[0] else None)
+        return hook
+
+    hooks = []
+    for name, module in modules.items():
+        if isinstance(module, torch.nn.Conv2d):  # its subclasses too (timm's Conv2dSame pads, then convolves)
+            hooks.append(module.register_forward_hook(conv_hook(name)))
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            hooks.append(module.register_forward_pre_hook(bn_hook(name)))
+    try:
+        with torch.no_grad():
+            folded(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    convs = [c for seen in follows.values() for c in seen]
+    count = 0
+    for bn_name, seen in follows.items():
+        conv_name, bn = seen[0], modules[bn_name]
+        rest = _after_fold(bn)
+        if (len(seen) != 1 or conv_name is None or calls.get(conv_name) != 1 or convs.count(conv_name) != 1
+                or rest is None or bn.running_mean is None or bn.running_var is None):
+            continue
+        for name, new in ((conv_name, fuse_conv_bn_eval(modules[conv_name], bn)), (bn_name, rest)):
+            parent, _, leaf = name.rpartition(".")
+            setattr(modules[parent] if parent else folded, leaf, new)
+        count += 1
+    return folded, count
+
+
 class Predictor:
     """Batched prediction from raw image bytes, with the model's own preprocessing.
 
