@@ -103,7 +103,8 @@ RUN --mount=type=secret,id=pip-conf,target=/etc/pip.conf --mount=type=secret,id=
     pip install --no-cache-dir --no-deps . \
     && rm -rf build src/*.egg-info ./*.egg-info \
     && python -m compileall -q -j 0 -x '/torch/testing/_internal/py312_intrinsics\.py$' \
-        $(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"))') \
+        "$(python -c "print(__import__('sysconfig').get_path('stdlib'))")" \
+        "$(python -c "print(__import__('sysconfig').get_path('purelib'))")" \
     && tlops serve --help > /dev/null \
     && python -c "import tlops.serving.server, tlops.serving.compress.step, tlops.serving.compress.runtime" \
     && rm -rf /tmp/.cache
@@ -139,7 +140,8 @@ RUN --mount=type=secret,id=pip-conf,target=/etc/pip.conf --mount=type=secret,id=
     pip install --no-cache-dir --no-deps . \
     && rm -rf build src/*.egg-info ./*.egg-info \
     && python -m compileall -q -j 0 -x '/torch/testing/_internal/py312_intrinsics\.py$' \
-        $(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"))') \
+        "$(python -c "print(__import__('sysconfig').get_path('stdlib'))")" \
+        "$(python -c "print(__import__('sysconfig').get_path('purelib'))")" \
         components pipelines \
     && tlops --help > /dev/null \
     && rm -rf /tmp/.cache /tmp/matplotlib
