@@ -50,10 +50,9 @@ PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # same cores).
 COMMON = ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
           "tlops.tracking", "tlops.config.plan")
-LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.data.target",
-         "tlops.selection.planner", "tlops.selection.domain")
-LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
-               "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
+LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
+         "mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
+         "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
 # The torch steps' server imports what the parity step needs, serves it, then the rest while parity runs.
 HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.manifest",
          "tlops.data.target", "tlops.vision.parity", "tlops.vision.features")
@@ -236,7 +235,7 @@ def _split(server: Server, path: str) -> tuple[Server, tuple[tuple[str, ...], ..
         pid = os.fork()
     except OSError as exc:  # one server for every step, as before the split
         sys.stderr.write(f"tlops step server: no second server ({exc}); one serves every step\n")
-        return server, (LIGHT, HEAVY, LIGHT_LATER, HEAVY_LATER)
+        return server, (LIGHT, HEAVY, HEAVY_LATER)
     if pid == 0:
         server.listener.close()
         server.children.clear()
@@ -246,7 +245,7 @@ def _split(server: Server, path: str) -> tuple[Server, tuple[tuple[str, ...], ..
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         return Server(heavy), (HEAVY, HEAVY_LATER)
     server.helper = pid
-    return server, (LIGHT, LIGHT_LATER)  # validate served first, the gate's modules imported while it runs
+    return server, (LIGHT,)
 
 
 def serve(path: str) -> None:
