@@ -53,13 +53,11 @@ COMMON = ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflo
 LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
          "mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
          "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
-# The torch steps' server imports what the parity step needs, serves it, then the rest while parity runs.
-HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.manifest",
-         "tlops.data.target", "tlops.vision.parity", "tlops.vision.features")
-HEAVY_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.training.finetune", "tlops.serving.pyfunc",
-               "sklearn.metrics", "sklearn.model_selection", "matplotlib.pyplot", "tlops.training.curves",
-               "tlops.evaluation.evaluate", "tlops.evaluation.report", "tlops.monitoring.reference",
-               "tlops.registry", "tlops.serving.compress.step")
+HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target",
+         "mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.parity", "tlops.vision.features",
+         "tlops.training.finetune", "tlops.serving.pyfunc", "sklearn.linear_model", "matplotlib.pyplot",
+         "tlops.training.curves", "tlops.evaluation.evaluate", "tlops.evaluation.report",
+         "tlops.monitoring.reference", "tlops.registry", "tlops.serving.compress.step")
 LIGHT_STEPS = frozenset({"validate", "gate", "skip"})  # kfp's --function_to_execute of the steps without torch
 # Work done once in the server that every step would otherwise repeat: MLflow's map of the installed packages
 # (built on the first pyfunc load, to compare a model's requirements with this environment: 1-4 s).
@@ -227,15 +225,15 @@ def _imported(server: Server | None, modules: tuple[str, ...]) -> bool:
     return server is None or server.poll(0, 0) is not False
 
 
-def _split(server: Server, path: str) -> tuple[Server, tuple[tuple[str, ...], ...]]:
-    """Fork the second server: in the child, the server of the torch steps (on its own socket) and the stages it
+def _split(server: Server, path: str) -> tuple[Server, tuple[str, ...]]:
+    """Fork the second server: in the child, the server of the torch steps (on its own socket) and what it
     imports; in the parent, this one and what it imports."""
     heavy = heavy_socket(path)
     try:
         pid = os.fork()
     except OSError as exc:  # one server for every step, as before the split
         sys.stderr.write(f"tlops step server: no second server ({exc}); one serves every step\n")
-        return server, (LIGHT, HEAVY, HEAVY_LATER)
+        return server, (*LIGHT, *HEAVY)
     if pid == 0:
         server.listener.close()
         server.children.clear()
@@ -243,9 +241,9 @@ def _split(server: Server, path: str) -> tuple[Server, tuple[tuple[str, ...], ..
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        return Server(heavy), (HEAVY, HEAVY_LATER)
+        return Server(heavy), HEAVY
     server.helper = pid
-    return server, (LIGHT,)
+    return server, LIGHT
 
 
 def serve(path: str) -> None:
@@ -259,10 +257,9 @@ def serve(path: str) -> None:
         if not _imported(None if full else server, COMMON if full else tuple(setting.split(","))):
             return
         if full:
-            server, stages = _split(server, path)
-            for stage in stages:
-                if not _imported(server, stage):
-                    return
+            server, rest = _split(server, path)
+            if not _imported(server, rest):
+                return
             if server.helper is None:  # the torch steps' server (or the only one): warmed for them
                 for module, function in WARM:
                     try:
