@@ -23,8 +23,8 @@ def digits_manifest(data: Path | None = None) -> pd.DataFrame:
     if not root.is_dir():
         root = Path(tempfile.mkdtemp(prefix="tlops-bench-")) / "digits"
         export_digits(root)
-    cache = Path(tempfile.mkdtemp(prefix="tlops-bench-manifest-"))
-    return build_manifest(str(root), cache)
+    with tempfile.TemporaryDirectory(prefix="tlops-bench-manifest-") as cache:  # local files: paths stay theirs
+        return build_manifest(str(root), Path(cache))
 
 
 def split(manifest: pd.DataFrame, name: str, classes: list[str]) -> tuple[list[str], list[int]]:
