@@ -238,11 +238,8 @@ class _NewStore:
     def start(cfg: Config, log: Path) -> _NewStore | None:
         from tlops import tracking
 
-        uri = tracking.resolve_tracking_uri(cfg)
-        if not uri.startswith("sqlite:///"):
-            return None
-        db = Path(uri[len("sqlite:///"):])
-        if db.exists() or not db.parent.is_dir():
+        db = tracking.sqlite_path(tracking.resolve_tracking_uri(cfg))
+        if db is None or db.exists() or not db.parent.is_dir():
             return None
         return _NewStore(cfg, db, log)
 

@@ -169,8 +169,9 @@ def setup(cfg: Config) -> str:
 
     apply_retry_policy(cfg)
     uri = resolve_tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)

@@ -47,10 +47,9 @@ def _registry_uri() -> str:
 def _sqlite_path() -> Path | None:
     import mlflow
 
-    uri = mlflow.get_registry_uri()
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :])
-    return None
+    from tlops.tracking import sqlite_path
+
+    return sqlite_path(mlflow.get_registry_uri())
 
 
 @contextlib.contextmanager
