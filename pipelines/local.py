@@ -269,12 +269,12 @@ def launched(cfg: Config, containers: Containers | None = None) -> Iterator[Laun
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     log_path = workdir / "logs" / f"run-{stamp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    if containers is not None:  # every step its own container of the image: nothing to start here
-        yield Launch(workdir, stamp, log_path)
-        return
     server_log = log_path.with_name(f"stepserver-{stamp}.log")
-    with stepserver.running(log=server_log) as server:
-        launch = Launch(workdir, stamp, log_path, server, _NewStore.start(cfg, server_log))
+    with contextlib.ExitStack() as stack:
+        launch = Launch(workdir, stamp, log_path)
+        if containers is None:  # in containers every step is its own container of the image: nothing to start
+            launch.server = stack.enter_context(stepserver.running(log=server_log))
+            launch.store = _NewStore.start(cfg, server_log)
         try:
             yield launch
         except BaseException:

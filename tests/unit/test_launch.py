@@ -126,3 +126,13 @@ def test_a_failed_launch_drops_the_store_being_made(tmp_path: Path, monkeypatch:
     assert time.monotonic() - started < 10
     work = tmp_path / "work"
     assert list(work.iterdir()) == []
+
+
+def test_a_failed_launch_in_containers_leaves_nothing_either(tmp_path: Path) -> None:
+    """With --image nothing is started here, and a bad input found before any step leaves no logs folder."""
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ValueError, match="bad input"), \
+            local.launched(cfg, local.Containers(image="localhost/tlops:0.1.0")) as launch:
+        assert launch.server is None and launch.store is None
+        raise ValueError("bad input")
+    assert list((tmp_path / "work").iterdir()) == []
