@@ -55,8 +55,8 @@ LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.val
          "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
 HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target",
          "mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.parity", "tlops.vision.features",
-         "tlops.training.finetune", "tlops.serving.pyfunc", "sklearn.linear_model", "matplotlib.pyplot",
-         "tlops.training.curves", "tlops.evaluation.evaluate", "tlops.evaluation.report",
+         "tlops.training.finetune", "tlops.serving.pyfunc", "sklearn.metrics", "sklearn.model_selection",
+         "matplotlib.pyplot", "tlops.training.curves", "tlops.evaluation.evaluate", "tlops.evaluation.report",
          "tlops.monitoring.reference", "tlops.registry", "tlops.serving.compress.step")
 LIGHT_STEPS = frozenset({"validate", "gate", "skip"})  # kfp's --function_to_execute of the steps without torch
 # Work done once in the server that every step would otherwise repeat: MLflow's map of the installed packages
