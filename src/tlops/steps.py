@@ -607,7 +607,8 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         if source_rows is not None:
             progress.phase(f"scoring on the source test split too ({len(source_rows)} images)")
             result["domain"] = "target"
-            result["domains"] = _domains(model_uri, cfg, champion, features, rows, source_rows, result, reference_dir)
+            result["domains"] = _domains(model_uri, cfg, champion, features, rows, images, source_rows, result,
+                                         reference_dir)
             mlflow.log_metrics(_domain_metrics(result["domains"]))
         progress.phase("drawing the figures and writing the report")
         pngs = report.figures(result)
@@ -832,21 +833,27 @@ def skip_step(plan_path: str, decision_path: str) -> str:
     return json.dumps(summary)
 
 
-def _accuracy_of_dir(model_dir: str, rows: Any) -> float:
-    """Accuracy of the model files in ``model_dir`` on ``rows`` (with ``path``), through its own preprocessing."""
+def _accuracies_of_dir(model_dir: str, splits: dict[str, tuple[Any, list[bytes]]]) -> dict[str, dict[str, Any]]:
+    """Accuracy and size of each split (name -> its rows with ``label``, its image bytes) for the model files in
+    ``model_dir``, loaded once, through its own preprocessing."""
     from tlops.serving.pyfunc import Predictor, load_model_dir
 
     model, spec, classes = load_model_dir(model_dir)
-    proba = Predictor(model, spec, classes, batch_size=64).predict_proba([Path(p).read_bytes() for p in rows["path"]])
-    labels = [str(x) for x in rows["label"]]
-    right = sum(classes[int(k)] == t for k, t in zip(proba.argmax(1), labels, strict=True))
-    return right / max(len(labels), 1)
+    predictor = Predictor(model, spec, classes, batch_size=64)
+    out = {}
+    for name, (rows, images) in splits.items():
+        labels = [str(x) for x in rows["label"]]
+        right = sum(classes[int(k)] == t for k, t in zip(predictor.predict_proba(images).argmax(1), labels,
+                                                            strict=True))
+        out[name] = {"accuracy": right / max(len(labels), 1), "n": len(rows)}
+    return out
 
 
-def _domains(model_uri: str, cfg: Config, champion: Any, features: Any, target_rows: Any, source_rows: Any,
-             result: dict[str, Any], reference_dir: str) -> dict[str, Any]:
-    """Both test splits' figures: target (from ``result``) and source (scored now), for the candidate, the champion
-    and the source-only model the adaptation started from (when ``reference_dir`` holds it)."""
+def _domains(model_uri: str, cfg: Config, champion: Any, features: Any, target_rows: Any, target_images: list[bytes],
+             source_rows: Any, result: dict[str, Any], reference_dir: str) -> dict[str, Any]:
+    """Both test splits' figures: target (from ``result``, its images already read) and source (scored now), for the
+    candidate, the champion and the source-only model the adaptation started from (when ``reference_dir`` holds
+    it)."""
     from tlops.evaluation import evaluate as evaluation
 
     images = evaluation.read_images(list(source_rows["path"]))
@@ -864,10 +871,10 @@ def _domains(model_uri: str, cfg: Config, champion: Any, features: Any, target_r
                                                              if "champion" in src else {})},
     }
     if reference_dir and (Path(reference_dir) / "model.json").is_file():
-        out["target"]["source_only"] = {"accuracy": _accuracy_of_dir(reference_dir, target_rows),
-                                        "n": len(target_rows)}
-        out["source"]["source_only"] = {"accuracy": _accuracy_of_dir(reference_dir, source_rows),
-                                        "n": len(source_rows)}
+        scored = _accuracies_of_dir(reference_dir, {"target": (target_rows, target_images),
+                                                    "source": (source_rows, images)})
+        for domain, record in scored.items():
+            out[domain]["source_only"] = record
     return out
 
 
