@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from tlops.data.discovery import MANIFEST_COLUMNS, build_manifest, read_manifest, write_manifest
+from tlops.data.manifest import split_rows, usable
 from tlops.errors import TlopsError
 
 if TYPE_CHECKING:
@@ -121,13 +122,11 @@ def unlabelled(target: pd.DataFrame) -> pd.DataFrame:
 
 def labelled(target: pd.DataFrame) -> pd.DataFrame:
     """The labelled target rows (``data.target_labelled_uri``), decodable and labelled."""
-    rows = target[target[DOMAIN_COLUMN] == LABELLED]
-    return rows[rows["decodable"].astype(bool) & rows["label"].notna()]
+    return usable(target[target[DOMAIN_COLUMN] == LABELLED])
 
 
 def labelled_split(target: pd.DataFrame, split: str) -> pd.DataFrame:
-    rows = labelled(target)
-    return rows[rows["split"] == split].reset_index(drop=True)
+    return split_rows(target[target[DOMAIN_COLUMN] == LABELLED], split)
 
 
 def adaptation_pool(target: pd.DataFrame) -> pd.DataFrame:
@@ -152,8 +151,6 @@ def target_golden_rows(target: pd.DataFrame, count: int = 4) -> pd.DataFrame:
 
 def target_pool(target: pd.DataFrame) -> pd.DataFrame:
     """The target rows adaptation may look at: decodable, never the test split."""
-    from tlops.data.manifest import usable
-
     rows = usable(target)
     return rows[rows["split"] != "test"]
 
