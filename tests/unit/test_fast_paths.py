@@ -25,6 +25,7 @@ from tlops.fileio import read_json
 from tlops.monitoring.reference import Reference
 from tlops.steps import evaluate_step, gate_step
 from tlops.vision.features import FeatureCache
+from tlops.vision.inference import FOLD_TOLERANCE
 
 # What differs between two evaluations of the same models by design: when, how long a call took, which run.
 VOLATILE = {"evaluated_at", "latency", "report", "model_uri"}
@@ -88,7 +89,8 @@ def test_predictions_from_cached_features_equal_the_pyfunc_on_bytes(lab: dict, t
     assert (cache.misses, cache.hits) == (1, 1)
     for fast in (computed, cached):
         assert fast.labels == slow.labels and fast.classes == slow.classes
-        np.testing.assert_allclose(fast.proba, slow.proba, rtol=0, atol=1e-6)
+        # the fast path runs the backbone folded (tlops.vision.inference): within its 1e-4 tolerance
+        np.testing.assert_allclose(fast.proba, slow.proba, rtol=0, atol=FOLD_TOLERANCE)
     # A model with another head on the same backbone reads the same features: one file, no backbone pass.
     worse = evaluation.predict_features(evaluation.load_model(lab["models"]["worse"]), paths, shas, cache, batch=8)
     assert (cache.misses, cache.hits) == (1, 2) and worse.labels != slow.labels
@@ -103,8 +105,9 @@ def test_evaluation_and_gate_from_features_match_those_from_bytes(lab: dict) -> 
         out.update(_tail(lab, f"{prefix}-tail", "worse", from_features))
     assert "champion" in fast["record"] and fast["record"]["candidate"]["accuracy"] < 0.9
     a, b = _strip(slow["record"]), _strip(fast["record"])
-    np.testing.assert_allclose(a["candidate"].pop("ece"), b["candidate"].pop("ece"), atol=1e-9)
-    np.testing.assert_allclose(a["champion"].pop("ece"), b["champion"].pop("ece"), atol=1e-9)
+    # the fast path runs the backbone folded (tlops.vision.inference): float32 rounding in the confidences
+    np.testing.assert_allclose(a["candidate"].pop("ece"), b["candidate"].pop("ece"), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a["champion"].pop("ece"), b["champion"].pop("ece"), rtol=0, atol=1e-6)
     for who in ("candidate", "champion"):
         for key in ("calibration",):
             for x, y in zip(a[who].pop(key)["bins"], b[who].pop(key)["bins"], strict=True):
@@ -126,7 +129,7 @@ def test_evaluation_and_gate_from_features_match_those_from_bytes(lab: dict) -> 
     for f in dataclasses.fields(Reference):
         x, y = getattr(ref_slow, f.name), getattr(ref_fast, f.name)
         if x.dtype.kind == "f":
-            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5, err_msg=f.name)
+            np.testing.assert_allclose(x, y, rtol=0, atol=FOLD_TOLERANCE, err_msg=f.name)  # folded backbone
         else:
             np.testing.assert_array_equal(x, y, err_msg=f.name)
     # The fast path found the test split's features once for both models of the second run; the reference's

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from tlops.serving.pyfunc import fold_batch_norm
 from tlops.serving.server import ServedModel
+from tlops.vision.inference import fold_batch_norm
 
 
 def _trained_bn(channels: int, seed: int) -> torch.nn.BatchNorm2d:
@@ -78,7 +78,8 @@ def test_a_model_that_folding_would_change_is_served_as_it_is() -> None:
         assert count == 1  # the fold cannot see the second use of the convolution's output...
     predictor = SimpleNamespace(model=model, spec=SimpleNamespace(crop_size=12))
     ServedModel(None, predictor=predictor)
-    assert predictor.model is model and isinstance(model.bn, torch.nn.BatchNorm2d)  # ...the check against it does
+    assert isinstance(predictor.model.bn, torch.nn.BatchNorm2d)  # ...the check against it does
+    assert isinstance(model.bn, torch.nn.BatchNorm2d) and model.conv.weight.is_contiguous()  # model untouched
     with torch.no_grad():
         torch.testing.assert_close(predictor.model(x), expected, rtol=0, atol=1e-6)
 

@@ -40,3 +40,29 @@ def test_same_seed_same_head(tmp_path: Path, tiny_digits: Path) -> None:
     a = linear_probe("efficientnet_lite0", df, class_names(df), spec, cfg).model.head.weight
     b = linear_probe("efficientnet_lite0", df, class_names(df), spec, cfg).model.head.weight
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_l2_sweeps_fits_side_by_side_give_what_they_give_one_after_another() -> None:
+    from torch import nn
+
+    from tlops.training.hardware import torch_threads
+    from tlops.training.probe import _sweep_l2
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=g) * 2
+    y = torch.arange(160) % 4
+    x = (centres[y] + torch.randn(160, 32, generator=g)).relu()  # pooled features are non-negative
+    cfg = TrainConfig(epochs=50, l2_grid=[1e-4, 1e-2, 1.0, 10.0])
+    heads, results = [], []
+    with torch_threads(1):  # as fit_head runs it
+        for workers in (1, 2, 4):
+            head = nn.Linear(32, 4)
+            results.append(_sweep_l2(head, x[:120], y[:120], x[120:], y[120:], cfg, workers))
+            heads.append(head.state_dict())
+    history, best, _ = results[0]
+    assert [h["l2"] for h in history] == cfg.l2_grid and history[-1]["train_loss"] > history[0]["train_loss"]
+    for result, state in zip(results[1:], heads[1:], strict=True):
+        assert result == results[0]  # the same history, best fit and accuracy, in the grid's order
+        for name, tensor in state.items():
+            assert torch.equal(tensor, heads[0][name]), name
+    assert 0 <= best < len(cfg.l2_grid)

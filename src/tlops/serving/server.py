@@ -111,11 +111,13 @@ def prepare_for_serving(predictor: Any) -> None:
     """The predictor's PyTorch model made ready to serve, once per loaded model, before it answers anything (so
     in the loading thread: at start-up, or in the background for a new version), the same for batching on and off.
 
-    - BatchNorm folded into the convolution before it (:func:`tlops.serving.pyfunc.fold_batch_norm`): Lite0's 49
+    A copy of it (:func:`tlops.vision.inference.inference_copy`) is served, the model as loaded left as it is:
+
+    - BatchNorm folded into the convolution before it (:func:`tlops.vision.inference.fold_batch_norm`): Lite0's 49
       BatchNorm layers are one op fewer each. One thread, per image (median of 5 rounds): batch 1 5.3 -> 4.3 ms,
       batch 8 3.0 -> 2.5 ms, batch 20 2.8 -> 1.4 ms. Kept only where the folded model's outputs are within 1e-4 of
       the model's on a check input (float32 rounding: up to 1.1e-5 on the probabilities of the 1,797 demo digits,
-      every label the same); otherwise the model is served as it is.
+      every label the same); otherwise the layers are served unfolded.
     - Channels-last (NHWC) weights: oneDNN's NHWC kernels for EfficientNet's depthwise and pointwise convolutions
       take 0.6x the time per image of NCHW ones at batch 20 (one thread), about 0.9x at batch 1; probabilities
       within 2e-9 of NCHW's.
@@ -126,25 +128,11 @@ def prepare_for_serving(predictor: Any) -> None:
     if model is None or torch is None or getattr(predictor, "_tlops_served", False):
         return
     if isinstance(model, torch.nn.Module):
-        from tlops.serving.pyfunc import fold_batch_norm
+        from tlops.vision.inference import inference_copy
 
         size = int(getattr(getattr(predictor, "spec", None), "crop_size", 0) or 32)
         check = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, size, size, generator=check)
-        model.eval()
-        try:
-            folded, count = fold_batch_norm(model, x)
-            with torch.inference_mode():
-                same = torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
-        except Exception as exc:  # a model the fold does not understand is served unfolded
-            log.warning("serving the model without folding its BatchNorm layers (%s: %s)", type(exc).__name__, exc)
-            folded, count, same = model, 0, True
-        if count and not same:
-            log.warning("serving the model without folding its BatchNorm layers: the folded model's outputs differ "
-                        "by more than 1e-4")
-        elif count:
-            predictor.model = model = folded
-        model.to(memory_format=torch.channels_last)
+        predictor.model, _ = inference_copy(model, torch.randn(2, 3, size, size, generator=check))
     predictor._tlops_served = True
 
 

@@ -47,24 +47,35 @@ def fit_head(head: nn.Linear, x_train: torch.Tensor, y_train: torch.Tensor, x_va
               y_val: torch.Tensor, cfg: TrainConfig) -> tuple[list[dict[str, float]], int, float]:
     """Sweep the L2 strength on the validation split (the usual linear-probe protocol); keep the best.
 
-    On one thread: the matrices are small (images x feature dimension x classes), so a second thread gains little
-    and, on cores other processes share, its barrier waits cost more than the work (measured 17x slower
-    under load)."""
+    Each fit on one torch thread: the matrices are small (images x feature dimension x classes), so a second
+    thread inside a fit gains little and, on cores other processes share, its barrier waits cost more than the
+    work (measured 17x slower under load). The fits are independent, so they run side by side instead, as many
+    at once as torch had threads (each fit's result the same as alone: one thread, the same operations; the demo's
+    four fits 2.5 -> 0.8 s on 2 cores)."""
+    workers = max(1, min(torch.get_num_threads(), len(cfg.l2_grid)))
     with torch_threads(1):
-        return _sweep_l2(head, x_train, y_train, x_val, y_val, cfg)
+        return _sweep_l2(head, x_train, y_train, x_val, y_val, cfg, workers)
 
 
 def _sweep_l2(head: nn.Linear, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
-              y_val: torch.Tensor, cfg: TrainConfig) -> tuple[list[dict[str, float]], int, float]:
-    history: list[dict[str, float]] = []
-    best: tuple[float, int, nn.Linear | None] = (-1.0, 0, None)
+              y_val: torch.Tensor, cfg: TrainConfig, workers: int = 1) -> tuple[list[dict[str, float]], int, float]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from tlops.progress import Counter
 
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, nn.Linear | None] = (-1.0, 0, None)
     loss_fn = nn.CrossEntropyLoss()
     fits = Counter(f"linear probe: L2 sweep on {len(x_train)} feature vectors", len(cfg.l2_grid), "fits")
-    for i, l2 in enumerate(cfg.l2_grid):
+
+    def fit(l2: float) -> nn.Linear:
         lin = _fit_logistic(x_train, y_train, head.out_features, l2, cfg.epochs)
         fits.advance()
+        return lin
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="probe-fit") as pool:
+        lins = list(pool.map(fit, cfg.l2_grid))
+    for i, (l2, lin) in enumerate(zip(cfg.l2_grid, lins, strict=True)):
         with torch.no_grad():
             train_loss = float(loss_fn(lin(x_train), y_train))
             train_acc = float((lin(x_train).argmax(1) == y_train).float().mean())

@@ -24,7 +24,7 @@ from tlops.vision.preprocessing import PreprocessSpec, build_transform
 
 log = logging.getLogger(__name__)
 # Bump when what is stored (or how it is computed) changes: older files are then simply not found.
-FORMAT = "tlops-features/1"
+FORMAT = "tlops-features/2"  # 2: computed by the backbone's inference copy
 
 
 def weights_identity(backbone_name: str) -> str:
@@ -66,16 +66,24 @@ def weights_feature_key(digest: str, spec: PreprocessSpec, image_sha256: list[st
 @torch.no_grad()
 def extract_features(backbone: nn.Module, paths: list[str], spec: PreprocessSpec, batch_size: int,
                      device: torch.device, desc: str = "features") -> torch.Tensor:
-    """Pooled backbone features for each image, in order, with a progress line every few seconds."""
+    """Pooled backbone features for each image, in order, with a progress line every few seconds.
+
+    The backbone runs as its inference copy (:func:`tlops.vision.inference.inference_copy`: BatchNorm folded,
+    channels-last; the features within 1e-4 of the backbone's own, measured 1.5e-5 on Lite0): 2.5x faster per
+    batch than the layers as built on 2 CPU cores."""
     from tlops.progress import Counter
+    from tlops.vision.inference import inference_copy
 
     transform = build_transform(spec)
     backbone.eval().to(device)
+    model: nn.Module | None = None
     out = []
     counter = Counter(f"features {desc}", len(paths), "images")
     for start in range(0, len(paths), batch_size):
         batch = torch.stack([transform(p) for p in paths[start : start + batch_size]]).to(device)
-        out.append(backbone(batch).float().cpu())
+        if model is None:  # the backbone's inference copy, its fold checked on this batch's first images
+            model, _ = inference_copy(backbone, batch[:2])
+        out.append(model(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
         counter.advance(len(batch))
     return torch.cat(out) if out else torch.empty(0)
 
