@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,25 +44,27 @@ ENV = "TLOPS_STEP_SERVER"
 # 0: import nothing ahead; MOD,MOD...: those modules as one stage (tests of the mechanism itself); else the stages.
 PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # What every step imports, loaded first. Then the server splits in two (a fork: both share what was loaded): the
-# first imports what the steps without torch need (validate, gate, skip: GX, pandas, the registry's store,
-# matplotlib) and serves them, the second imports torch, timm and the rest for the other steps. On two cores the
-# two imports run side by side, so the first step starts after COMMON + LIGHT and the parity step finds torch
-# loaded. A step that asks before its server is ready waits (it would import the same modules itself, on the
-# same cores).
+# first imports what the steps without torch need (validate, gate, skip: GX, pandas, the registry's store) and
+# serves them, the second imports torch, timm and the rest for the other steps. On two cores the two imports run
+# side by side. Each server serves as soon as it holds what its first step needs (LIGHT: validate's; HEAVY:
+# parity's), then imports the rest (``*_LATER``, what later steps need): the torch steps' server
+# while parity runs, the steps after it waiting for them; the first server only while none of its steps runs (not
+# in validate's time; gate comes last). A step that asks before its server is ready waits (it would import the
+# same modules itself, on the same cores); one that needs a module its server has not imported imports it itself.
 COMMON = ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
           "tlops.tracking", "tlops.config.plan")
 LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
-         "mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
-         "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
-HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target",
-         "mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.parity", "tlops.vision.features",
-         "tlops.training.finetune", "tlops.serving.pyfunc", "sklearn.metrics", "sklearn.model_selection",
-         "matplotlib.pyplot", "tlops.training.curves", "tlops.evaluation.evaluate", "tlops.evaluation.report",
-         "tlops.monitoring.reference", "tlops.registry", "tlops.serving.compress.step")
+         "tlops.selection.domain")
+# Not matplotlib: the gate draws its figures in a thread during the registry lock's settle time, importing it there.
+LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "tlops.evaluation.report",
+               "tlops.serving.compress.step")
+HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target", "tlops.vision.parity")
+HEAVY_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.features", "tlops.training.finetune",
+               "tlops.serving.pyfunc", "sklearn.metrics", "sklearn.model_selection", "matplotlib.figure",
+               "matplotlib.backends.backend_agg",
+               "tlops.training.curves", "tlops.evaluation.evaluate", "tlops.evaluation.report",
+               "tlops.monitoring.reference", "tlops.registry", "tlops.serving.compress.step")
 LIGHT_STEPS = frozenset({"validate", "gate", "skip"})  # kfp's --function_to_execute of the steps without torch
-# Work done once in the server that every step would otherwise repeat: MLflow's map of the installed packages
-# (built on the first pyfunc load, to compare a model's requirements with this environment: 1-4 s).
-WARM = (("mlflow.utils.requirements_utils", "_init_packages_to_modules_map"),)
 _MAX_HEADER = 1 << 20
 
 
@@ -146,6 +149,7 @@ class Server:
         self.children: dict[int, socket.socket] = {}
         self.exited: dict[int, int] = {}  # reaped before _fork had recorded them
         self.helper: int | None = None  # the second server's pid, in the first
+        self.forks = 0  # steps started
         # A step that ends is reported at once, even while the server imports the next stage (a signal handler
         # runs between the import's bytecodes): the next step starts when the last one has ended.
         signal.signal(signal.SIGCHLD, lambda _sig, _frame: self._reap())
@@ -172,6 +176,7 @@ class Server:
             _run_child(header, fds)
         for fd in fds:
             os.close(fd)
+        self.forks += 1
         self.children[pid] = conn
         if pid in self.exited:
             self._report(pid, self.exited.pop(pid))
@@ -215,25 +220,35 @@ def heavy_socket(path: str) -> str:
     return str(Path(path).with_name("torch-" + Path(path).name))
 
 
-def _imported(server: Server | None, modules: tuple[str, ...]) -> bool:
-    """Import ``modules``, then serve what waits (with a server); False once the launcher has gone."""
+def _imported(server: Server | None, modules: tuple[str, ...], between: str = "") -> bool:
+    """Import ``modules``, then serve what waits (with a server). ``between``, what is served between two modules:
+    nothing (``""``: a step waits for the whole stage); ``"first"``: the server's first step only (the torch
+    steps' server: parity needs none of its later modules, the steps after it do, and wait for them); ``"idle"``:
+    every step, a module imported only while none of the server's steps runs (the first server: validate runs
+    alone, the gate's modules are imported while the torch steps run). False once the launcher has gone."""
     for name in modules:
+        while between == "idle" and server is not None and server.children:
+            if server.poll(0.05, 0) is False:
+                return False
         try:
             importlib.import_module(name)
         except Exception as exc:  # a step that needs it will fail the same way in its own process, and say so
             sys.stderr.write(f"tlops step server: importing {name} failed: {exc}\n")
+        serves = server is not None and (between == "idle" or (between == "first" and not server.forks))
+        if serves and server.poll(0, 0) is False:
+            return False
     return server is None or server.poll(0, 0) is not False
 
 
-def _split(server: Server, path: str) -> tuple[Server, tuple[str, ...]]:
+def _split(server: Server, path: str) -> tuple[Server, tuple[str, ...], tuple[str, ...]]:
     """Fork the second server: in the child, the server of the torch steps (on its own socket) and what it
-    imports; in the parent, this one and what it imports."""
+    imports before it serves and after; in the parent, this one and its two."""
     heavy = heavy_socket(path)
     try:
         pid = os.fork()
     except OSError as exc:  # one server for every step, as before the split
         sys.stderr.write(f"tlops step server: no second server ({exc}); one serves every step\n")
-        return server, (*LIGHT, *HEAVY)
+        return server, (*LIGHT, *HEAVY), (*LIGHT_LATER, *HEAVY_LATER)
     if pid == 0:
         server.listener.close()
         server.children.clear()
@@ -241,13 +256,14 @@ def _split(server: Server, path: str) -> tuple[Server, tuple[str, ...]]:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        return Server(heavy), HEAVY
+        return Server(heavy), HEAVY, HEAVY_LATER
     server.helper = pid
-    return server, LIGHT
+    return server, LIGHT, LIGHT_LATER
 
 
 def serve(path: str) -> None:
     """Import the stages, serving requests between them, until stdin (the launcher's pipe) closes."""
+    started = time.monotonic()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the steps and the launcher, which end us
     server = Server(path)
     setting = os.environ.get(PRELOAD_ENV, "1")
@@ -257,15 +273,13 @@ def serve(path: str) -> None:
         if not _imported(None if full else server, COMMON if full else tuple(setting.split(","))):
             return
         if full:
-            server, rest = _split(server, path)
-            if not _imported(server, rest):
+            server, first, later = _split(server, path)
+            if not _imported(server, first):
                 return
-            if server.helper is None:  # the torch steps' server (or the only one): warmed for them
-                for module, function in WARM:
-                    try:
-                        getattr(importlib.import_module(module), function)()
-                    except Exception as exc:  # an MLflow without it: the steps do it themselves
-                        sys.stderr.write(f"tlops step server: {module}.{function} failed: {exc}\n")
+            which = "the torch steps'" if server.helper is None else "the first"
+            sys.stderr.write(f"tlops step server: {which} serving {time.monotonic() - started:.1f}s after its start\n")
+            if not _imported(server, later, "idle" if server.helper is not None else "first"):
+                return
     while server.poll(1.0, 0):
         pass
     # The launcher is gone: let running steps (and the second server) finish and report, then leave.

@@ -49,8 +49,8 @@ def reference_for(files: Path) -> tuple[PreprocessSpec, str]:
 
 def parity_for_version(name: str, version: str) -> dict[str, Any]:
     """Re-run the parity checks on a logged model: spec vs reference, golden images, serving path."""
-    import mlflow
 
+    from tlops import tracking
     from tlops.registry import PreprocessEvidence, client
     from tlops.serving.pyfunc import load_model_dir
     from tlops.vision.parity import GOLDEN_ATOL, edge_case_images, golden_check, serving_check
@@ -76,7 +76,7 @@ def parity_for_version(name: str, version: str) -> dict[str, Any]:
     numbers = golden_check(backbone, spec, golden, reference)
     errors += [f"golden image {g['image']}: max difference {g['max_abs_diff']:.2e} > {GOLDEN_ATOL:g}"
                for g in numbers if not g["ok"]]
-    serving = serving_check(model, spec, mlflow.pyfunc.load_model(f"models:/{name}/{version}"), golden)
+    serving = serving_check(model, spec, tracking.load_pyfunc(f"models:/{name}/{version}"), golden)
     errors += serving["errors"]
     from tlops.serving.compress.step import variant_parity
 

@@ -283,6 +283,54 @@ def log_datasets(rows: Any, data_uri: str, manifest_hash: str) -> None:
         mlflow.log_input(dataset, context=split)
 
 
+def load_pyfunc(model_uri: str) -> Any:
+    """``mlflow.pyfunc.load_model(model_uri)``, without MLflow's load-time environment check where it has nothing to
+    say: that check first maps every installed distribution to its modules (``packages_distributions``: about 1 s
+    of CPU, once per process) to compare the model's requirements with this environment. When the model's Python is
+    this one and each requirement pins (``==``) a distribution installed at that version (a model tlops logged in
+    this environment: the pipeline's candidate, a champion from the same image), the check would warn about nothing
+    and is skipped; any other model is loaded with it, its warnings as MLflow gives them."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)  # what load_model does first
+    return mlflow.pyfunc.load_model(local, suppress_warnings=environment_matches(local))
+
+
+def environment_matches(model_dir: str | Path) -> bool:
+    """Whether MLflow's load-time checks of the model in ``model_dir`` (its ``MLmodel`` and ``requirements.txt``)
+    against this environment would find nothing: the same Python version, and every requirement an exact pin of
+    an installed distribution's version (a local label such as torch's ``+cpu`` aside, as MLflow compares them).
+    False for anything else (no file, a range, an extra, a marker, a path): MLflow's own check then runs."""
+    import platform
+    from importlib import metadata
+
+    import yaml
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    root = Path(model_dir)
+    try:
+        meta = yaml.safe_load((root / "MLmodel").read_text(encoding="utf-8"))
+        lines = (root / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, yaml.YAMLError):
+        return False
+    python = ((meta or {}).get("flavors") or {}).get("python_function", {}).get("python_version")
+    if python != platform.python_version():
+        return False
+    for line in (x.strip() for x in lines):
+        if not line or line.startswith("#"):
+            continue
+        try:
+            req = Requirement(line)
+            pins = list(req.specifier)
+            if req.extras or req.marker or req.url or len(pins) != 1 or pins[0].operator != "==":
+                return False
+            if not req.specifier.contains(metadata.version(req.name), prereleases=True):
+                return False
+        except (InvalidRequirement, metadata.PackageNotFoundError, ValueError):
+            return False
+    return True
+
+
 def _mark_running(run_id: str) -> None:
     import mlflow
 

@@ -205,9 +205,9 @@ class Predictions:
 
 
 def load_model(model_uri: str) -> Any:
-    import mlflow.pyfunc
+    from tlops.tracking import load_pyfunc
 
-    return mlflow.pyfunc.load_model(model_uri)
+    return load_pyfunc(model_uri)
 
 
 def _python_model(model: Any) -> Any:

@@ -187,6 +187,7 @@ def log_reference(cfg: Config, model_uri: str, manifest: pd.DataFrame,
 
     import mlflow
 
+    from tlops import tracking
     from tlops.data.manifest import split_rows
 
     try:
@@ -196,7 +197,7 @@ def log_reference(cfg: Config, model_uri: str, manifest: pd.DataFrame,
         if train.empty or held_out.empty:
             raise TlopsError(f"the manifest has no {'train' if train.empty else split} images")
         if predictor is None:
-            predictor = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor
+            predictor = tracking.load_pyfunc(model_uri).unwrap_python_model().predictor
         if not hasattr(predictor, "proba_embed"):
             raise TlopsError("the model's predictor gives no embeddings")
         sample = cfg.monitoring.reference_sample

@@ -854,7 +854,7 @@ def load_served_model(model_uri: str, version: str | None = None, variant: bool 
             found = serving_variant_dir(name, version) if variant else None
             if found is not None:
                 return variant_model(found, info)
-        pyfunc = mlflow.pyfunc.load_model(uri)
+        pyfunc = tracking.load_pyfunc(uri)
     except TlopsError as exc:
         # parse_model_uri says "no such model version" for any registry error: tell an unreachable server apart.
         if exc.__context__ is not None and tracking.unreachable_error(exc.__context__) is not None:
