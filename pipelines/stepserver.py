@@ -44,20 +44,20 @@ ENV = "TLOPS_STEP_SERVER"
 # 0: import nothing ahead; MOD,MOD...: those modules as one stage (tests of the mechanism itself); else the stages.
 PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # What every step imports, loaded first. Then the server splits in two (a fork: both share what was loaded): the
-# first imports what the steps without torch need (validate, gate, skip: GX, pandas, the registry's store) and
-# serves them, the second imports torch, timm and the rest for the other steps. On two cores the two imports run
-# side by side. Each server serves as soon as it holds what its first step needs (LIGHT: validate's; HEAVY:
-# parity's), then imports the rest (``*_LATER``, what later steps need): the torch steps' server
-# while parity runs, the steps after it waiting for them; the first server only while none of its steps runs (not
-# in validate's time; gate comes last). A step that asks before its server is ready waits (it would import the
-# same modules itself, on the same cores); one that needs a module its server has not imported imports it itself.
+# first imports what the steps without torch need (validate, gate, skip: GX, pandas, the registry's store,
+# matplotlib) and serves them, the second imports torch, timm and the rest for the other steps. On two cores the
+# two imports run side by side. Each server serves as soon as it holds what its first step needs (LIGHT:
+# validate's; HEAVY: parity's), then imports the rest (``*_LATER``, what later steps need): the torch steps'
+# server while parity runs, the steps after parity waiting for them; the first server only while none of its
+# steps runs (not in validate's time; the gate comes last). A step that asks before its server is ready waits (it
+# would import the same modules itself, on the same cores); one that needs a module its server has not imported
+# imports it itself.
 COMMON = ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
           "tlops.tracking", "tlops.config.plan")
 LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
          "tlops.selection.domain")
-# Not matplotlib: the gate draws its figures in a thread during the registry lock's settle time, importing it there.
-LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "tlops.evaluation.report",
-               "tlops.serving.compress.step")
+LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
+               "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
 HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target", "tlops.vision.parity")
 HEAVY_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.features", "tlops.training.finetune",
                "tlops.serving.pyfunc", "sklearn.metrics", "sklearn.model_selection", "matplotlib.figure",

@@ -436,8 +436,6 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     target test image) and writes the source model it started from to ``reference_dir`` (the evaluate step scores
     it on the source test split: the gate's reference when there is no champion); other strategies write nothing
     there."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import mlflow
     import pandas as pd
     from mlflow.entities import Metric
@@ -472,10 +470,6 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     with _system_metrics(cfg, plan.run_id):
         result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir,
                            state_uri=cfg.state_uri, **adapting)
-    # The curves depend on the history alone: drawn in a thread while this one saves and logs the model.
-    drawing = ThreadPoolExecutor(1, thread_name_prefix="tlops-figures")
-    curves_png = drawing.submit(plot_history, result.history, result.strategy)
-    drawing.shutdown(wait=False)
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
     if reference_dir and result.source_only is not None:
         import copy
@@ -511,12 +505,12 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
                              else str(result.resumed_at_step)})
             mlflow.log_metrics({"adaptation.target_images": float(env.get("target_images", 0)),
                                 "adaptation.source_val_accuracy_before": float(env["source_val_accuracy_before"])})
+        curves = Path(tmp) / "curves.png"
+        curves.write_bytes(plot_history(result.history, result.strategy))
+        mlflow.log_artifact(str(curves), "train")
         example = pd.DataFrame({"image": [Path(golden_paths[0]).read_bytes()]}) if golden_paths else None
         progress.phase("logging the model to MLflow")
         info = log_pyfunc_model(model_dir, __version__, input_example=example, name=cfg.registry.model_name)
-        curves = Path(tmp) / "curves.png"
-        curves.write_bytes(curves_png.result())
-        mlflow.log_artifact(str(curves), "train")
         # Serving parity: the model as it will be served (loaded back from the store, raw bytes in)
         # against the in-memory model on the training eval transform.
         progress.phase("serving parity: the logged model loaded back, on the golden images")
@@ -576,8 +570,6 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     Returns what the Kubeflow component passes on: ``metrics`` (headline numbers), and ``categories`` and
     ``matrix`` for its ClassificationMetrics confusion matrix.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import mlflow
 
     from tlops import progress
@@ -618,12 +610,16 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
             result["domains"] = _domains(model_uri, cfg, champion, features, rows, images, source_rows, result,
                                          reference_dir)
             mlflow.log_metrics(_domain_metrics(result["domains"]))
-        # The figures depend on the scores alone (the latency was measured above, on a quiet core): drawn in a
-        # thread while this one logs the metrics and the monitoring reference.
-        drawing = ThreadPoolExecutor(1, thread_name_prefix="tlops-figures")
-        figures = drawing.submit(report.figures, dict(result))
-        drawing.shutdown(wait=False)
-        report_uri = mlflow.get_artifact_uri("evaluation/report.html")
+        progress.phase("drawing the figures and writing the report")
+        pngs = report.figures(result)
+        page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
+        for name, data in pngs.items():
+            (Path(tmp) / name).write_bytes(data)
+            mlflow.log_artifact(str(Path(tmp) / name), "evaluation")
+        mlflow.log_text(page, "evaluation/report.html")
+        result["report"] = mlflow.get_artifact_uri("evaluation/report.html")
+        if html_path:
+            write_text(html_path, page)
         numbers = evaluation.scalars(result)
         renamed = {"n": "test_images", "champion_accuracy": "champion.test_accuracy",
                    "accuracy_difference": "comparison.accuracy_difference",
@@ -634,22 +630,12 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
         mlflow.log_metrics({renamed.get(k, f"test_{k}"): v for k, v in numbers.items()})
         if "champion" in result:
             mlflow.log_metric("champion.test_macro_f1", result["champion"]["macro_f1"])
+        mlflow.log_dict(result, "evaluation/metrics.json")
         progress.phase("recording the reference tlops monitor compares served traffic with")
         from tlops.monitoring.reference import log_reference
 
         log_reference(cfg, model_uri, manifest, lambda sample: _pixels(cfg, sample),
                       predictor=loaded["candidate"].unwrap_python_model().predictor, features=features)
-        progress.phase("writing the report")
-        pngs = figures.result()
-        page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
-        for name, data in pngs.items():
-            (Path(tmp) / name).write_bytes(data)
-            mlflow.log_artifact(str(Path(tmp) / name), "evaluation")
-        mlflow.log_text(page, "evaluation/report.html")
-        result["report"] = report_uri
-        if html_path:
-            write_text(html_path, page)
-        mlflow.log_dict(result, "evaluation/metrics.json")
         cand = result["candidate"]
         log.info("evaluate: accuracy %.4f, macro-F1 %.4f, ECE %.4f, latency p95 %.1f ms, weights %d bytes",
                  cand["accuracy"], cand["macro_f1"], cand["ece"], cand["latency"]["p95_ms"] or float("nan"),
