@@ -366,3 +366,40 @@ def test_an_unknown_alias_is_named_as_an_alias_with_the_ones_there(store: dict, 
                               "aliases: champion; did you mean @champion?")
     with pytest.raises(TlopsError, match="registered model 'no-such-model' does not exist"):
         parse_model_uri("models:/no-such-model@champion")
+
+
+def test_a_lock_taken_ahead_holds_the_decision_and_is_given_back(store: dict, name: str) -> None:
+    """The gate starts taking the lock before it registers its version: the settle time passes meanwhile, the
+    decision is applied under it, and a lock the gate never used (it failed before) is given back."""
+    v1 = new_version(store["model_uri"], name)
+    ahead = registry.LockAhead(name, "gate of run r1", FAST)
+    v2 = new_version(store["model_uri"], name)  # registering meanwhile, as the gate does
+    out = registry.apply_decision(name, v2, _promote(None), via="pipeline run-1", lock=FAST, held=ahead)
+    ahead.close()  # after its block: nothing more to give back
+    assert out.decision == "promote" and _aliases(name) == {"champion": v2} and v1 != v2
+    assert registry.LOCK_TAG not in registry.client().get_registered_model(name).tags
+    with registry.promotion_lock(name, "test", FAST):  # free: the file lock and the lease
+        pass
+    unused = registry.LockAhead(name, "gate of run r2", FAST)
+    deadline = time.monotonic() + 10
+    while registry.LOCK_TAG not in registry.client().get_registered_model(name).tags:  # being taken
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    unused.close()
+    assert registry.LOCK_TAG not in registry.client().get_registered_model(name).tags
+    with registry.promotion_lock(name, "test", FAST):
+        pass
+
+
+def test_a_lock_taken_ahead_that_another_holds_fails_the_block(store: dict, name: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry.lock, "_sqlite_path", lambda: None)  # the lease alone, as against a server
+    v1 = new_version(store["model_uri"], name)
+    lease = {"token": "other", "owner": "someone@elsewhere pid 1: gate of version 9", "expires": time.time() + 60}
+    registry.client().set_registered_model_tag(name, registry.LOCK_TAG, json.dumps(lease))
+    ahead = registry.LockAhead(name, "gate", LockSettings(settle_s=0.05, timeout_s=1, poll_s=0.05))
+    with pytest.raises(TlopsError, match="held by someone@elsewhere"):
+        registry.apply_decision(name, v1, _promote(None), held=ahead)
+    ahead.close()
+    assert "champion" not in _aliases(name)
+    assert json.loads(registry.client().get_registered_model(name).tags[registry.LOCK_TAG])["token"] == "other"
