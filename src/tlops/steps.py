@@ -739,19 +739,13 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     drawing = ThreadPoolExecutor(1, thread_name_prefix="tlops-figures")
     figures = drawing.submit(report.figures, metrics)
     drawing.shutdown(wait=False)
-    parity_ok = evidence_in["parity"] == "pass" and evidence_in["parity.serving"] == "pass"
-    decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
-                               validation_ok=plan.validation_ok, parity_ok=parity_ok,
-                               preprocess=registry.PreprocessEvidence.from_tags(evidence_in),
-                               comparison=metrics.get("comparison"), domains=metrics.get("domains"))
-    # A passing decision moves aliases under the registry lock: taken from now on, in a thread, so that its settle
-    # time passes while the run is opened and the version registered (the lease is a tag of the registered model:
-    # on a first run there is none yet, and the lock is taken when the decision is applied).
-    ahead = registry.LockAhead(name, f"gate of run {plan.run_id}") \
-        if decision.passed and registry.model_exists(name) else None
-    with contextlib.closing(ahead) if ahead is not None else contextlib.nullcontext(), \
-            _mlflow_run(cfg, plan.run_id) as run:
+    with _mlflow_run(cfg, plan.run_id) as run:
         tags = run.data.tags  # for the summary a person reads (why auto chose), not for the decision
+        parity_ok = evidence_in["parity"] == "pass" and evidence_in["parity.serving"] == "pass"
+        decision = registry.decide(metrics["candidate"], metrics.get("champion"), cfg.gate,
+                                   validation_ok=plan.validation_ok, parity_ok=parity_ok,
+                                   preprocess=registry.PreprocessEvidence.from_tags(evidence_in),
+                                   comparison=metrics.get("comparison"), domains=metrics.get("domains"))
         evidence = registry.evidence_tags(evidence_in, metrics, cfg.backbone, run.info.run_id, cfg.config_hash())
         progress.phase(f"registering the candidate as a version of {name}")
         mv = registry.register(model_uri, name, evidence)
@@ -763,7 +757,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
                  f"Evidence: this version's tags; the report is `evaluation/report.html` of run "
                  f"`{run.info.run_id}`."]
         decision = registry.apply_decision(name, version, decision, via=f"pipeline {plan.pipeline_run}".strip(),
-                                           notes=notes, held=ahead)
+                                           notes=notes)
         mlflow.set_tags({"gate.decision": decision.decision, "gate.stale": str(decision.stale).lower(),
                          "model.name": name, "model.version": version, "git.commit": evidence["git.commit"]})
         variants = None

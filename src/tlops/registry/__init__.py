@@ -24,7 +24,7 @@ other in that order (policy and store at the bottom, aliases on top).
 from tlops.registry.aliases import apply_decision, promote, rollback
 from tlops.registry.evidence import DESCRIPTION_LIMIT, describe, evidence_tags
 from tlops.registry.history import HISTORY_PREFIX, HistoryEvent, append_history, champion_stack, format_history, history
-from tlops.registry.lock import DEFAULT_LOCK, LOCK_TAG, LockAhead, LockSettings, promotion_lock
+from tlops.registry.lock import DEFAULT_LOCK, LOCK_TAG, LockSettings, promotion_lock
 from tlops.registry.policy import PASSING, Decision, PreprocessEvidence, decide
 from tlops.registry.store import (
     CHALLENGER,
@@ -36,7 +36,6 @@ from tlops.registry.store import (
     code_version,
     current_user,
     get_version,
-    model_exists,
     register,
     require_model,
 )
@@ -44,8 +43,8 @@ from tlops.registry.uri import parse_model_uri
 
 __all__ = [
     "CHALLENGER", "CHAMPION", "DEFAULT_LOCK", "DESCRIPTION_LIMIT", "HISTORY_PREFIX", "LOCK_TAG", "PASSING",
-    "TAG_VALUE_LIMIT", "Decision", "HistoryEvent", "LockAhead", "LockSettings", "PreprocessEvidence", "alias_version",
+    "TAG_VALUE_LIMIT", "Decision", "HistoryEvent", "LockSettings", "PreprocessEvidence", "alias_version",
     "append_history", "apply_decision", "champion_stack", "champion_version", "client", "code_version",
-    "current_user", "decide", "describe", "evidence_tags", "format_history", "get_version", "history", "model_exists",
+    "current_user", "decide", "describe", "evidence_tags", "format_history", "get_version", "history",
     "parse_model_uri", "promote", "promotion_lock", "register", "require_model", "rollback",
 ]

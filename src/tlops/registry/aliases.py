@@ -8,7 +8,7 @@ import logging
 from tlops.errors import GateFailed, TlopsError
 from tlops.registry.evidence import add_to_description, describe
 from tlops.registry.history import HistoryEvent, append_history, champion_stack, history
-from tlops.registry.lock import DEFAULT_LOCK, LockAhead, LockSettings, promotion_lock
+from tlops.registry.lock import DEFAULT_LOCK, LockSettings, promotion_lock
 from tlops.registry.policy import PASSING, Decision
 from tlops.registry.store import (
     CHALLENGER,
@@ -41,16 +41,15 @@ def _retire_challenger(name: str, champion: str) -> None:
 
 
 def apply_decision(name: str, version: str, decision: Decision, who: str | None = None, via: str = "",
-                   lock: LockSettings = DEFAULT_LOCK, notes: list[str] | None = None,
-                   held: LockAhead | None = None) -> Decision:
+                   lock: LockSettings = DEFAULT_LOCK, notes: list[str] | None = None) -> Decision:
     """Record the decision on the version (tags, and the description with ``notes`` under the reasons); for a
     passing one, under the lock: re-read the champion, refuse a stale comparison, then on promote move
     ``champion`` (retiring a challenger at or below it) and append the history event, and on needs-approval move
-    ``challenger`` (only ever to a newer version). ``held``: the lock, already being taken (:class:`LockAhead`)."""
+    ``challenger`` (only ever to a newer version)."""
     c = client()
     who = who or current_user()
     if decision.passed:
-        with held if held is not None else promotion_lock(name, f"gate of version {version}", lock):
+        with promotion_lock(name, f"gate of version {version}", lock):
             current = alias_version(name, CHAMPION)
             if current != decision.compared_with:
                 decision = _stale(decision, current)

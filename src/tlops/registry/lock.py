@@ -201,39 +201,3 @@ def promotion_lock(name: str, purpose: str, settings: LockSettings = DEFAULT_LOC
                     c.delete_registered_model_tag(name, LOCK_TAG)
             except Exception as exc:  # the lease expires on its own; never hide the real outcome
                 log.warning("registry lock on %s: could not release the lease (%s)", name, exc)
-
-
-class LockAhead:
-    """:func:`promotion_lock` being taken in a thread from now on, so that its settle time (a second of sleep)
-    passes while the caller does other work (the gate: opening its run, registering the version). ``with`` waits
-    for it (raising what taking it raised) and holds it for the block; :meth:`close` gives it back when the block
-    never runs. The registered model must exist already: the lease is one of its tags."""
-
-    def __init__(self, name: str, purpose: str, settings: LockSettings = DEFAULT_LOCK) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._lock = promotion_lock(name, purpose, settings)
-        self._used = False
-        pool = ThreadPoolExecutor(1, thread_name_prefix="tlops-lock")
-        self._taken = pool.submit(self._lock.__enter__)
-        pool.shutdown(wait=False)
-
-    def __enter__(self) -> LockAhead:
-        self._used = True
-        self._taken.result()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.__exit__(*exc)
-
-    def close(self) -> None:
-        """Give the lock back if it was taken and no block held it (the caller failed before it or did not need
-        it); nothing once a block has run."""
-        if self._used:
-            return
-        self._used = True
-        try:
-            self._taken.result()
-        except Exception:  # never taken: nothing to give back
-            return
-        self._lock.__exit__(None, None, None)

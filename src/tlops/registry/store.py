@@ -57,18 +57,6 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> Any:
     return mlflow.register_model(model_uri, name, tags=tags)
 
 
-def model_exists(name: str) -> bool:
-    """Whether the registry has a registered model ``name`` (any store error says no: the caller's own calls will
-    meet it and say what it is)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client().get_registered_model(name)
-    except MlflowException:
-        return False
-    return True
-
-
 def require_model(name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
