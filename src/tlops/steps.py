@@ -538,13 +538,14 @@ def log_pyfunc_model(model_dir: str, version: str, input_example: Any = None, na
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    from tlops import tracking
     from tlops.serving.pyfunc import bundle_code, pyfunc_requirements
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
     )
-    with tempfile.TemporaryDirectory(prefix="tlops-code-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tlops-code-") as tmp, tracking.pinned_requirements_checked():
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("serving") / "pyfunc_entry.py"),

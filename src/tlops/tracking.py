@@ -302,10 +302,8 @@ def environment_matches(model_dir: str | Path) -> bool:
     an installed distribution's version (a local label such as torch's ``+cpu`` aside, as MLflow compares them).
     False for anything else (no file, a range, an extra, a marker, a path): MLflow's own check then runs."""
     import platform
-    from importlib import metadata
 
     import yaml
-    from packaging.requirements import InvalidRequirement, Requirement
 
     root = Path(model_dir)
     try:
@@ -314,9 +312,19 @@ def environment_matches(model_dir: str | Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     python = ((meta or {}).get("flavors") or {}).get("python_function", {}).get("python_version")
-    if python != platform.python_version():
-        return False
-    for line in (x.strip() for x in lines):
+    return python == platform.python_version() and pins_installed(lines)
+
+
+def pins_installed(requirements: list[str]) -> bool:
+    """Whether every requirement (blank lines and comments aside) is an exact pin (``==``) of the version of an
+    installed distribution: what MLflow's requirement checks would then find is nothing. False for a range, an
+    extra, a marker, a path or URL, a distribution not installed or at another version. One metadata lookup per
+    requirement, against MLflow's map of every installed distribution (about 1 s to build, once a process)."""
+    from importlib import metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for line in (x.strip() for x in requirements):
         if not line or line.startswith("#"):
             continue
         try:
@@ -329,6 +337,43 @@ def environment_matches(model_dir: str | Path) -> bool:
         except (InvalidRequirement, metadata.PackageNotFoundError, ValueError):
             return False
     return True
+
+
+# Where MLflow calls its requirement check while a model is logged: on the requirements it writes
+# (``environment._process_pip_requirements``) and, with an input example, on loading the model back to try that
+# example (``pyfunc.load_model``). Module attributes of MLflow 3 (the version the lock file pins); a test fails when
+# they move.
+_REQUIREMENT_CHECKS = (("mlflow.utils.environment", "warn_dependency_requirement_mismatches"),
+                       ("mlflow.pyfunc", "warn_dependency_requirement_mismatches"))
+
+
+@contextlib.contextmanager
+def pinned_requirements_checked() -> Iterator[None]:
+    """While a model is logged: MLflow's check of its requirements against this environment runs only where it could
+    warn, i.e. unless every requirement pins an installed version (``pins_installed``, which is what tlops writes:
+    ``pyfunc_requirements``). The check is otherwise unchanged, its warnings as MLflow gives them; what it saves is
+    its map of every installed distribution's modules (``packages_distributions``, about 1.7 s of CPU in a step).
+    Not thread-safe: it swaps module attributes for the duration of the block."""
+    import importlib
+
+    swapped: list[tuple[Any, str, Any]] = []
+    for module_name, attribute in _REQUIREMENT_CHECKS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attribute, None)
+        if original is None:  # another MLflow: its check runs as it is
+            continue
+
+        def check(requirements: list[str], _original: Any = original) -> None:
+            if not pins_installed(list(requirements)):
+                _original(requirements)
+
+        swapped.append((module, attribute, original))
+        setattr(module, attribute, check)
+    try:
+        yield
+    finally:
+        for module, attribute, original in swapped:
+            setattr(module, attribute, original)
 
 
 def _mark_running(run_id: str) -> None:

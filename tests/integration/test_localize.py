@@ -70,6 +70,21 @@ def test_local_files_are_read_in_place_and_checked(tiny_digits: Path, tmp_path: 
         localize(rows, tmp_path / "step")
 
 
+def test_objects_and_local_files_in_one_manifest_keep_their_rows(bucket: str, tiny_digits: Path,
+                                                                  tmp_path: Path) -> None:
+    """Objects are fetched on threads and local files checked in line: each row still gets its own content."""
+    import pandas as pd
+
+    remote = usable(build_manifest(bucket, tmp_path / "v1")).head(6)
+    local = usable(build_manifest(str(tiny_digits), tmp_path / "v2")).head(6)
+    rows = pd.concat([remote.iloc[::2], local.iloc[:3], remote.iloc[1::2], local.iloc[3:]]).assign(path=None)
+    out = localize(rows, tmp_path / "step", workers=3)
+    assert list(out["uri"]) == list(rows["uri"])
+    assert [_sha(p) for p in out["path"]] == list(rows["sha256"])
+    assert [p.startswith(str(tmp_path / "step")) for p in out["path"]] == [str(u).startswith("s3://")
+                                                                          for u in rows["uri"]]
+
+
 def test_an_object_changed_between_validate_and_fine_tune_stops_the_run(bucket: str, s3_endpoint: dict[str, str],
                                                                         tiny_digits: Path, tmp_path: Path) -> None:
     """The whole CLI: once the validate step is done, one training image is replaced in the bucket. Fine-tune

@@ -1,4 +1,5 @@
-"""`tracking.load_pyfunc` skips MLflow's load-time environment check only where that check has nothing to say."""
+"""`tracking.load_pyfunc` skips MLflow's load-time environment check, and `tracking.pinned_requirements_checked` its
+save-time one, only where that check has nothing to say."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tlops.tracking import environment_matches
+from tlops.tracking import _REQUIREMENT_CHECKS, environment_matches, pinned_requirements_checked, pins_installed
 
 
 def _model(root: Path, requirements: list[str], python: str | None = None) -> Path:
@@ -49,7 +50,7 @@ def test_a_folder_without_the_files_is_left_to_mlflows_check(tmp_path: Path) -> 
     assert not environment_matches(tmp_path)
 
 
-def test_the_model_the_pipeline_logs_matches_and_loads_without_the_check(
+def test_the_model_the_pipeline_logs_matches_and_logs_and_loads_without_the_check(
         tmp_path: Path, tiny_models: dict[str, Path], tiny_digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
     import mlflow.utils.requirements_utils as requirements_utils
@@ -63,10 +64,11 @@ def test_the_model_the_pipeline_logs_matches_and_loads_without_the_check(
     image = sorted((tiny_digits / "7").glob("*.png"))[0].read_bytes()
     with restored_mlflow_uris():
         exp = use_store(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "artifacts")
-        with mlflow.start_run(experiment_id=exp):
-            info = log_pyfunc_model(str(tiny_models["good"]), "test")
-        built = []  # loading, not logging, is what is measured
+        built = []
         monkeypatch.setattr(requirements_utils, "_init_packages_to_modules_map", lambda: built.append(1))
+        with mlflow.start_run(experiment_id=exp):
+            info = log_pyfunc_model(str(tiny_models["good"]), "test", input_example=pd.DataFrame({"image": [image]}))
+        assert not built  # logging (the requirements written, the example tried on the model loaded back) built no map
         assert environment_matches(mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri))
         model = tracking.load_pyfunc(info.model_uri)
         out = pd.DataFrame(model.predict(pd.DataFrame({"image": [image]})))
@@ -78,3 +80,33 @@ def test_the_model_the_pipeline_logs_matches_and_loads_without_the_check(
         reqs.write_text(re.sub(r"numpy==\S+", "numpy==0.0.1", reqs.read_text(encoding="utf-8")), encoding="utf-8")
         assert tracking.load_pyfunc(str(other)).predict(pd.DataFrame({"image": [image]})) is not None
         assert built
+
+
+def test_mlflow_still_calls_its_requirement_check_where_it_is_swapped() -> None:
+    """The attributes swapped while a model is logged exist in this MLflow (else the skip would silently be lost)."""
+    import importlib
+
+    for module, attribute in _REQUIREMENT_CHECKS:
+        assert callable(getattr(importlib.import_module(module), attribute)), f"{module}.{attribute}"
+
+
+def test_the_save_time_check_runs_unless_every_requirement_pins_this_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pyfunc
+    import mlflow.utils.environment as environment
+
+    calls: list[list[str]] = []
+    for module in (environment, mlflow.pyfunc):
+        monkeypatch.setattr(module, "warn_dependency_requirement_mismatches", lambda reqs: calls.append(list(reqs)))
+    pinned = [_pin("mlflow"), _pin("torch"), "# note"]
+    assert pins_installed(pinned) and not pins_installed([_pin("mlflow"), "numpy>=1"])
+    with pinned_requirements_checked():
+        environment.warn_dependency_requirement_mismatches(pinned)
+        mlflow.pyfunc.warn_dependency_requirement_mismatches(pinned)
+        assert calls == []
+        environment.warn_dependency_requirement_mismatches([_pin("mlflow"), "numpy==0.0.1"])
+        mlflow.pyfunc.warn_dependency_requirement_mismatches(["numpy>=1"])
+    assert calls == [[_pin("mlflow"), "numpy==0.0.1"], ["numpy>=1"]]
+    before = len(calls)
+    environment.warn_dependency_requirement_mismatches(pinned)  # after the block: MLflow's own, always
+    assert len(calls) == before + 1

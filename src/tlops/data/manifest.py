@@ -147,9 +147,18 @@ def localize(rows: pd.DataFrame, cache_root: str | Path, strict: bool = True, wo
         counter.advance()
         return path
 
-    n = max(1, min(workers, len(rows), (os.cpu_count() or 1) * 4))
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        paths = list(pool.map(counted, range(len(rows))))
+    # Objects are fetched on threads (each waits on the network); local files are checked on this one: hashing a
+    # small file takes microseconds, which a pool's hand-off per file costs ten times over (1,797 digits: 0.03 s
+    # here against 0.33 s on 8 threads).
+    remote = [i for i, uri in enumerate(rows["uri"]) if is_s3(str(uri))] if client is not None else []
+    paths: list[str | None] = [None] * len(rows)
+    for i in sorted(set(range(len(rows))) - set(remote)):
+        paths[i] = counted(i)
+    if remote:
+        n = max(1, min(workers, len(remote), (os.cpu_count() or 1) * 4))
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            for i, path in zip(remote, pool.map(counted, remote), strict=True):
+                paths[i] = path
     out = rows.assign(path=paths)
     if not strict and out["path"].isna().any():
         log.warning("localize: %d of %d files are gone or changed since their manifest was written; left out",
