@@ -27,6 +27,7 @@ for the exit status, which it exits with. When the server cannot be reached, the
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -169,10 +170,12 @@ class Server:
             return
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        gc.freeze()  # what was imported so far: never traversed by the child's collections (see serve)
         pid = os.fork()
         if pid == 0:
             self.listener.close()
             conn.close()
+            gc.enable()
             _run_child(header, fds)
         for fd in fds:
             os.close(fd)
@@ -244,6 +247,7 @@ def _split(server: Server, path: str) -> tuple[Server, tuple[str, ...], tuple[st
     """Fork the second server: in the child, the server of the torch steps (on its own socket) and what it
     imports before it serves and after; in the parent, this one and its two."""
     heavy = heavy_socket(path)
+    gc.freeze()
     try:
         pid = os.fork()
     except OSError as exc:  # one server for every step, as before the split
@@ -264,6 +268,11 @@ def _split(server: Server, path: str) -> tuple[Server, tuple[str, ...], tuple[st
 def serve(path: str) -> None:
     """Import the stages, serving requests between them, until stdin (the launcher's pipe) closes."""
     started = time.monotonic()
+    # No garbage collection in the servers, and what they imported frozen before each fork (Python's advice for a
+    # process that forks without exec): a child's collections then never traverse the millions of objects torch,
+    # MLflow and GX left, which would both cost the traversal and copy every page those objects lie on (a full
+    # collection in a step touched each of them). The imports leave little garbage to collect.
+    gc.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the steps and the launcher, which end us
     server = Server(path)
     setting = os.environ.get(PRELOAD_ENV, "1")
