@@ -53,8 +53,12 @@ PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # steps runs (not in validate's time; the gate comes last). A step that asks before its server is ready waits (it
 # would import the same modules itself, on the same cores); one that needs a module its server has not imported
 # imports it itself.
-COMMON = ("kfp.dsl.executor_main", "components", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
-          "tlops.tracking", "tlops.config.plan")
+COMMON = ("kfp.dsl.executor_main", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "tlops.tracking",
+          "tlops.config.plan")
+# What a step's command sets (kfp compiles ``_KFP_RUNTIME=true python3 -m kfp.dsl.executor_main``): kfp then loads
+# only its runtime part, not its client (the kubernetes package, kfp_server_api) nor its compiler's decorators. The
+# servers import kfp as a step does.
+_KFP_RUNTIME = "_KFP_RUNTIME"
 LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
          "tlops.selection.domain")
 LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
@@ -273,6 +277,7 @@ def serve(path: str) -> None:
     # MLflow and GX left, which would both cost the traversal and copy every page those objects lie on (a full
     # collection in a step touched each of them). The imports leave little garbage to collect.
     gc.disable()
+    os.environ[_KFP_RUNTIME] = "true"  # a step's own environment replaces this one in its child (_run_child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the steps and the launcher, which end us
     server = Server(path)
     setting = os.environ.get(PRELOAD_ENV, "1")

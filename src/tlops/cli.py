@@ -95,8 +95,7 @@ def _pairs(items: list[str] | None, sep: str, option: str, shape: str) -> dict[s
 
 def preflight(data_uri: str, backbone: str) -> str:
     """Cheap checks before any step starts: a bad input fails in a second, with one line."""
-    from tlops.data import discovery as data
-    from tlops.data import storage
+    from tlops.data import listing, storage
 
     if backbone not in (*BACKBONES, "auto"):  # auto: the validate step picks among selection.candidates
         from tlops.vision import backbones  # torch: only for a checkpoint's own description or to name the choices
@@ -107,7 +106,7 @@ def preflight(data_uri: str, backbone: str) -> str:
         if not objects:
             raise TlopsError(f"no objects found under {data_uri}: expected {data_uri}/<class>/<image>")
         return f"{len(objects)} objects"
-    entries = data.discover(Path(data_uri), data_uri)
+    entries = listing.discover(Path(data_uri), data_uri)
     return f"{len(entries)} files"
 
 
