@@ -22,7 +22,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
-import gc
 import http
 import io
 import json
@@ -1016,10 +1015,6 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 8080, limits: Ser
     if monitor.log is not None:
         log.info("prediction log: %g of the images to %s%s; metrics at GET /metrics", sample_rate, log_uri,
                  ", image bytes kept" if log_images else "")
-    # What is loaded by now (the libraries, the model) lives as long as the server: frozen, it is left out of every
-    # later garbage collection, which then traverses only what requests leave (a full collection would otherwise
-    # walk the millions of objects of torch and MLflow while holding the GIL).
-    gc.freeze()
     try:
         server.run(sockets=[sock])
     finally:
