@@ -24,6 +24,7 @@ log = logging.getLogger("tlops.data.discovery")  # the name its messages have al
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 
+
 @dataclass(frozen=True)
 class Entry:
     rel: str  # path relative to the data root, POSIX separators
