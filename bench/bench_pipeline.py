@@ -6,7 +6,8 @@ In one fresh work directory: a cold ``tlops run`` (no cache, no champion), then 
 runs side by side (the manifest and the features from the cache, a champion to compare with), one with the fast
 paths and one without (``evaluation.feature_cache=false``: every test image and the monitoring reference's
 images through the pyfunc; ``TLOPS_FULL_EXIT=1``: the full interpreter teardown per step;
-``TLOPS_STEP_SERVER=0``: every step's process imports what it needs itself), the order alternating. Each run's
+``TLOPS_STEP_SERVER=0``: every step's process imports what it needs itself; ``TLOPS_ASIDE=0``: the figures drawn
+in the step's own process), the order alternating. Each run's
 wall time and CPU time (user + system of its whole process tree) are printed.
 The floor is measured in the same run, before and after, in a fresh process:
 the imports of every library the steps use (kfp, MLflow with its SQL store, pandas, Great Expectations, torch,
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     fast = "warm"
     slow = f"warm, the code of {args.before}" if args.before else "warm, fast paths off"
     runs[fast], runs[slow] = [], []
-    off_sets, off_env = ["evaluation.feature_cache=false"], {"TLOPS_FULL_EXIT": "1", "TLOPS_STEP_SERVER": "0"}
+    off_sets, off_env = ["evaluation.feature_cache=false"], {"TLOPS_FULL_EXIT": "1", "TLOPS_STEP_SERVER": "0",
+                                                      "TLOPS_ASIDE": "0"}
     if args.before:  # the earlier code as it was, with its defaults
         off_sets, off_env = [], {}
     for i in range(args.rounds):

@@ -53,22 +53,26 @@ PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # steps runs (not in validate's time; the gate comes last). A step that asks before its server is ready waits (it
 # would import the same modules itself, on the same cores); one that needs a module its server has not imported
 # imports it itself.
+# scipy.stats (0.6 s) is here because both servers need it (GX, scikit-learn's metrics): imported once, before the
+# split, while the launcher alone has the other core, instead of twice after it on both cores.
 COMMON = ("kfp.dsl.executor_main", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "tlops.tracking",
-          "tlops.config.plan")
+          "tlops.config.plan", "scipy.stats")
 # What a step's command sets (kfp compiles ``_KFP_RUNTIME=true python3 -m kfp.dsl.executor_main``): kfp then loads
 # only its runtime part, not its client (the kubernetes package, kfp_server_api) nor its compiler's decorators. The
 # servers import kfp as a step does.
 _KFP_RUNTIME = "_KFP_RUNTIME"
 LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
          "tlops.selection.domain")
-LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "matplotlib.figure",
+LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "tlops.aside", "matplotlib.figure",
                "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
 HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target", "tlops.vision.parity")
-HEAVY_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.vision.features", "tlops.training.finetune",
-               "tlops.serving.pyfunc", "sklearn.metrics", "sklearn.model_selection", "matplotlib.figure",
-               "matplotlib.backends.backend_agg",
-               "tlops.training.curves", "tlops.evaluation.evaluate", "tlops.evaluation.report",
-               "tlops.monitoring.reference", "tlops.registry", "tlops.serving.compress.step")
+# Fine-tune's modules first, then evaluate's: parity, served between two of these imports, waits for at most the
+# one under way when it asks, and the longest (matplotlib, 0.3 s) comes after fine-tune's small ones.
+HEAVY_LATER = ("tlops.vision.features", "tlops.training.finetune", "tlops.serving.pyfunc", "tlops.aside",
+               "matplotlib.figure", "matplotlib.backends.backend_agg", "tlops.training.curves",
+               "mlflow.store.model_registry.sqlalchemy_store", "sklearn.metrics", "sklearn.model_selection",
+               "tlops.evaluation.evaluate", "tlops.evaluation.report", "tlops.monitoring.reference",
+               "tlops.registry", "tlops.serving.compress.step")
 LIGHT_STEPS = frozenset({"validate", "gate", "skip"})  # kfp's --function_to_execute of the steps without torch
 _MAX_HEADER = 1 << 20
 

@@ -441,6 +441,7 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     from mlflow.entities import Metric
 
     from tlops import __version__, progress, tracking
+    from tlops.aside import Aside
     from tlops.config.plan import RunPlan
     from tlops.data.discovery import class_names, read_manifest
     from tlops.data.manifest import golden_rows, usable
@@ -470,6 +471,8 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
     with _system_metrics(cfg, plan.run_id):
         result = fine_tune(cfg.backbone, manifest, classes, spec, cfg.train, workdir=cfg.workdir,
                            state_uri=cfg.state_uri, **adapting)
+    # The curves are drawn in a forked child while this process saves and logs the model (tlops.aside).
+    drawing = Aside(lambda: {"curves.png": plot_history(result.history, result.strategy)})
     save_model_dir(model_dir, result.model, cfg.backbone, classes, spec)
     if reference_dir and result.source_only is not None:
         import copy
@@ -505,9 +508,6 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
                              else str(result.resumed_at_step)})
             mlflow.log_metrics({"adaptation.target_images": float(env.get("target_images", 0)),
                                 "adaptation.source_val_accuracy_before": float(env["source_val_accuracy_before"])})
-        curves = Path(tmp) / "curves.png"
-        curves.write_bytes(plot_history(result.history, result.strategy))
-        mlflow.log_artifact(str(curves), "train")
         example = pd.DataFrame({"image": [Path(golden_paths[0]).read_bytes()]}) if golden_paths else None
         progress.phase("logging the model to MLflow")
         info = log_pyfunc_model(model_dir, __version__, input_example=example, name=cfg.registry.model_name)
@@ -524,6 +524,9 @@ def fine_tune_step(plan_path: str, manifest_path: str, spec_path: str, model_dir
             log.warning("serving parity failed: %s", "; ".join(serving["errors"][:3]))
         else:
             log.info("serving parity: pass on %d golden images", len(golden))
+        curves = Path(tmp) / "curves.png"
+        curves.write_bytes(drawing.result()["curves.png"])
+        mlflow.log_artifact(str(curves), "train")
     if serving_path:
         write_json(serving_path, serving)
     return str(info.model_uri)
@@ -574,6 +577,7 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
     import mlflow
 
     from tlops import progress
+    from tlops.aside import Aside
     from tlops.config.plan import RunPlan
     from tlops.data.discovery import read_manifest
     from tlops.data.manifest import split_rows
@@ -611,16 +615,10 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
             result["domains"] = _domains(model_uri, cfg, champion, features, rows, images, source_rows, result,
                                          reference_dir)
             mlflow.log_metrics(_domain_metrics(result["domains"]))
-        progress.phase("drawing the figures and writing the report")
-        pngs = report.figures(result)
-        page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
-        for name, data in pngs.items():
-            (Path(tmp) / name).write_bytes(data)
-            mlflow.log_artifact(str(Path(tmp) / name), "evaluation")
-        mlflow.log_text(page, "evaluation/report.html")
+        # The figures are drawn in a forked child while this process logs the record and the monitoring
+        # reference (tlops.aside); the report that shows them is written last.
+        drawing = Aside(report.figures, result)
         result["report"] = mlflow.get_artifact_uri("evaluation/report.html")
-        if html_path:
-            write_text(html_path, page)
         numbers = evaluation.scalars(result)
         renamed = {"n": "test_images", "champion_accuracy": "champion.test_accuracy",
                    "accuracy_difference": "comparison.accuracy_difference",
@@ -637,6 +635,15 @@ def evaluate_step(plan_path: str, manifest_path: str, model_uri: str, metrics_pa
 
         log_reference(cfg, model_uri, manifest, lambda sample: _pixels(cfg, sample),
                       predictor=loaded["candidate"].unwrap_python_model().predictor, features=features)
+        progress.phase("drawing the figures and writing the report")
+        pngs = drawing.result()
+        page = report.report_html(result, pngs, f"tlops evaluation: {cfg.registry.model_name} candidate")
+        for name, data in pngs.items():
+            (Path(tmp) / name).write_bytes(data)
+            mlflow.log_artifact(str(Path(tmp) / name), "evaluation")
+        mlflow.log_text(page, "evaluation/report.html")
+        if html_path:
+            write_text(html_path, page)
         cand = result["candidate"]
         log.info("evaluate: accuracy %.4f, macro-F1 %.4f, ECE %.4f, latency p95 %.1f ms, weights %d bytes",
                  cand["accuracy"], cand["macro_f1"], cand["ece"], cand["latency"]["p95_ms"] or float("nan"),
@@ -722,11 +729,10 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     report, the serving check and the evaluation. The decision is then written where people look: the
     version's description, the evaluation report (decision, version, fingerprint, data, curves; replaced in the
     run and written to ``html_path``) and ``markdown_path`` (the KFP Markdown output)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import mlflow
 
     from tlops import progress, registry, tracking
+    from tlops.aside import Aside
     from tlops.config.plan import RunPlan
     from tlops.evaluation import report
 
@@ -735,11 +741,9 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
     metrics = read_json(metrics_path)
     evidence_in = gate_evidence(plan, read_json(parity_path), read_json(serving_path))
     name = cfg.registry.model_name
-    # The report's figures depend on the evaluation alone: drawn in a thread while this one waits on the store
-    # and on the registry lock's settle time (a second of sleep), not after them.
-    drawing = ThreadPoolExecutor(1, thread_name_prefix="tlops-figures")
-    figures = drawing.submit(report.figures, metrics)
-    drawing.shutdown(wait=False)
+    # The report's figures depend on the evaluation alone: drawn in a forked child (tlops.aside) while this
+    # process works with the store and waits on the registry lock's settle time (a second of sleep).
+    drawing = Aside(report.figures, metrics)
     with _mlflow_run(cfg, plan.run_id) as run:
         tags = run.data.tags  # for the summary a person reads (why auto chose), not for the decision
         parity_ok = evidence_in["parity"] == "pass" and evidence_in["parity.serving"] == "pass"
@@ -796,7 +800,7 @@ def gate_step(plan_path: str, model_uri: str, metrics_path: str, parity_path: st
         mlflow.log_dict(summary, "gate/decision.json")
         with tempfile.TemporaryDirectory(prefix="tlops-gate-") as tmp:
             release = _release(run, plan, evidence_in, decision, name, version, tmp)
-        page = report.report_html(metrics, figures.result(), f"tlops evaluation: {name} version {version}",
+        page = report.report_html(metrics, drawing.result(), f"tlops evaluation: {name} version {version}",
                                   release)
         mlflow.log_text(page, "evaluation/report.html")
         markdown = report.release_markdown(release, metrics, run.info.run_id)
