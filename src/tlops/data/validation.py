@@ -365,9 +365,9 @@ def run_checkpoint(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]]
         if docs_dir is not None:
             # The site once, every table's page and the index together (GX's UpdateDataDocsAction rebuilds the
             # index, its templates compiled anew, once per table).
-            context.build_data_docs(site_names=["tlops"], resource_identifiers=[
-                ident for key, vr in result.run_results.items()
-                for ident in (key, ExpectationSuiteIdentifier(name=vr.suite_name))])
+            idents: list[Any] = [ident for key, vr in result.run_results.items()
+                                 for ident in (key, ExpectationSuiteIdentifier(name=vr.suite_name))]
+            context.build_data_docs(site_names=["tlops"], resource_identifiers=idents)
     by_table = {}
     for vr in result.run_results.values():
         by_table[vr.meta["active_batch_definition"]["data_asset_name"]] = vr
