@@ -318,9 +318,14 @@ def serve(path: str) -> None:
                 return
     while server.poll(1.0, 0):
         pass
-    # The launcher is gone: let running steps (and the second server) finish and report, then leave.
-    while server.children or (server.helper is not None and server.helper not in server.exited):
+    # The launcher is gone: let running steps (and the second server) finish and report, then leave. The second
+    # server sees the same end of input and leaves at once: wait for it as such (the launcher waits for us), not
+    # in the polls' steps.
+    while server.children:
         server.poll(0.2, None)
+    if server.helper is not None and server.helper not in server.exited:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(server.helper, 0)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,3 @@
-import sys
+from tlops.cli import entry
 
-from tlops.cli import main
-
-sys.exit(main())
+entry()

@@ -82,3 +82,34 @@ def test_a_mistyped_set_key_is_one_line_from_the_command(tmp_path: Path) -> None
                             env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == ("error: config: field train.stratgy: no such field; did you mean 'train.strategy'?\n")
+
+
+QUICK = """
+import atexit, sys
+from tlops import cli
+
+atexit.register(lambda: print(" teardown", end=""))  # only a full exit reaches it
+
+
+@cli.app.command("probe-exit")
+def probe_exit(code: int = 0, quick: bool = True) -> None:
+    print("summary", end="")  # unflushed: the quick exit must still deliver it
+    cli.QUICK_EXIT = quick
+    if code:
+        raise SystemExit(code)
+
+
+sys.argv = ["tlops", "probe-exit", *sys.argv[1:]]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize(("args", "out", "status"), [
+    ([], "summary", 0),  # a command that asked for it: no teardown, its output and status intact
+    (["--no-quick"], "summary teardown", 0),  # one that did not: the full exit
+    (["--code", "3"], "summary teardown", 3),  # a failure: the full exit, its status
+])
+def test_a_command_that_holds_nothing_ends_without_the_teardown(args: list[str], out: str, status: int) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+    proc = subprocess.run([sys.executable, "-c", QUICK, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert (proc.stdout, proc.returncode) == (out, status), proc.stderr
