@@ -125,11 +125,14 @@ def localize(rows: pd.DataFrame, cache_root: str | Path, strict: bool = True, wo
     if rows.empty:
         return rows.assign(path=pd.Series(dtype=str))
     cache = Path(cache_root) / "objects"
-    remote_rows = [is_s3(str(u)) for u in rows["uri"]]
+    # Plain lists: a row's cell through pandas (``rows.at``, Arrow-backed strings) cost 50 us, 0.19 s of the 0.25 s
+    # this took for the 1,797 digits.
+    uris, shas = [str(u) for u in rows["uri"].tolist()], [str(s) for s in rows["sha256"].tolist()]
+    remote_rows = [is_s3(u) for u in uris]
     client = s3_client() if any(remote_rows) else None
 
     def one(i: int) -> str | None:
-        uri, want = str(rows.at[i, "uri"]), str(rows.at[i, "sha256"])
+        uri, want = uris[i], shas[i]
         try:
             if is_s3(uri):
                 return _s3_object(client, uri, want, cache)
