@@ -58,11 +58,10 @@ PRELOAD_ENV = "TLOPS_STEP_SERVER_PRELOAD"
 # Then what MLflow imports at a step's first run or store call (its tracing processors, the SQLite dialect, alembic's
 # schema check): each step did that again, 0.1-0.2 s apiece.
 COMMON = ("kfp.dsl.executor_main", "tlops.steps", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "tlops.tracking",
-          "tlops.config.plan", "scipy.stats", "mlflow.tracing.export", "mlflow.tracing.processor",
-          "mlflow.tracing.utils.environment", "opentelemetry.sdk.metrics",
+          "tlops.config.plan", "scipy.stats", "mlflow.tracing.export.utils", "mlflow.tracing.processor.base_mlflow",
+          "mlflow.tracing.processor.otel", "mlflow.tracing.utils.environment", "opentelemetry.sdk.metrics",
           "mlflow.store.tracking.sqlalchemy_workspace_store", "sqlalchemy.dialects.sqlite", "alembic.command",
-          "alembic.config", "netrc", "pyarrow.pandas_compat", "pyarrow.vendored.version", "mlflow.tracing.export.utils",
-          "mlflow.tracing.processor.base_mlflow", "mlflow.tracing.processor.otel", "multiprocessing.synchronize",
+          "alembic.config", "netrc", "pyarrow.pandas_compat", "pyarrow.vendored.version", "multiprocessing.synchronize",
           "pandas.core.methods.to_dict")
 # What a step's command sets (kfp compiles ``_KFP_RUNTIME=true python3 -m kfp.dsl.executor_main``): kfp then loads
 # only its runtime part, not its client (the kubernetes package, kfp_server_api) nor its compiler's decorators. The
@@ -79,7 +78,7 @@ LIGHT_LATER = ("mlflow.store.model_registry.sqlalchemy_store", "tlops.registry",
                "matplotlib.backends.backend_agg", "tlops.evaluation.report", "tlops.serving.compress.step",
                "mlflow.store.model_registry.sqlalchemy_workspace_store", "mlflow.utils.search_logged_model_utils")
 HEAVY = ("torch", "timm", "torchvision", "pandas", "tlops.data.discovery", "tlops.data.target", "tlops.vision.parity",
-         "skimage.data", "skimage.data._fetchers", "skimage.io", "imageio.plugins.pillow", "jinja2", "tlops.reports")
+         "skimage.data._fetchers", "skimage.io", "imageio.plugins.pillow", "jinja2", "tlops.reports")
 # Fine-tune's modules first, then evaluate's: parity, served between two of these imports, waits for at most the
 # one under way when it asks, and the longest (matplotlib, 0.3 s) comes after fine-tune's small ones.
 HEAVY_LATER = ("tlops.vision.features", "tlops.training.finetune", "tlops.serving.pyfunc", "tlops.aside", "git",

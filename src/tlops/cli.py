@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -724,6 +725,7 @@ def demo_data(directory: Annotated[Path, typer.Argument(help="Where to write the
 def entry() -> None:
     """The ``tlops`` command and ``python -m tlops``: :func:`main`, then the quick exit a command asked for
     (``QUICK_EXIT``) when it succeeded."""
+    code: int | str | None
     try:
         code = main()
     except SystemExit as exc:  # typer's standalone mode ends a command this way
@@ -731,8 +733,6 @@ def entry() -> None:
     if QUICK_EXIT and code in (0, None):
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        import os
-
         os._exit(0)
     sys.exit(code)
 

@@ -134,7 +134,7 @@ def localize(rows: pd.DataFrame, cache_root: str | Path, strict: bool = True, wo
     def one(i: int) -> str | None:
         uri, want = uris[i], shas[i]
         try:
-            if is_s3(uri):
+            if remote_rows[i]:
                 return _s3_object(client, uri, want, cache)
             return _local_file(uri, want)
         except DataChanged:
